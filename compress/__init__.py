@@ -1,0 +1,39 @@
+"""compress: prune, distill, sparsify and quantize a trained PyTorch model, export it, check the engine.
+
+The recipe runner (``compress run``) and users' own training scripts use the same verbs::
+
+    import compress
+    model = compress.load("runs/digits-base/model.pt")            # pickle-free checkpoints
+    compress.finetune(model, train_loader, compress.FinetuneConfig(epochs=3, lr=0.01))
+    compress.export.onnx(model, example_input, "model.onnx")
+    result = compress.check("model.onnx", reference=model, data=eval_loader, max_drop=0.5)
+    compress.save(model, "model.pt")
+"""
+
+__version__ = "0.1.0"
+
+from compress import export  # noqa: E402
+from compress.errors import CheckpointError, CompressError, DataError, RecipeError  # noqa: E402
+from compress.export.check import CheckResult, check  # noqa: E402
+from compress.models import build, load, load_model, save  # noqa: E402
+from compress.recipe import Recipe, load_recipe  # noqa: E402
+from compress.train import Callback, FinetuneConfig, finetune  # noqa: E402
+
+__all__ = [
+    "Callback",
+    "CheckResult",
+    "CheckpointError",
+    "CompressError",
+    "DataError",
+    "FinetuneConfig",
+    "Recipe",
+    "RecipeError",
+    "build",
+    "check",
+    "export",
+    "finetune",
+    "load",
+    "load_model",
+    "load_recipe",
+    "save",
+]

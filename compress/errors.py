@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Every problem with what the user gave us (recipe, checkpoint, data, arguments) is a
+:class:`CompressError`. The CLI prints its one-line message and exits with code 2; anything
+else escaping is a bug in compress, not in the user's input.
+"""
+
+from __future__ import annotations
+
+
+class CompressError(ValueError):
+    """Bad input: printed as one line by the CLI, exit code 2."""
+
+
+class RecipeError(CompressError):
+    """The recipe (or a ``--set`` override) is malformed or names something that does not exist."""
+
+
+class CheckpointError(CompressError):
+    """A checkpoint is missing, pickled, corrupt, or does not match the model."""
+
+
+class DataError(CompressError):
+    """A data spec cannot produce usable batches (empty, NaN/Inf, mismatched shapes or labels)."""
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so a message always prints on a single line."""
+    return " ".join(str(text).split())

@@ -1,0 +1,147 @@
+"""Engine vs reference: task metric of both, drop in points, agreement, cosine, abs errors.
+
+Used by the export stage (engine vs the PyTorch model it was built from) and by
+``compress.check`` / ``compress check`` for any pair of models, ONNX files or engines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from compress import metrics
+from compress.errors import CompressError
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CheckResult:
+    """Outcome of a check; ``passed`` is False when any threshold is exceeded (see ``failures``)."""
+
+    passed: bool
+    metric: str
+    model_metric: float
+    reference_metric: float
+    drop: float  # percentage points: (reference - model) * 100
+    agreement: float
+    cosine: float
+    max_abs: float
+    mean_abs: float
+    samples: int
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    worst: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.device | str = "cpu") -> Runner:
+    """A tensor -> tensor callable for a module, an ONNX/engine file, or a compress checkpoint.
+
+    Raises:
+        CompressError: the file is missing, of an unknown kind, or cannot be loaded.
+    """
+    if isinstance(obj, nn.Module):
+        obj.to(device).eval()
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        if path.suffix == ".onnx":
+            from compress.export.onnxruntime import OrtEngine
+
+            return OrtEngine(path)
+        if path.suffix in (".pt", ".pth"):
+            from compress.models import load_model
+
+            return load_model(path).to(device).eval()
+        raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .pt or .pth)")
+    if callable(obj):
+        return obj
+    raise CompressError(f"cannot run a {type(obj).__name__} as a model")
+
+
+def compare(
+    outputs: metrics.Outputs,
+    reference: metrics.Outputs,
+    *,
+    metric: str = "top1",
+    max_drop: float | None = None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+    worst: int = 5,
+) -> CheckResult:
+    """Compare outputs with reference outputs of the same inputs and apply the thresholds."""
+    fid = metrics.fidelity(outputs.logits, reference.logits)
+    if metric in metrics.LABEL_FREE:
+        model_metric, reference_metric = fid[metric], 1.0
+    else:
+        model_metric = metrics.score(metric, outputs)[metric]
+        reference_metric = metrics.score(metric, reference)[metric]
+    drop = (reference_metric - model_metric) * 100.0
+    failures = []
+    if max_drop is not None and drop > max_drop:
+        failures.append(f"{metric} drop {drop:.3f} pt > max_drop {max_drop}")
+    if min_agreement is not None and fid["agreement"] < min_agreement:
+        failures.append(f"agreement {fid['agreement']:.4f} < min_agreement {min_agreement}")
+    if min_cosine is not None and fid["cosine"] < min_cosine:
+        failures.append(f"cosine {fid['cosine']:.6f} < min_cosine {min_cosine}")
+    err = (outputs.logits - reference.logits).abs().reshape(len(outputs.logits), -1).amax(1)
+    top = torch.topk(err, min(worst, len(err))).indices.tolist()
+    worst_rows = [
+        {
+            "index": i,
+            "max_abs": float(err[i]),
+            "model_top1": int(outputs.logits[i].reshape(-1).argmax()),
+            "reference_top1": int(reference.logits[i].reshape(-1).argmax()),
+            **({"label": int(outputs.labels[i])} if outputs.labels is not None and outputs.labels.ndim == 1 else {}),
+        }
+        for i in top
+    ]
+    return CheckResult(
+        passed=not failures,
+        metric=metric,
+        model_metric=model_metric,
+        reference_metric=reference_metric,
+        drop=drop,
+        agreement=fid["agreement"],
+        cosine=fid["cosine"],
+        max_abs=fid["max_abs"],
+        mean_abs=fid["mean_abs"],
+        samples=len(outputs.logits),
+        thresholds={"max_drop": max_drop, "min_agreement": min_agreement, "min_cosine": min_cosine},
+        failures=failures,
+        worst=worst_rows,
+    )
+
+
+def check(
+    model: nn.Module | str | os.PathLike[str] | Runner,
+    reference: nn.Module | str | os.PathLike[str] | Runner,
+    data: DataLoader,
+    *,
+    metric: str = "top1",
+    max_drop: float | None = 0.5,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+    device: torch.device | str = "cpu",
+) -> CheckResult:
+    """Run ``model`` and ``reference`` over ``data`` and compare them (see :func:`compare`).
+
+    Args:
+        model/reference: an ``nn.Module``, an ``.onnx`` file (run in ONNX Runtime), a compress
+            checkpoint ``.pt``, or any tensor -> tensor callable.
+        data: batches of ``(inputs, labels)`` or inputs alone (then use a label-free ``metric``).
+    """
+    metrics.check_metric_name(metric)
+    out = metrics.collect(as_runner(model, device), data, device)
+    ref = metrics.collect(as_runner(reference, device), data, device)
+    return compare(out, ref, metric=metric, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine)

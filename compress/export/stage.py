@@ -1,0 +1,110 @@
+"""``export``: ONNX file -> engine -> accuracy check against the PyTorch model."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import Field
+from torch import nn
+
+from compress import metrics
+from compress.errors import CompressError
+from compress.export import bench
+from compress.export.check import compare
+from compress.export.onnx import export_onnx
+from compress.export.onnxruntime import Optimization, build_engine
+from compress.recipe import Strict
+from compress.stages.context import StageContext, StageResult
+from compress.stages.registry import register
+
+
+class Target(str, Enum):
+    """Where the ONNX is headed; decides Q/DQ placement once quantization is in the model."""
+
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
+
+class Backend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class OnnxOptions(Strict):
+    opset: Annotated[int, Field(ge=13, le=20)] = 13
+    target: Target = Target.tensorrt
+    dynamic_batch: bool = True
+
+
+class EngineOptions(Strict):
+    backend: Backend = Backend.onnxruntime
+    threads: Annotated[int, Field(gt=0)] | None = None
+    optimization: Optimization = Optimization.extended
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8, 32])
+    bench_iters: Annotated[int, Field(ge=0)] = 20
+
+
+class CheckOptions(Strict):
+    max_drop: Annotated[float, Field(ge=0)] | None = 0.5
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] | None = None
+    reference: Literal["model", "baseline"] = "model"
+
+
+class ExportConfig(Strict):
+    onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    engine: EngineOptions | None = Field(default_factory=EngineOptions)
+    check: CheckOptions | None = Field(default_factory=CheckOptions)
+
+
+def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
+    if config.engine is not None and config.engine.backend is Backend.tensorrt:
+        raise CompressError(
+            f"{ctx.where}.engine.backend: tensorrt needs the TensorRT backend, which this version of compress "
+            "does not include yet; use backend: onnxruntime"
+        )
+    if config.check is not None and config.engine is None:
+        raise CompressError(f"{ctx.where}.check: needs an engine to check; add an engine block or set check: null")
+
+
+@register("export", ExportConfig, check=_check, changes_model=False)
+def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
+    _check(model, config, ctx)
+    onnx_path = ctx.run_dir / "model.onnx"
+    info = export_onnx(model, ctx.example_input, onnx_path, opset=config.onnx.opset, dynamic_batch=config.onnx.dynamic_batch)
+    report: dict = {
+        "export": {
+            "onnx": onnx_path.name,
+            "opset": info.opset,
+            "target": config.onnx.target.value,
+            "qdq_pairs": info.qdq_pairs,
+            "nodes": info.nodes,
+        }
+    }
+    passed = True
+    if config.engine is not None:
+        engine_path = ctx.run_dir / "engine.onnx"
+        engine = build_engine(onnx_path, engine_path, threads=config.engine.threads, level=config.engine.optimization)
+        engine_out = metrics.collect(engine, ctx.splits.loader("eval"))
+        timings = bench.latency(engine, ctx.example_input, config.engine.batch_sizes, iters=config.engine.bench_iters) if config.engine.bench_iters else {}
+        report["engine"] = {
+            "backend": config.engine.backend.value,
+            "path": engine_path.name,
+            "metrics": metrics.score(ctx.metric, engine_out, ctx.baseline_outputs),
+            "latency_ms": {bs: t["p50_ms"] for bs, t in timings.items()},
+            "bench": timings,
+        }
+        if config.check is not None:
+            reference = ctx.baseline_outputs if config.check.reference == "baseline" else ctx.outputs(model)
+            result = compare(
+                engine_out,
+                reference,
+                metric=ctx.metric,
+                max_drop=config.check.max_drop,
+                min_agreement=config.check.min_agreement,
+                min_cosine=config.check.min_cosine,
+            )
+            report["check"] = {"reference": config.check.reference, **result.to_dict()}
+            passed = result.passed
+    return StageResult(model, report=report, passed=passed)

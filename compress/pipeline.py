@@ -1,0 +1,299 @@
+"""Runs a recipe's stages and owns the run directory, resume, and the report.
+
+Run directory (DESIGN.md)::
+
+    DIR/recipe.yaml                  the resolved recipe
+    DIR/stages/NN-TYPE/checkpoint.pt compress checkpoint (stages that change the model)
+    DIR/stages/NN-TYPE/metrics.json  written last: its presence marks the stage finished
+    DIR/model.pt                     the final model;  DIR/model.onnx, DIR/engine.onnx from export
+    DIR/report.json, DIR/report.md   (+ report_accuracy_vs_size.png)
+
+Every file is written atomically, so a killed run leaves only whole files; ``--resume`` continues
+after the last stage whose metrics.json exists, and refuses if the recipe changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from compress import io, metrics, models, report
+from compress.data import example_input
+from compress.errors import CompressError, RecipeError
+from compress.profile import size_stats
+from compress.recipe import Recipe, StageSpec
+from compress.stages.context import Splits, StageContext
+from compress.stages.registry import stage_types
+from compress.train import barrier, is_main_process, pick_device
+
+Log = Callable[[str], None]
+_ARTIFACTS = ("model.pt", "model.onnx", "engine.onnx", "report.json", "report.md", report.PLOT_NAME)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    """The recipe's model, data and baseline figures, ready for the stages."""
+
+    recipe: Recipe
+    model: nn.Module
+    splits: Splits
+    device: torch.device
+    example: torch.Tensor
+    baseline_outputs: metrics.Outputs
+    baseline: dict[str, Any]
+
+
+def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
+    """Build model and data, check they fit together and every stage's options resolve, score the baseline.
+
+    Raises:
+        CompressError: anything wrong with the model, checkpoint, data or a stage's options.
+    """
+    body = recipe.body
+    device = pick_device(body.device)
+    torch.manual_seed(body.seed)
+    model = models.load_model(body.model.checkpoint, body.model.factory, body.model.kwargs)
+    model.to(device).eval()
+    splits = Splits(body.data, seed=body.seed)
+    for split in ("train", "calibration"):
+        if splits.has(split):
+            splits.loader(split)  # fail now, not after an hour of training
+    eval_loader = splits.loader("eval")
+    example = example_input(eval_loader)
+    if body.model.input_shape is not None and list(example.shape[1:]) != body.model.input_shape:
+        raise CompressError(
+            f"data.eval: inputs have shape {list(example.shape[1:])} but model.input_shape is {body.model.input_shape}"
+        )
+    try:
+        with torch.no_grad():
+            model(example.to(device))
+    except RuntimeError as exc:
+        raise CompressError(
+            f"model cannot run on data.eval inputs of shape {list(example.shape)}: {str(exc).splitlines()[0]}"
+        ) from None
+    outputs = metrics.collect(model, eval_loader, device)
+    baseline = {"metrics": metrics.score(body.metric, outputs), **size_stats(model, example.to(device))}
+    registry = stage_types()
+    ctx_model = copy.deepcopy(model)
+    for spec in recipe.stages:
+        check = registry[spec.type].check
+        if check is not None:
+            check(ctx_model, spec.config, _context(recipe, spec, Path("."), splits, device, model, outputs, example, progress))
+    return Prepared(recipe, model, splits, device, example, outputs, baseline)
+
+
+def _context(
+    recipe: Recipe,
+    spec: StageSpec,
+    run_dir: Path,
+    splits: Splits,
+    device: torch.device,
+    baseline: nn.Module,
+    outputs: metrics.Outputs,
+    example: torch.Tensor,
+    progress: bool,
+) -> StageContext:
+    return StageContext(
+        recipe=recipe,
+        spec=spec,
+        run_dir=run_dir,
+        stage_dir=run_dir / "stages" / spec.dirname,
+        splits=splits,
+        device=device,
+        baseline=baseline,
+        baseline_outputs=outputs,
+        example_input=example,
+        progress=progress,
+    )
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}.{i}")
+    return f"{path or '(top level)'}: {a!r} then, {b!r} now"
+
+
+def _open_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Check and set up the run directory. Returns True when finished stages may be reused."""
+    saved = run_dir / "recipe.yaml"
+    resolved = recipe.resolved()
+    if saved.exists():
+        if resume:
+            try:
+                before = yaml.safe_load(saved.read_text())
+            except yaml.YAMLError as exc:
+                raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
+            if before != resolved:
+                raise RecipeError(
+                    f"--resume: {run_dir} was run with a different recipe ({_first_difference(before, resolved)}); "
+                    "run without --resume into another --out"
+                )
+            return True
+        if not overwrite:
+            raise CompressError(
+                f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
+            )
+    elif resume and (run_dir / "stages").exists():
+        raise CompressError(f"--resume: {run_dir} has stages but no recipe.yaml; it was not written by compress run")
+    if is_main_process():
+        if overwrite:
+            for name in _ARTIFACTS:
+                (run_dir / name).unlink(missing_ok=True)
+            stages_dir = run_dir / "stages"
+            if stages_dir.exists():
+                import shutil
+
+                shutil.rmtree(stages_dir)
+        io.write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+    return False
+
+
+def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """metrics.json of the leading finished stages (each needs its checkpoint if it changes models)."""
+    registry = stage_types()
+    done = []
+    for spec in recipe.stages:
+        stage_dir = run_dir / "stages" / spec.dirname
+        record = stage_dir / "metrics.json"
+        if not record.exists() or (registry[spec.type].changes_model and not (stage_dir / "checkpoint.pt").exists()):
+            break
+        try:
+            done.append(json.loads(record.read_text()))
+        except json.JSONDecodeError:
+            break
+    return done
+
+
+@dataclass
+class Outcome:
+    run_dir: Path
+    report: dict[str, Any]
+    exit_code: int
+
+
+def run(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log | None = _stderr,
+) -> Outcome:
+    """Run every stage of ``recipe`` into ``out`` (default ``runs/<name>``).
+
+    Returns:
+        The run directory, the report, and the exit code (0 passed, 1 an accuracy check failed).
+
+    Raises:
+        CompressError: bad recipe, checkpoint, data or run directory (exit code 2).
+    """
+    say = log or (lambda _msg: None)
+    run_dir = Path(out) if out is not None else Path("runs") / recipe.name
+    registry = stage_types()
+    can_reuse = _open_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
+    prep = prepare(recipe, progress=progress)
+    baseline_model = copy.deepcopy(prep.model).eval()
+    for p in baseline_model.parameters():
+        p.requires_grad_(False)
+    model = prep.model
+    say(f"baseline: {_fmt_metrics(prep.baseline['metrics'])}, {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs")
+    done = _finished(run_dir, recipe) if can_reuse else []
+    last_ckpt = next(
+        (run_dir / d["checkpoint"] for d in reversed(done) if d.get("checkpoint")),
+        None,
+    )
+    if last_ckpt is not None:
+        model = models.load_model(last_ckpt).to(prep.device)
+        say(f"resume: {len(done)} finished stage(s) reused, continuing from {last_ckpt}")
+    entries: list[dict[str, Any]] = []
+    sections: dict[str, Any] = {}
+    passed = True
+    for spec in recipe.stages:
+        stage = registry[spec.type]
+        stage_dir = run_dir / "stages" / spec.dirname
+        if spec.index < len(done):
+            record = done[spec.index]
+        else:
+            ctx = _context(
+                recipe, spec, run_dir, prep.splits, prep.device, baseline_model, prep.baseline_outputs, prep.example, progress
+            )
+            say(f"[{spec.index + 1}/{len(recipe.stages)}] {spec.type} ...")
+            torch.manual_seed(recipe.body.seed + spec.index)
+            start = time.perf_counter()
+            main = is_main_process()
+            if stage.changes_model or main:
+                result = stage.run(model, spec.config, ctx)
+            barrier()
+            record = {"type": spec.type, "seconds": round(time.perf_counter() - start, 3)}
+            if stage.changes_model:
+                model = result.model
+                record["metrics"] = ctx.evaluate(model)
+                record.update(size_stats(model, prep.example.to(prep.device)))
+                record["checkpoint"] = f"stages/{spec.dirname}/checkpoint.pt"
+                if main:
+                    models.save(model, stage_dir / "checkpoint.pt", metadata={"recipe": recipe.name, "stage": spec.dirname})
+            if main:
+                record.update(result.info)
+                record["report"], record["passed"] = result.report, result.passed
+                io.write_json(stage_dir / "metrics.json", record)
+            say(f"[{spec.index + 1}/{len(recipe.stages)}] {spec.type} done in {record['seconds']:.1f}s"
+                + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
+        sections.update(record.get("report", {}))
+        passed = passed and record.get("passed", True)
+        if registry[spec.type].changes_model:
+            entries.append({k: v for k, v in record.items() if k not in ("report", "passed")})
+    full = report.build(recipe, prep.baseline, entries, sections, passed)
+    if is_main_process():
+        models.save(model, run_dir / "model.pt", metadata={"recipe": recipe.name, "final": True})
+        report.write(run_dir, full)
+    if "check" in sections:
+        verdict = "passed" if sections["check"]["passed"] else "FAILED: " + "; ".join(sections["check"]["failures"])
+        say(f"check {verdict}")
+    return Outcome(run_dir, full, 0 if passed else 1)
+
+
+def _fmt_metrics(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k in ("top1", "agreement", "cosine") or ":" in k)
+
+
+def describe(recipe: Recipe, prep: Prepared) -> list[str]:
+    """The plan ``compress validate`` prints: model, data, metric, and each stage's options."""
+    body = recipe.body
+    source = body.model.checkpoint or "(no checkpoint: factory weights)"
+    factory = models.structure.origin_of(prep.model)
+    lines = [
+        f"recipe  {recipe.name} ({recipe.source})",
+        f"model   {factory.factory if factory else body.model.factory} {factory.kwargs if factory else body.model.kwargs} "
+        f"from {source}: {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs",
+    ]
+    for split in ("train", "calibration", "eval"):
+        if prep.splits.has(split):
+            loader = prep.splits.loader(split)
+            spec = getattr(body.data, split)
+            lines.append(f"data    {split}: {spec.source}, {len(loader.dataset)} samples, batch {spec.batch_size}")  # type: ignore[arg-type]
+    lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
+    for spec in recipe.stages:
+        options = spec.config.model_dump(mode="json", exclude_defaults=True)
+        lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(options) if options else '(defaults)'}")
+    return lines

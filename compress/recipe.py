@@ -1,0 +1,391 @@
+"""Recipe schema, loading and validation.
+
+A recipe is YAML data (``yaml.safe_load``: no tags that run code). It is validated with pydantic
+models that reject unknown keys; every error becomes one line naming the file, the YAML line and
+the dotted field, e.g. ``recipe.yaml:14 stages.2.train.finetune.lr: ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from compress.errors import RecipeError
+from compress.imports import check_reference
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: frozen, and unknown keys are errors with a suggestion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'{hint} (allowed: {allowed})",
+                        {"key": str(key), "hint": _did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
+                    )
+        return data
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+class ModelSpec(Strict):
+    """Where the model comes from. A compress checkpoint carries its own factory."""
+
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    input_shape: list[Annotated[int, Field(gt=0)]] | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_ref(cls, v: str | None) -> str | None:
+        return None if v is None else check_reference(v)
+
+    @model_validator(mode="after")
+    def _needs_something(self) -> ModelSpec:
+        if self.factory is None and self.checkpoint is None:
+            raise ValueError("give a 'factory' (module:callable) or a compress 'checkpoint'")
+        return self
+
+
+class _LoaderOptions(Strict):
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    limit: Annotated[int, Field(gt=0)] | None = None
+    shuffle: bool | None = None  # None: shuffle the train split only
+    workers: Annotated[int, Field(ge=0)] = 0
+
+
+class DigitsData(_LoaderOptions):
+    """scikit-learn's ``load_digits`` (1797 8x8 images), split deterministically."""
+
+    source: Literal["digits"]
+    split: Literal["train", "test", "all"] = "train"
+    size: Annotated[int, Field(ge=8, le=512)] = 8
+    channels: Literal[1, 3] = 1
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: int = 0
+
+
+class NpzData(_LoaderOptions):
+    """Arrays in an ``.npz`` file; ``y: null`` for unlabeled data."""
+
+    source: Literal["npz"]
+    path: str
+    x: str = "x"
+    y: str | None = "y"
+
+
+class ImageFolderData(_LoaderOptions):
+    """torchvision ``ImageFolder``: one sub-folder per class."""
+
+    source: Literal["imagefolder"]
+    root: str
+    resize: Annotated[int, Field(gt=0)] | None = None
+    crop: Annotated[int, Field(gt=0)] | None = None
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    grayscale: bool = False
+
+
+class PythonData(_LoaderOptions):
+    """``module:callable(**kwargs)`` returning a ``torch.utils.data.Dataset``."""
+
+    source: Literal["python"]
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_ref(cls, v: str) -> str:
+        return check_reference(v)
+
+
+DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]
+
+
+class DataSection(Strict):
+    train: DataSpec | None = None
+    calibration: DataSpec | None = None
+    eval: DataSpec
+
+
+class RecipeBody(Strict):
+    """The top level of a recipe; ``stages`` are validated one by one against the stage registry."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    model: ModelSpec
+    data: DataSection
+    metric: str = "top1"
+    seed: int = 0
+    device: str = "auto"
+    stages: list[Any] = Field(default_factory=list)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        from compress.metrics import check_metric_name
+
+        return check_metric_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device '{v}' (auto, cpu, cuda, cuda:N)")
+        return v
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One validated entry of ``stages``."""
+
+    index: int
+    type: str
+    config: BaseModel
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index + 1:02d}-{self.type}"
+
+    def dump(self) -> dict[str, Any]:
+        return {self.type: self.config.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: the body plus typed stage configs."""
+
+    body: RecipeBody
+    stages: tuple[StageSpec, ...]
+    source: str = "<recipe>"
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.body.name
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, as plain data (written to DIR/recipe.yaml)."""
+        data = self.body.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [s.dump() for s in self.stages]
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML (``256``, ``true``, ``[1, 2]``).
+
+    Raises:
+        RecipeError: with ``file:line dotted.field: what is wrong`` as its message.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    return parse_recipe(text, source=str(path), overrides=overrides)
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    """Validate recipe text; see :func:`load_recipe`."""
+    data, lines = _read_yaml(text, source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}:1: a recipe must be a mapping with name, model, data, stages")
+    overridden: set[tuple[str, ...]] = set()
+    for item in overrides:
+        overridden.add(_apply_override(data, item))
+    where = _Locator(source, lines, data, overridden)
+    try:
+        body = RecipeBody.model_validate(data)
+    except ValidationError as exc:
+        raise where.error(exc) from None
+    stages = tuple(_parse_stage(i, entry, where) for i, entry in enumerate(body.stages))
+    return Recipe(body=body, stages=stages, source=source, overrides=tuple(overrides))
+
+
+def _parse_stage(index: int, entry: Any, where: _Locator) -> StageSpec:
+    from compress.stages.registry import stage_types
+
+    registry = stage_types()
+    loc: tuple[Any, ...] = ("stages", index)
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise where.at(loc, "each stage is a mapping with one key, the stage type (e.g. '- train: {...}')")
+    (kind, options), = entry.items()
+    if kind not in registry:
+        raise where.at(
+            loc, f"unknown stage type '{kind}'{_did_you_mean(str(kind), registry)} ({', '.join(sorted(registry))})"
+        )
+    try:
+        config = registry[kind].config.model_validate({} if options is None else options)
+    except ValidationError as exc:
+        raise where.error(exc, prefix=(*loc, kind)) from None
+    return StageSpec(index=index, type=kind, config=config)
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse YAML safely, returning the data and a map from key path to 1-based line number."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{source}{line}: invalid YAML: {problem}") from None
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                name = key.value
+                if name in seen:
+                    dotted = ".".join(str(p) for p in (*path, name))
+                    raise RecipeError(f"{source}:{key.start_mark.line + 1} {dotted}: duplicate key '{name}'")
+                seen.add(name)
+                lines[(*path, name)] = key.start_mark.line + 1
+                walk(value, (*path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                walk(value, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return data, lines
+
+
+def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: '{where}' is not an index of a list of {len(node)} items")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth])}' is a value, not a section")
+    return tuple(parts)
+
+
+class _Locator:
+    """Turns pydantic error locations into ``file:line dotted.path`` prefixes."""
+
+    def __init__(
+        self, source: str, lines: dict[tuple[Any, ...], int], data: Any, overridden: set[tuple[str, ...]]
+    ) -> None:
+        self.source, self.lines, self.data, self.overridden = source, lines, data, overridden
+
+    def _data_path(self, loc: Sequence[Any]) -> tuple[Any, ...]:
+        """Drop pydantic's union-member tags: keep only steps that exist in the data."""
+        node, path = self.data, []
+        for step in loc:
+            if isinstance(node, dict) and step in node:
+                node = node[step]
+                path.append(step)
+            elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+                node = node[step]
+                path.append(step)
+            elif not (isinstance(node, dict) and isinstance(step, str) and step in _TAGS):
+                path.append(step)  # a missing field: still part of what the user must fix
+                node = None
+        return tuple(path)
+
+    def prefix(self, loc: Sequence[Any]) -> str:
+        path = self._data_path(loc)
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        as_str = tuple(str(p) for p in path)
+        if any(as_str[: len(o)] == o for o in self.overridden):
+            return f"--set {dotted}:"
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]} {dotted}:"
+        return f"{self.source} {dotted}:"
+
+    def at(self, loc: Sequence[Any], message: str) -> RecipeError:
+        return RecipeError(f"{self.prefix(loc)} {message}")
+
+    def error(self, exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RecipeError:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        loc = (*prefix, *first["loc"])
+        if first["type"] == "unknown_key":
+            loc = (*loc, first["ctx"]["key"])
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        return self.at(loc, _describe(first) + more)
+
+
+# pydantic inserts the discriminator tag of a union member into error locations.
+_TAGS = {"digits", "npz", "imagefolder", "python"}
+
+
+def _describe(err: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "missing":
+        return "missing required field"
+    if kind in ("literal_error", "enum"):
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))) or re.findall(
+            r"(\S+?)(?:,| or |$)", str(ctx.get("expected", ""))
+        )
+        return f"unknown {value!r}{_did_you_mean(str(value), choices)} ({', '.join(choices)})"
+    if kind == "union_tag_invalid":
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        return f"unknown {ctx.get('discriminator', 'value')} {ctx.get('tag')!r}{_did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
+    if kind == "union_tag_not_found":
+        return f"missing {ctx.get('discriminator', 'tag')} (one of digits, npz, imagefolder, python)"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind != "unknown_key" and value is not None and not isinstance(value, dict | list):
+        msg += f" (got {value!r})"
+    return msg

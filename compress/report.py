@@ -1,0 +1,131 @@
+"""report.json (machine-readable), report.md (for people) and the accuracy-vs-size plot."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from compress import io
+from compress.recipe import Recipe
+
+PLOT_NAME = "report_accuracy_vs_size.png"
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from compress import __version__
+
+    return {
+        "compress": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def build(
+    recipe: Recipe, baseline: dict[str, Any], stages: list[dict[str, Any]], sections: dict[str, Any], passed: bool
+) -> dict[str, Any]:
+    """The report.json document (DESIGN.md): recipe, baseline, stages, export, engine, check."""
+    return {
+        "recipe": recipe.name,
+        "metric": recipe.body.metric,
+        "passed": passed,
+        "baseline": baseline,
+        "stages": stages,
+        **sections,
+        "versions": _versions(),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    metric = doc["metric"]
+    rows = [("baseline", doc["baseline"], None)] + [
+        (f"{i + 1}. {s['type']}", s, s.get("seconds")) for i, s in enumerate(doc["stages"])
+    ]
+    lines = [
+        f"# compress report: {doc['recipe']}",
+        "",
+        f"Result: **{'passed' if doc['passed'] else 'FAILED'}**",
+        "",
+        f"| step | {metric} | params | nonzero params | MACs | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry, seconds in rows:
+        lines.append(
+            f"| {name} | {_fmt(entry['metrics'].get(metric, float('nan')))} | {_fmt(entry['params'])} | "
+            f"{_fmt(entry.get('nonzero_params', entry['params']))} | {_fmt(entry['macs'])} | "
+            f"{'' if seconds is None else f'{seconds:.1f}'} |"
+        )
+    if "export" in doc:
+        e = doc["export"]
+        lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "
+                  f"{e['nodes']} nodes, {e['qdq_pairs']} Q/DQ pairs"]
+    if "engine" in doc:
+        g = doc["engine"]
+        lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in g["latency_ms"].items())
+        lines += ["", "## Engine", "", f"`{g['path']}` ({g['backend']}): {metric} {_fmt(g['metrics'].get(metric))}"
+                  + (f"; p50 latency {lat}" if lat else "")]
+    if "check" in doc:
+        c = doc["check"]
+        lines += [
+            "",
+            "## Check",
+            "",
+            f"Engine vs {c['reference']}: **{'passed' if c['passed'] else 'FAILED'}** on {c['samples']} samples",
+            "",
+            "| drop (pt) | agreement | cosine | max abs | mean abs |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {c['drop']:.3f} | {c['agreement']:.4f} | {c['cosine']:.6f} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} |",
+        ]
+        lines += [f"- {f}" for f in c["failures"]]
+    lines += ["", f"![{metric} vs size]({PLOT_NAME})", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Accuracy vs nonzero parameters, one labelled point per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = doc["metric"]
+    points = [("baseline", doc["baseline"])] + [(f"{i + 1}. {s['type']}", s) for i, s in enumerate(doc["stages"])]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs = [p.get("nonzero_params", p["params"]) for _, p in points]
+    ys = [p["metrics"].get(metric, float("nan")) for _, p in points]
+    ax.plot(xs, ys, "o-", color="tab:blue")
+    for (label, _), x, y in zip(points, xs, ys):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if "engine" in doc and metric in doc["engine"]["metrics"]:
+        ax.axhline(doc["engine"]["metrics"][metric], color="tab:green", ls="--", lw=1, label="engine")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("nonzero parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(doc["recipe"])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write(run_dir: Path, doc: dict[str, Any]) -> None:
+    """Write report.json, report.md and the plot, each atomically."""
+    io.write_json(run_dir / "report.json", doc)
+    plot(doc, run_dir / PLOT_NAME)
+    io.write_text(run_dir / "report.md", markdown(doc))

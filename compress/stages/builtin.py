@@ -1,0 +1,4 @@
+"""Importing this module registers every built-in stage type."""
+
+import compress.export.stage  # noqa: F401
+import compress.stages.train  # noqa: F401

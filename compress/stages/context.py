@@ -1,0 +1,93 @@
+"""What a stage receives (:class:`StageContext`) and returns (:class:`StageResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from compress import metrics
+from compress.data import build_loader
+from compress.errors import DataError
+from compress.recipe import DataSection, Recipe, StageSpec
+
+
+class Splits:
+    """The recipe's data splits, each built once on first use."""
+
+    def __init__(self, section: DataSection, seed: int = 0) -> None:
+        self.section, self.seed = section, seed
+        self._loaders: dict[str, DataLoader] = {}
+
+    def has(self, split: str) -> bool:
+        return getattr(self.section, split) is not None
+
+    def loader(self, split: str, *, needed_by: str = "this recipe") -> DataLoader:
+        """The loader for ``train``, ``calibration`` or ``eval``.
+
+        Raises:
+            DataError: the split is not in the recipe, or its data is unusable.
+        """
+        if split not in self._loaders:
+            spec = getattr(self.section, split)
+            if spec is None:
+                raise DataError(f"{needed_by} needs data.{split}, which the recipe does not define")
+            self._loaders[split] = build_loader(spec, f"data.{split}", train=split == "train", seed=self.seed)
+        return self._loaders[split]
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use; stages write files only under ``stage_dir`` (or via the result)."""
+
+    recipe: Recipe
+    spec: StageSpec
+    run_dir: Path
+    stage_dir: Path
+    splits: Splits
+    device: torch.device
+    baseline: nn.Module
+    baseline_outputs: metrics.Outputs
+    example_input: torch.Tensor
+    progress: bool = True
+
+    @property
+    def metric(self) -> str:
+        return self.recipe.body.metric
+
+    @property
+    def where(self) -> str:
+        """The recipe location of this stage, for error messages: ``stages.2.train``."""
+        return f"stages.{self.spec.index}.{self.spec.type}"
+
+    def outputs(self, model: nn.Module) -> metrics.Outputs:
+        return metrics.collect(model, self.splits.loader("eval"), self.device)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The recipe metric (first) and fidelity vs the baseline on the eval split."""
+        return metrics.score(self.metric, self.outputs(model), self.baseline_outputs)
+
+    def score(self, model: nn.Module) -> float:
+        """The recipe metric alone (higher is better): what fine-tunes keep the best epoch by."""
+        return self.evaluate(model)[self.metric]
+
+
+@dataclass
+class StageResult:
+    """A stage's output.
+
+    Attributes:
+        model: the (possibly new) model handed to the next stage.
+        info: stage-specific figures for its report entry (e.g. fine-tune history).
+        report: top-level report.json sections (``export``, ``engine``, ``check``).
+        passed: False when a check failed (the run then exits with code 1).
+    """
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    passed: bool = True

@@ -1,0 +1,326 @@
+"""The one fine-tune loop every stage uses.
+
+``finetune(model, data, FinetuneConfig(...))`` trains in place with SGD or AdamW, a cosine/step/
+constant schedule, optional AMP, evaluation each epoch and best-weights restore. Stages plug in
+through :class:`Callback` (before/after each step, an extra loss term). Under
+``torchrun --nproc_per_node=N`` it runs as DDP (gloo on CPU, nccl on GPU): the batch size is the
+global batch, split evenly across processes, so N processes see exactly the batches one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, Any
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from compress.data import split_batch
+from compress.errors import CompressError, DataError
+from compress.recipe import Strict
+
+
+class OptimizerKind(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleKind(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+class FinetuneConfig(Strict):
+    """Options shared by every stage's ``finetune`` block."""
+
+    epochs: Annotated[int, Field(ge=0)] = 1
+    lr: Annotated[float, Field(gt=0)] = 0.01
+    optimizer: OptimizerKind = OptimizerKind.sgd
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    schedule: ScheduleKind = ScheduleKind.cosine
+    step_size: Annotated[int, Field(gt=0)] | None = None  # epochs between x gamma decays (schedule: step)
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    batch_size: Annotated[int, Field(gt=0)] | None = None  # global batch; default: the train split's
+    amp: bool = False
+    keep_best: bool = True
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    seed: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the only process that writes files."""
+    return world()[0] == 0
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun set up (if any). Returns True when running distributed."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: this process's CUDA device under torchrun, else ``cuda`` if present, else ``cpu``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CompressError(f"device '{name}' asked for, but no CUDA GPU is available")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Global batches of ``batch_size`` from one seeded permutation; each rank takes its slice.
+
+    Rank ``r`` of ``w`` gets ``batch[r::w]`` of every global batch, so the union over ranks of
+    step ``k`` is exactly the single-process batch ``k``. The last partial batch is dropped when
+    there is more than one batch, so every rank does the same number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise CompressError(f"finetune.batch_size {batch_size} must be divisible by the {world_size} processes")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        for k in range(len(self)):
+            batch = order[k * self.batch_size : (k + 1) * self.batch_size]
+            yield batch[self.rank :: self.world_size]
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+
+
+@dataclass
+class TrainState:
+    """What callbacks see. ``model`` is the unwrapped module (never the DDP wrapper)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+    inputs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+class Callback:
+    """Hooks into :func:`finetune`; override what you need."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def before_step(self, state: TrainState) -> None: ...
+
+    def extra_loss(self, state: TrainState) -> torch.Tensor | None:
+        """A term added to the loss of this step (e.g. distillation); ``None`` for nothing."""
+        return None
+
+    def after_step(self, state: TrainState) -> None:
+        """Called after ``optimizer.step()`` (e.g. to re-apply sparsity masks)."""
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _lr_factor(config: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule is ScheduleKind.cosine:
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if config.schedule is ScheduleKind.step:
+        size = config.step_size or max(1, config.epochs // 3)
+        return lambda step: config.gamma ** ((step // steps_per_epoch) // size)
+    return lambda step: 1.0
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise CompressError("finetune: the model has no trainable parameters")
+    if config.optimizer is OptimizerKind.adamw:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _as_loader(
+    data: DataLoader | Dataset, config: FinetuneConfig, seed: int, rank: int, world_size: int
+) -> DataLoader:
+    if isinstance(data, DataLoader):
+        dataset, collate, workers = data.dataset, data.collate_fn, data.num_workers
+        batch_size = config.batch_size or data.batch_size or 64
+        shuffle = isinstance(data.sampler, RandomSampler)
+    else:
+        dataset, collate, workers = data, None, 0
+        batch_size, shuffle = config.batch_size or 64, True
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("finetune: the training data is empty")
+    sampler = ShardedBatchSampler(n, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+
+
+def finetune(
+    model: nn.Module,
+    data: DataLoader | Dataset,
+    config: FinetuneConfig,
+    *,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    callbacks: Sequence[Callback] = (),
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "finetune",
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place; with ``evaluate`` and ``keep_best``, restore the best epoch.
+
+    Args:
+        model: trained in place (moved to ``device``).
+        data: a DataLoader (its dataset, collate and shuffle are reused) or a Dataset.
+        config: optimizer, schedule, epochs, batch size, AMP.
+        evaluate: ``model -> score`` (higher is better), called after each epoch.
+        callbacks: hooks run around every step; ``extra_loss`` terms are added to the loss.
+        loss_fn: ``(outputs, labels) -> loss``; default cross-entropy.
+        device: default: where the model's parameters are.
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        Per-epoch history and the best epoch/score.
+
+    Raises:
+        DataError: no labels and no callback providing a loss.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    distributed = init_distributed(device)
+    rank, world_size = world()
+    seed = config.seed if config.seed is not None else 0
+    torch.manual_seed(seed)
+    loader = _as_loader(data, config, seed, rank, world_size)
+    sampler: ShardedBatchSampler = loader.batch_sampler  # type: ignore[assignment]
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, len(loader)))
+    use_amp = config.amp and device.type in ("cuda", "cpu")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    else:
+        net = model
+    criterion = loss_fn or nn.functional.cross_entropy
+    state = TrainState(model=model, optimizer=optimizer)
+    result = FinetuneResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    for cb in callbacks:
+        cb.on_train_start(state)
+    for epoch in range(config.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch)
+        net.train()
+        total, count = 0.0, 0
+        # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable)
+        bar = tqdm(
+            loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
+            disable=True if (not progress or rank != 0) else None,
+        )
+        for batch in bar:
+            x, y = split_batch(batch)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else None
+            state.inputs, state.labels = x, y
+            for cb in callbacks:
+                cb.before_step(state)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                out = net(x)
+                state.outputs = out
+                terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
+                if y is not None:
+                    terms.insert(0, criterion(out.float(), y))
+            if not terms:
+                raise DataError("finetune: the training data has no labels and no distill block provides a loss")
+            loss = torch.stack([t.float() for t in terms]).sum()
+            if not torch.isfinite(loss):
+                raise CompressError(f"finetune: loss became {float(loss)} at epoch {epoch + 1}; lower finetune.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state.loss = loss = loss.detach()
+            for cb in callbacks:
+                cb.after_step(state)
+            state.step += 1
+            total += float(loss) * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        for cb in callbacks:
+            cb.on_epoch_end(state)
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(count, 1)}
+        if evaluate is not None:
+            entry["score"] = score = float(evaluate(model))
+            if config.keep_best and (result.best_score is None or score > result.best_score):
+                result.best_score, result.best_epoch = score, epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+        result.history.append(entry)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result

@@ -10,15 +10,27 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from compress.errors import CompressError, one_line
 
 
+class _UsageError(Exception):
+    """A command-line argument problem; ``main`` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line (no usage block) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="compress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
@@ -55,10 +67,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         recipe, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
         log=None if args.quiet else pipeline._stderr,
     )
-    if args.json:
-        print(json.dumps(outcome.report, indent=2))
-    else:
-        print(f"report: {outcome.run_dir / 'report.json'}")
+    from compress.train import is_main_process
+
+    if is_main_process():
+        print(json.dumps(outcome.report, indent=2) if args.json else f"report: {outcome.run_dir / 'report.json'}")
     return outcome.exit_code
 
 
@@ -98,16 +110,30 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "check": _cmd_check}
     try:
         return handlers[args.command](args)
     except CompressError as exc:
         print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
+        # e.g. --out names a file, or a directory we may not write: bad arguments. Other OS errors
+        # (a full disk) are the machine's problem, not the input's, and keep their traceback.
+        print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("compress: interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ shapes and label/input count mismatches raise :class:`DataError` naming the spli
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -13,11 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from compress.errors import CompressError, DataError
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
+from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, _describe
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -34,6 +36,37 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x is not None:
             return x, y
     raise DataError(f"cannot find inputs in a batch of type {type(batch).__name__}; return (x, y) or x")
+
+
+class _CheckedDataset(Dataset):
+    """Wraps a dataset so a sample that fails to load or holds NaN/Inf is reported by index (and file)."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        self.dataset, self.name = dataset, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _where(self, index: int) -> str:
+        samples = getattr(self.dataset, "samples", None)  # torchvision ImageFolder: (path, class) pairs
+        if isinstance(samples, list) and 0 <= index < len(samples) and isinstance(samples[index], tuple):
+            return f"sample {index} ({samples[index][0]})"
+        return f"sample {index}"
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            sample = self.dataset[index]
+        except CompressError:
+            raise
+        except Exception as exc:  # a user's dataset or a broken file: bad input, not a compress bug
+            first = (str(exc).splitlines() or [""])[0]
+            raise DataError(f"{self.name}: {self._where(index)} cannot be loaded: {type(exc).__name__}: {first}") from None
+        x = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
+        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+            x = torch.from_numpy(x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise DataError(f"{self.name}: {self._where(index)} contains NaN or Inf inputs")
+        return sample
 
 
 class _CheckedCollate:
@@ -87,6 +120,8 @@ def _npz(spec: NpzData, name: str) -> Dataset:
     path = Path(spec.path)
     if not path.is_file():
         raise DataError(f"{name}: npz file {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{name}: {path} is not an npz file (save arrays with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             keys = list(arrays.keys())
@@ -96,10 +131,14 @@ def _npz(spec: NpzData, name: str) -> Dataset:
                 raise DataError(f"{name}: {path} has no array '{spec.y}' (arrays: {', '.join(keys)}); y: null for unlabeled")
             x = np.asarray(arrays[spec.x])
             y = np.asarray(arrays[spec.y]) if spec.y is not None else None
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{name}: cannot read {path} as npz: {exc}") from None
-    if not np.issubdtype(x.dtype, np.number) or x.ndim < 1:
+    except DataError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{name}: cannot read {path} as npz: {str(exc).split('. ')[0]}") from None
+    if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{name}: {path} array '{spec.x}' has dtype {x.dtype}; expected numbers")
+    if x.ndim < 1:
+        raise DataError(f"{name}: {path} array '{spec.x}' is a scalar; expected one sample per row")
     xt = torch.from_numpy(x.astype(np.float32, copy=False))
     bad = ~torch.isfinite(xt)
     if bool(bad.any()):
@@ -147,6 +186,17 @@ def _python(spec: PythonData, name: str) -> Dataset:
     return dataset
 
 
+def _origin(spec: DataSpec) -> str:
+    """Where a spec's samples come from, for messages: ``npz data/x.npz``."""
+    if isinstance(spec, NpzData):
+        return f"npz {spec.path}"
+    if isinstance(spec, ImageFolderData):
+        return f"imagefolder {spec.root}"
+    if isinstance(spec, PythonData):
+        return f"python factory {spec.factory}"
+    return f"{spec.source} split {spec.split}"
+
+
 def build_dataset(spec: DataSpec, name: str = "data") -> Dataset:
     """The dataset for a spec, after ``limit``; refuses an empty one.
 
@@ -166,7 +216,7 @@ def build_dataset(spec: DataSpec, name: str = "data") -> Dataset:
     if spec.limit is not None and spec.limit < len(dataset):  # type: ignore[arg-type]
         dataset = Subset(dataset, range(spec.limit))
     if len(dataset) == 0:  # type: ignore[arg-type]
-        raise DataError(f"{name}: dataset is empty")
+        raise DataError(f"{name}: dataset is empty ({_origin(spec)})")
     return dataset
 
 
@@ -176,7 +226,7 @@ def make_loader(
     """A DataLoader whose batches are checked (see :class:`_CheckedCollate`)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        dataset,
+        dataset if isinstance(dataset, _CheckedDataset) else _CheckedDataset(dataset, name),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
@@ -224,8 +274,10 @@ def parse_data_arg(text: str, batch_size: int = 64) -> DataSpec:
         raise DataError(f"--data {text}: expected digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN")
     try:
         return specs[source]()
-    except ValueError as exc:
-        raise DataError(f"--data {text}: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise DataError(f"--data {text}: {field}: {_describe(err)}") from None
 
 
 __all__: Sequence[str] = [

@@ -11,6 +11,15 @@ from __future__ import annotations
 class CompressError(ValueError):
     """Bad input: printed as one line by the CLI, exit code 2."""
 
+    def __init__(self, *args: object) -> None:
+        # A DataLoader worker re-raises our error as ``type(msg)`` with msg = "Caught X in DataLoader
+        # worker ...\nOriginal Traceback ...\npkg.X: <message>": keep only the original message.
+        if len(args) == 1 and isinstance(args[0], str) and "\nOriginal Traceback" in args[0]:
+            last = args[0].rstrip().splitlines()[-1]
+            _, sep, message = last.partition(f"{type(self).__name__}: ")
+            args = (message if sep else last,)
+        super().__init__(*args)
+
 
 class RecipeError(CompressError):
     """The recipe (or a ``--set`` override) is malformed or names something that does not exist."""

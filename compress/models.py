@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,12 @@ def build(factory: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     fn = resolve(factory, what="model factory")
     try:
         model = fn(**kwargs)
-    except TypeError as exc:
-        raise CompressError(f"model factory '{factory}' rejected kwargs {kwargs}: {exc}") from None
+    except CompressError:
+        raise
+    except Exception as exc:  # any failure of a user's factory on the recipe's kwargs is bad input
+        raise CompressError(
+            f"model factory '{factory}' failed with kwargs {kwargs}: {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise CompressError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     structure.set_origin(model, structure.Origin(factory, kwargs))
@@ -58,22 +63,41 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: missing file, pickled objects, corrupt/truncated file, or not a dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a directory, expected a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # garbage bytes also fail in the weights-only unpickler
+            raise CheckpointError(
+                f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), which compress never "
             "unpickles; save weights instead: torch.save(model.state_dict(), path) or compress.save(model, path)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError, struct.error) as exc:
+        # A truncated or non-torch file fails in the legacy unpickler in many ways (EOFError with no
+        # message, KeyError on a memo index, ...): all of them mean "not a checkpoint".
         raise CheckpointError(
-            f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {str(exc).splitlines()[0]}"
+            f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(exc)}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, expected a state_dict (a dict)")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type when it has none."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln]
+    for ln in lines:
+        if "WeightsUnpickler error" in ln:
+            continue
+        ln = ln.split(". ")[0]  # torch's zip errors go on for several sentences
+        return ln if isinstance(exc, (RuntimeError, OSError, pickle.UnpicklingError)) else f"{type(exc).__name__} {ln}"
+    return type(exc).__name__
 
 
 def is_compress_checkpoint(obj: dict[str, Any]) -> bool:
@@ -138,7 +162,14 @@ def load_model(
     if is_compress_checkpoint(obj):
         if obj.get("version", 0) > VERSION:
             raise CheckpointError(f"checkpoint {path}: format version {obj['version']} is newer than this compress")
-        own_factory, own_kwargs = obj["factory"], dict(obj.get("kwargs", {}))
+        own_factory, own_kwargs = obj.get("factory"), obj.get("kwargs", {})
+        if not isinstance(own_factory, str) or not isinstance(own_kwargs, dict) or not isinstance(
+            obj.get("state_dict"), dict
+        ):
+            raise CheckpointError(
+                f"checkpoint {path}: is a damaged compress checkpoint (needs a factory string, kwargs and state_dict dicts)"
+            )
+        own_kwargs = dict(own_kwargs)
         if factory is not None and factory != own_factory:
             raise CheckpointError(
                 f"checkpoint {path}: was saved from factory '{own_factory}', but the recipe says '{factory}'"
@@ -147,7 +178,12 @@ def load_model(
             raise CheckpointError(
                 f"checkpoint {path}: was saved with kwargs {own_kwargs}, but the recipe says {dict(kwargs)}"
             )
-        model = build(own_factory, own_kwargs)
+        try:
+            model = build(own_factory, own_kwargs)
+        except CheckpointError:
+            raise
+        except CompressError as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot rebuild its model: {exc}") from None
         model = structure.replay(model, list(obj.get("structure", [])), str(path))
         load_state_dict(model, obj["state_dict"], str(path))
         origin = structure.origin_of(model)

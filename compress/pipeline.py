@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext
 from compress.stages.registry import stage_types
-from compress.train import barrier, is_main_process, pick_device
+from compress.train import barrier, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
 _ARTIFACTS = ("model.pt", "model.onnx", "engine.onnx", "report.json", "report.md", report.PLOT_NAME)
@@ -69,11 +70,15 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
     model = models.load_model(body.model.checkpoint, body.model.factory, body.model.kwargs)
     model.to(device).eval()
     splits = Splits(body.data, seed=body.seed)
-    for split in ("train", "calibration"):
-        if splits.has(split):
-            splits.loader(split)  # fail now, not after an hour of training
     eval_loader = splits.loader("eval")
     example = example_input(eval_loader)
+    for split in ("train", "calibration"):
+        if splits.has(split):  # build now: fail before an hour of training, not after
+            shape = list(example_input(splits.loader(split)).shape[1:])
+            if shape != list(example.shape[1:]):
+                raise CompressError(
+                    f"data.{split}: inputs have shape {shape} but data.eval inputs have {list(example.shape[1:])}"
+                )
     if body.model.input_shape is not None and list(example.shape[1:]) != body.model.input_shape:
         raise CompressError(
             f"data.eval: inputs have shape {list(example.shape[1:])} but model.input_shape is {body.model.input_shape}"
@@ -127,22 +132,22 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 return _first_difference(x, y, f"{path}.{i}")
     return f"{path or '(top level)'}: {a!r} then, {b!r} now"
 
 
-def _open_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Check and set up the run directory. Returns True when finished stages may be reused."""
+def _check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Decide how to use the run directory, writing nothing. Returns True when finished stages may be reused."""
     saved = run_dir / "recipe.yaml"
-    resolved = recipe.resolved()
     if saved.exists():
         if resume:
             try:
                 before = yaml.safe_load(saved.read_text())
             except yaml.YAMLError as exc:
                 raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
+            resolved = recipe.resolved()
             if before != resolved:
                 raise RecipeError(
                     f"--resume: {run_dir} was run with a different recipe ({_first_difference(before, resolved)}); "
@@ -155,17 +160,23 @@ def _open_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: boo
             )
     elif resume and (run_dir / "stages").exists():
         raise CompressError(f"--resume: {run_dir} has stages but no recipe.yaml; it was not written by compress run")
-    if is_main_process():
-        if overwrite:
-            for name in _ARTIFACTS:
-                (run_dir / name).unlink(missing_ok=True)
-            stages_dir = run_dir / "stages"
-            if stages_dir.exists():
-                import shutil
-
-                shutil.rmtree(stages_dir)
-        io.write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
     return False
+
+
+def _init_run_dir(recipe: Recipe, run_dir: Path, *, reuse: bool, overwrite: bool) -> None:
+    """Called once the recipe, model and data are known good: clear (if asked) and record the recipe."""
+    if not is_main_process():
+        return
+    if reuse:
+        for stale in run_dir.rglob(".*.tmp"):  # left by a run killed mid-write; the targets are whole
+            stale.unlink(missing_ok=True)
+        return
+    if overwrite:
+        for name in _ARTIFACTS:
+            (run_dir / name).unlink(missing_ok=True)
+        if (run_dir / "stages").exists():
+            shutil.rmtree(run_dir / "stages")
+    io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
 
 
 def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
@@ -211,8 +222,11 @@ def run(
     say = log or (lambda _msg: None)
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
     registry = stage_types()
-    can_reuse = _open_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
-    prep = prepare(recipe, progress=progress)
+    init_distributed(pick_device(recipe.body.device))  # under torchrun: every rank decides before rank 0 writes
+    can_reuse = _check_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
+    barrier()
+    prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
+    _init_run_dir(recipe, run_dir, reuse=can_reuse, overwrite=overwrite)
     baseline_model = copy.deepcopy(prep.model).eval()
     for p in baseline_model.parameters():
         p.requires_grad_(False)
@@ -294,6 +308,5 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
             lines.append(f"data    {split}: {spec.source}, {len(loader.dataset)} samples, batch {spec.batch_size}")  # type: ignore[arg-type]
     lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
     for spec in recipe.stages:
-        options = spec.config.model_dump(mode="json", exclude_defaults=True)
-        lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(options) if options else '(defaults)'}")
+        lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(spec.config.model_dump(mode='json'))}")
     return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,28 @@ class Strict(BaseModel):
                         "unknown key '{key}'{hint} (allowed: {allowed})",
                         {"key": str(key), "hint": _did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
                     )
+                value = data[key]
+                if isinstance(value, bool) and _wants_number(cls.model_fields[key].annotation):
+                    # pydantic's lax mode would turn `epochs: yes` into 1; a yes/no is never a count
+                    raise PydanticCustomError(
+                        "bool_for_number",
+                        "expected a number, got {value}",
+                        {"key": str(key), "value": str(value).lower()},
+                    )
         return data
+
+
+def _wants_number(annotation: Any) -> bool:
+    """True when a field takes int/float but not bool (so ``true``/``false`` is a mistake)."""
+    found: set[Any] = set()
+
+    def walk(tp: Any) -> None:
+        found.add(tp)
+        for arg in typing.get_args(tp):
+            walk(arg)
+
+    walk(annotation)
+    return bool(found & {int, float}) and bool not in found and Any not in found
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -263,6 +285,9 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f" ({context} at line {start.line + 1})"  # e.g. an unclosed quote opened earlier
         raise RecipeError(f"{source}{line}: invalid YAML: {problem}") from None
     lines: dict[tuple[Any, ...], int] = {}
 
@@ -346,7 +371,8 @@ class _Locator:
         path = self._data_path(loc)
         dotted = ".".join(str(p) for p in path) or "(top level)"
         as_str = tuple(str(p) for p in path)
-        if any(as_str[: len(o)] == o for o in self.overridden):
+        # the error is inside an overridden value, or at a key that only the override created
+        if any(as_str[: len(o)] == o or (o[: len(as_str)] == as_str and path not in self.lines) for o in self.overridden):
             return f"--set {dotted}:"
         for n in range(len(path), -1, -1):
             if path[:n] in self.lines:
@@ -360,7 +386,7 @@ class _Locator:
         errors = exc.errors(include_url=False)
         first = errors[0]
         loc = (*prefix, *first["loc"])
-        if first["type"] == "unknown_key":
+        if first["type"] in ("unknown_key", "bool_for_number"):
             loc = (*loc, first["ctx"]["key"])
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         return self.at(loc, _describe(first) + more)
@@ -381,11 +407,14 @@ def _describe(err: Any) -> str:
         return f"unknown {value!r}{_did_you_mean(str(value), choices)} ({', '.join(choices)})"
     if kind == "union_tag_invalid":
         tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-        return f"unknown {ctx.get('discriminator', 'value')} {ctx.get('tag')!r}{_did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
+        discriminator = str(ctx.get("discriminator", "value")).strip("'")
+        return f"unknown {discriminator} {ctx.get('tag')!r}{_did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
     if kind == "union_tag_not_found":
         return f"missing {ctx.get('discriminator', 'tag')} (one of digits, npz, imagefolder, python)"
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
-    if kind != "unknown_key" and value is not None and not isinstance(value, dict | list):
+    if kind != "unknown_key" and value is not None and not isinstance(value, dict | list) and not (
+        isinstance(value, str) and repr(value) in msg
+    ):
         msg += f" (got {value!r})"
     return msg

@@ -109,7 +109,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     xs = [p.get("nonzero_params", p["params"]) for _, p in points]
     ys = [p["metrics"].get(metric, float("nan")) for _, p in points]
     ax.plot(xs, ys, "o-", color="tab:blue")
-    for (label, _), x, y in zip(points, xs, ys):
+    for (label, _), x, y in zip(points, xs, ys, strict=True):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if "engine" in doc and metric in doc["engine"]["metrics"]:
         ax.axhline(doc["engine"]["metrics"][metric], color="tab:green", ls="--", lw=1, label="engine")

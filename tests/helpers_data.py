@@ -1,0 +1,44 @@
+"""Dataset factories referenced by test recipes as ``helpers_data:NAME`` (the ``python`` data source).
+
+``tests/conftest.py`` puts this folder on ``sys.path``, so the module imports as ``helpers_data``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+
+def digits_like(n: int = 16, size: int = 8) -> TensorDataset:
+    """``n`` random 1 x size x size images with labels 0..9 (deterministic)."""
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, size, size, generator=gen), torch.arange(n) % 10)
+
+
+class _NanAt(Dataset):
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.zeros(1, 8, 8)
+        if i == self.bad:
+            x[0, 2, 3] = float("nan")
+        return x, i % 10
+
+
+def nan_at(n: int = 12, bad: int = 5) -> Dataset:
+    """``n`` zero images, except sample ``bad`` which holds one NaN; NaN appears only when read."""
+    return _NanAt(n, bad)
+
+
+def not_a_dataset() -> int:
+    """A factory that returns something that is not a Dataset."""
+    return 42
+
+
+def broken(reason: str = "disk on fire") -> Dataset:
+    """A factory that raises, as a user's code might."""
+    raise RuntimeError(reason)

@@ -1,4 +1,4 @@
-"""The ``compress`` command: run, validate, check, bench.
+"""The ``compress`` command: run, validate, check.
 
 Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message on stderr).
 """
@@ -37,14 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run a recipe's stages")
     run.add_argument("recipe", type=Path)
     run.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
-    run.add_argument("--resume", action="store_true", help="continue after the last finished stage")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. stages.0.train.finetune.epochs=5")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue after the last finished stage")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     val = sub.add_parser("validate", parents=[common], help="dry run: check the recipe, model and data, print the plan")
     val.add_argument("recipe", type=Path)
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for p in (run, val):
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. stages.0.train.finetune.epochs=5")
 
     chk = sub.add_parser("check", parents=[common], help="compare a model/engine with a reference on data")
     chk.add_argument("model", help="engine or ONNX file (.onnx) or compress checkpoint (.pt)")
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
     chk.add_argument("--batch-size", type=int, default=64)
+    chk.add_argument("--report", type=Path, default=Path("check_report.json"),
+                     help="where to write the drift report (JSON; default check_report.json)")
     return parser
 
 
@@ -65,7 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     outcome = pipeline.run(
         recipe, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-        log=None if args.quiet else pipeline._stderr,
+        log=None if args.quiet else pipeline.log_stderr,
     )
     from compress.train import is_main_process
 
@@ -97,6 +100,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         args.model, args.reference, loader, metric=args.metric, max_drop=args.max_drop,
         min_agreement=args.min_agreement, min_cosine=args.min_cosine,
     )
+    from compress import io
+
+    io.write_json(args.report, {"model": args.model, "reference": args.reference, "data": args.data, **result.to_dict()})
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -17,9 +17,9 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
-from compress.errors import CompressError, DataError
+from compress.errors import CompressError, DataError, first_line
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, _describe
+from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, describe_error
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,8 +59,7 @@ class _CheckedDataset(Dataset):
         except CompressError:
             raise
         except Exception as exc:  # a user's dataset or a broken file: bad input, not a compress bug
-            first = (str(exc).splitlines() or [""])[0]
-            raise DataError(f"{self.name}: {self._where(index)} cannot be loaded: {type(exc).__name__}: {first}") from None
+            raise DataError(f"{self.name}: {self._where(index)} cannot be loaded: {first_line(exc)}") from None
         x = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
         if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
             x = torch.from_numpy(x)
@@ -70,7 +69,7 @@ class _CheckedDataset(Dataset):
 
 
 class _CheckedCollate:
-    """Collate, then refuse NaN/Inf inputs and mismatched label counts, naming the split."""
+    """Collate, then refuse non-tensor inputs and mismatched label counts, naming the split."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -83,8 +82,7 @@ class _CheckedCollate:
         x, y = split_batch(batch)
         if not isinstance(x, torch.Tensor):
             raise DataError(f"{self.name}: inputs are {type(x).__name__}, expected tensors")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise DataError(f"{self.name}: a batch contains NaN or Inf inputs")
+        # NaN/Inf inputs are caught per sample by _CheckedDataset, which can name the sample.
         if isinstance(y, torch.Tensor) and y.shape[:1] != x.shape[:1]:
             raise DataError(f"{self.name}: {y.shape[0]} labels for {x.shape[0]} inputs in a batch")
         return batch
@@ -134,7 +132,7 @@ def _npz(spec: NpzData, name: str) -> Dataset:
     except DataError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{name}: cannot read {path} as npz: {str(exc).split('. ')[0]}") from None
+        raise DataError(f"{name}: cannot read {path} as npz: {first_line(exc)}") from None
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{name}: {path} array '{spec.x}' has dtype {x.dtype}; expected numbers")
     if x.ndim < 1:
@@ -277,7 +275,7 @@ def parse_data_arg(text: str, batch_size: int = 64) -> DataSpec:
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise DataError(f"--data {text}: {field}: {_describe(err)}") from None
+        raise DataError(f"--data {text}: {field}: {describe_error(err)}") from None
 
 
 __all__: Sequence[str] = [

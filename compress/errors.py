@@ -33,6 +33,21 @@ class DataError(CompressError):
     """A data spec cannot produce usable batches (empty, NaN/Inf, mismatched shapes or labels)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first meaningful sentence of an exception's message, or its type name when it has none.
+
+    Used wherever a library error (torch, ONNX Runtime, a user's code) is wrapped into a one-line
+    :class:`CompressError`.
+    """
+    noise = ("Weights only load failed", "WeightsUnpickler error")
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not any(n in line for n in noise):
+            line = line.split(". ")[0]  # torch's errors go on for several sentences
+            return line if type(exc) is RuntimeError else f"{type(exc).__name__}: {line}"
+    return type(exc).__name__
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace so a message always prints on a single line."""
     return " ".join(str(text).split())

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.errors import CompressError, DataError
+from compress.errors import CompressError, DataError, first_line
 from compress.imports import check_reference, resolve
 
 LABEL_FREE = ("agreement", "cosine")
@@ -55,37 +55,69 @@ class Outputs:
     labels: torch.Tensor | None
 
 
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _device_of(model: Runner) -> torch.device | None:
+    if isinstance(model, nn.Module):
+        return next(iter(model.parameters()), torch.empty(0)).device
+    return None
+
+
 @torch.no_grad()
-def collect(
-    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[Any],
-    device: torch.device | str = "cpu",
-) -> Outputs:
-    """Run ``model`` (a module, in eval mode, or any tensor -> tensor callable such as an engine)
-    over batches and gather its outputs and the labels on the CPU."""
+def collect_many(runners: Sequence[Runner], batches: Iterable[Any], *, names: Sequence[str] | None = None) -> list[Outputs]:
+    """Run several models over the same batches in one pass (data is read once) and gather their
+    outputs and the labels on the CPU.
+
+    Modules run in eval mode on the device of their parameters and get their mode back afterwards;
+    any other tensor -> tensor callable (an engine) gets CPU inputs.
+
+    Raises:
+        CompressError: a model cannot run on the inputs (wrong shape, dtype, ...), naming it.
+        DataError: there are no batches.
+    """
     from compress.data import split_batch
 
-    is_module = isinstance(model, nn.Module)
-    was_training = is_module and model.training
-    if is_module:
-        model.eval()
-    outs: list[torch.Tensor] = []
+    names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(runners))]
+    modes = [m.training if isinstance(m, nn.Module) else None for m in runners]
+    devices = [_device_of(m) for m in runners]
+    outs: list[list[torch.Tensor]] = [[] for _ in runners]
     labels: list[torch.Tensor] = []
+    batches_seen = 0
     try:
+        for m in runners:
+            if isinstance(m, nn.Module):
+                m.eval()
         for batch in batches:
             x, y = split_batch(batch)
-            out = model(x.to(device) if is_module else x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            outs.append(out.detach().float().cpu())
+            for i, (model, device) in enumerate(zip(runners, devices, strict=True)):
+                try:
+                    out = model(x.to(device) if device is not None else x)
+                except CompressError:
+                    raise
+                except Exception as exc:  # the model and the data do not fit together: bad input
+                    raise CompressError(
+                        f"{names[i]} cannot run on inputs of shape {list(x.shape)}: {first_line(exc)}"
+                    ) from None
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                outs[i].append(out.detach().float().cpu())
             if isinstance(y, torch.Tensor):
                 labels.append(y.cpu())
+            batches_seen += 1
     finally:
-        if is_module:
-            model.train(was_training)
-    if not outs:
+        for m, mode in zip(runners, modes, strict=True):
+            if isinstance(m, nn.Module):
+                m.train(mode)
+    if not batches_seen:
         raise DataError("no batches to evaluate")
-    return Outputs(torch.cat(outs), torch.cat(labels) if len(labels) == len(outs) else None)
+    label = torch.cat(labels) if len(labels) == batches_seen else None
+    return [Outputs(torch.cat(o), label) for o in outs]
+
+
+def collect(model: Runner, batches: Iterable[Any], *, name: str = "model") -> Outputs:
+    """:func:`collect_many` for one model."""
+    return collect_many([model], batches, names=[name])[0]
 
 
 def score(metric: str, outputs: Outputs, reference: Outputs | None = None) -> dict[str, float]:
@@ -105,7 +137,10 @@ def score(metric: str, outputs: Outputs, reference: Outputs | None = None) -> di
         result[metric] = fid.get(metric, 1.0)
     else:
         fn: Callable[..., float] = resolve(metric, what="metric")
-        result[metric] = float(fn(outputs.logits, outputs.labels))
+        try:
+            result[metric] = float(fn(outputs.logits, outputs.labels))
+        except Exception as exc:  # a user's metric: report its failure as bad input, naming it
+            raise CompressError(f"metric '{metric}' failed: {first_line(exc)}") from None
     for key, value in fid.items():
         result.setdefault(key, value)
     return result

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compress import io, structure
-from compress.errors import CheckpointError, CompressError
+from compress.errors import CheckpointError, CompressError, first_line
 from compress.imports import resolve
 
 FORMAT = "compress.checkpoint"
@@ -72,7 +72,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # garbage bytes also fail in the weights-only unpickler
             raise CheckpointError(
-                f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+                f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(exc)}"
             ) from None
         raise CheckpointError(
             f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), which compress never "
@@ -82,22 +82,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         # A truncated or non-torch file fails in the legacy unpickler in many ways (EOFError with no
         # message, KeyError on a memo index, ...): all of them mean "not a checkpoint".
         raise CheckpointError(
-            f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+            f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(exc)}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, expected a state_dict (a dict)")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type when it has none."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln]
-    for ln in lines:
-        if "WeightsUnpickler error" in ln:
-            continue
-        ln = ln.split(". ")[0]  # torch's zip errors go on for several sentences
-        return ln if isinstance(exc, (RuntimeError, OSError, pickle.UnpicklingError)) else f"{type(exc).__name__} {ln}"
-    return type(exc).__name__
 
 
 def is_compress_checkpoint(obj: dict[str, Any]) -> bool:

@@ -30,18 +30,18 @@ from torch import nn
 
 from compress import io, metrics, models, report
 from compress.data import example_input
-from compress.errors import CompressError, RecipeError
+from compress.errors import CompressError, DataError, RecipeError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext
 from compress.stages.registry import stage_types
-from compress.train import barrier, init_distributed, is_main_process, pick_device
+from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
 _ARTIFACTS = ("model.pt", "model.onnx", "engine.onnx", "report.json", "report.md", report.PLOT_NAME)
 
 
-def _stderr(msg: str) -> None:
+def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -56,6 +56,7 @@ class Prepared:
     example: torch.Tensor
     baseline_outputs: metrics.Outputs
     baseline: dict[str, Any]
+    progress: bool = True
 
 
 def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
@@ -69,60 +70,54 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
     torch.manual_seed(body.seed)
     model = models.load_model(body.model.checkpoint, body.model.factory, body.model.kwargs)
     model.to(device).eval()
-    splits = Splits(body.data, seed=body.seed)
+    splits = Splits(body.data, seed=body.seed, where=lambda split: recipe.locate("data", split))
     eval_loader = splits.loader("eval")
     example = example_input(eval_loader)
+    shape = list(example.shape[1:])
     for split in ("train", "calibration"):
         if splits.has(split):  # build now: fail before an hour of training, not after
-            shape = list(example_input(splits.loader(split)).shape[1:])
-            if shape != list(example.shape[1:]):
-                raise CompressError(
-                    f"data.{split}: inputs have shape {shape} but data.eval inputs have {list(example.shape[1:])}"
-                )
-    if body.model.input_shape is not None and list(example.shape[1:]) != body.model.input_shape:
-        raise CompressError(
-            f"data.eval: inputs have shape {list(example.shape[1:])} but model.input_shape is {body.model.input_shape}"
-        )
-    try:
-        with torch.no_grad():
-            model(example.to(device))
-    except RuntimeError as exc:
-        raise CompressError(
-            f"model cannot run on data.eval inputs of shape {list(example.shape)}: {str(exc).splitlines()[0]}"
-        ) from None
-    outputs = metrics.collect(model, eval_loader, device)
+            other = list(example_input(splits.loader(split)).shape[1:])
+            if other != shape:
+                raise CompressError(f"{recipe.locate('data', split)}: inputs have shape {other} but data.eval has {shape}")
+    if body.model.input_shape is not None and shape != body.model.input_shape:
+        raise CompressError(f"{recipe.locate('model', 'input_shape')}: is {body.model.input_shape} but data.eval inputs have {shape}")
+    where_eval = recipe.locate("data", "eval")
+    outputs = metrics.collect(model, eval_loader, name=f"{where_eval}: model {body.model.factory or body.model.checkpoint}")
+    _check_labels(outputs, where_eval)
     baseline = {"metrics": metrics.score(body.metric, outputs), **size_stats(model, example.to(device))}
+    prep = Prepared(recipe, model, splits, device, example, outputs, baseline, progress)
     registry = stage_types()
-    ctx_model = copy.deepcopy(model)
     for spec in recipe.stages:
         check = registry[spec.type].check
-        if check is not None:
-            check(ctx_model, spec.config, _context(recipe, spec, Path("."), splits, device, model, outputs, example, progress))
-    return Prepared(recipe, model, splits, device, example, outputs, baseline)
+        if check is not None:  # stage options that name layers or splits resolve now, not mid-run
+            check(model, spec.config, _context(prep, spec, Path("."), model, outputs))
+    return prep
+
+
+def _check_labels(outputs: metrics.Outputs, where: str) -> None:
+    labels, logits = outputs.labels, outputs.logits
+    if labels is None or logits.ndim != 2 or labels.is_floating_point() or labels.ndim != 1:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
 
 
 def _context(
-    recipe: Recipe,
-    spec: StageSpec,
-    run_dir: Path,
-    splits: Splits,
-    device: torch.device,
-    baseline: nn.Module,
-    outputs: metrics.Outputs,
-    example: torch.Tensor,
-    progress: bool,
+    prep: Prepared, spec: StageSpec, run_dir: Path, baseline: nn.Module, input_outputs: metrics.Outputs | None
 ) -> StageContext:
     return StageContext(
-        recipe=recipe,
+        recipe=prep.recipe,
         spec=spec,
         run_dir=run_dir,
         stage_dir=run_dir / "stages" / spec.dirname,
-        splits=splits,
-        device=device,
+        splits=prep.splits,
+        device=prep.device,
         baseline=baseline,
-        baseline_outputs=outputs,
-        example_input=example,
-        progress=progress,
+        baseline_outputs=prep.baseline_outputs,
+        example_input=prep.example,
+        progress=prep.progress,
+        input_outputs=input_outputs,
     )
 
 
@@ -209,7 +204,7 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    log: Log | None = _stderr,
+    log: Log | None = log_stderr,
 ) -> Outcome:
     """Run every stage of ``recipe`` into ``out`` (default ``runs/<name>``).
 
@@ -227,60 +222,59 @@ def run(
     barrier()
     prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
     _init_run_dir(recipe, run_dir, reuse=can_reuse, overwrite=overwrite)
-    baseline_model = copy.deepcopy(prep.model).eval()
-    for p in baseline_model.parameters():
-        p.requires_grad_(False)
-    model = prep.model
+    main = is_main_process()
+    # `teacher: baseline` (distillation) and check.reference: baseline need the input model as loaded
+    baseline_model = copy.deepcopy(prep.model).eval().requires_grad_(False)
+    model, current = prep.model, prep.baseline_outputs
     say(f"baseline: {_fmt_metrics(prep.baseline['metrics'])}, {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs")
     done = _finished(run_dir, recipe) if can_reuse else []
-    last_ckpt = next(
-        (run_dir / d["checkpoint"] for d in reversed(done) if d.get("checkpoint")),
-        None,
-    )
+    last_ckpt = next((run_dir / d["checkpoint"] for d in reversed(done) if d.get("checkpoint")), None)
     if last_ckpt is not None:
-        model = models.load_model(last_ckpt).to(prep.device)
+        model, current = models.load_model(last_ckpt).to(prep.device), None
         say(f"resume: {len(done)} finished stage(s) reused, continuing from {last_ckpt}")
     entries: list[dict[str, Any]] = []
     sections: dict[str, Any] = {}
     passed = True
     for spec in recipe.stages:
         stage = registry[spec.type]
-        stage_dir = run_dir / "stages" / spec.dirname
+        step = f"[{spec.index + 1}/{len(recipe.stages)}] {spec.type}"
         if spec.index < len(done):
             record = done[spec.index]
         else:
-            ctx = _context(
-                recipe, spec, run_dir, prep.splits, prep.device, baseline_model, prep.baseline_outputs, prep.example, progress
-            )
-            say(f"[{spec.index + 1}/{len(recipe.stages)}] {spec.type} ...")
+            ctx = _context(prep, spec, run_dir, baseline_model, current)
+            say(f"{step} ...")
             torch.manual_seed(recipe.body.seed + spec.index)
             start = time.perf_counter()
-            main = is_main_process()
-            if stage.changes_model or main:
+            record = {"type": spec.type}
+            if stage.changes_model:  # every rank trains (DDP); rank 0 writes
                 result = stage.run(model, spec.config, ctx)
-            barrier()
-            record = {"type": spec.type, "seconds": round(time.perf_counter() - start, 3)}
-            if stage.changes_model:
                 model = result.model
-                record["metrics"] = ctx.evaluate(model)
+                current = ctx.outputs(model)
+                record["metrics"] = metrics.score(recipe.body.metric, current, prep.baseline_outputs)
                 record.update(size_stats(model, prep.example.to(prep.device)))
-                record["checkpoint"] = f"stages/{spec.dirname}/checkpoint.pt"
+                record["checkpoint"] = spec.checkpoint
+                record.update(result.info, report=result.report, passed=result.passed)
                 if main:
-                    models.save(model, stage_dir / "checkpoint.pt", metadata={"recipe": recipe.name, "stage": spec.dirname})
+                    models.save(model, run_dir / spec.checkpoint, metadata={"recipe": recipe.name, "stage": spec.dirname})
+            else:  # file-producing stages (export) run on rank 0; the others get its record
+                if main:
+                    result = stage.run(model, spec.config, ctx)
+                    record.update(result.info, report=result.report, passed=result.passed)
+                record = broadcast_object(record)
+            record["seconds"] = round(time.perf_counter() - start, 3)
             if main:
-                record.update(result.info)
-                record["report"], record["passed"] = result.report, result.passed
-                io.write_json(stage_dir / "metrics.json", record)
-            say(f"[{spec.index + 1}/{len(recipe.stages)}] {spec.type} done in {record['seconds']:.1f}s"
+                io.write_json(run_dir / "stages" / spec.dirname / "metrics.json", record)
+            say(f"{step} done in {record['seconds']:.1f}s"
                 + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
         sections.update(record.get("report", {}))
         passed = passed and record.get("passed", True)
-        if registry[spec.type].changes_model:
+        if stage.changes_model:
             entries.append({k: v for k, v in record.items() if k not in ("report", "passed")})
     full = report.build(recipe, prep.baseline, entries, sections, passed)
-    if is_main_process():
+    if main:
         models.save(model, run_dir / "model.pt", metadata={"recipe": recipe.name, "final": True})
         report.write(run_dir, full)
+    barrier()  # no rank exits (and gets torchrun to stop the others) before rank 0 has written everything
     if "check" in sections:
         verdict = "passed" if sections["check"]["passed"] else "FAILED: " + "; ".join(sections["check"]["failures"])
         say(f"check {verdict}")

@@ -192,6 +192,11 @@ class StageSpec:
     def dirname(self) -> str:
         return f"{self.index + 1:02d}-{self.type}"
 
+    @property
+    def checkpoint(self) -> str:
+        """The stage's checkpoint, relative to the run directory (as report.json lists it)."""
+        return f"stages/{self.dirname}/checkpoint.pt"
+
     def dump(self) -> dict[str, Any]:
         return {self.type: self.config.model_dump(mode="json")}
 
@@ -204,6 +209,15 @@ class Recipe:
     stages: tuple[StageSpec, ...]
     source: str = "<recipe>"
     overrides: tuple[str, ...] = field(default=())
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict, compare=False, repr=False)
+
+    def locate(self, *path: Any) -> str:
+        """``file:line dotted.path`` for errors found after parsing (data, stage options)."""
+        dotted = ".".join(str(p) for p in path)
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]} {dotted}"
+        return dotted
 
     @property
     def name(self) -> str:
@@ -254,7 +268,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str
     except ValidationError as exc:
         raise where.error(exc) from None
     stages = tuple(_parse_stage(i, entry, where) for i, entry in enumerate(body.stages))
-    return Recipe(body=body, stages=stages, source=source, overrides=tuple(overrides))
+    return Recipe(body=body, stages=stages, source=source, overrides=tuple(overrides), lines=lines)
 
 
 def _parse_stage(index: int, entry: Any, where: _Locator) -> StageSpec:
@@ -389,14 +403,14 @@ class _Locator:
         if first["type"] in ("unknown_key", "bool_for_number"):
             loc = (*loc, first["ctx"]["key"])
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        return self.at(loc, _describe(first) + more)
+        return self.at(loc, describe_error(first) + more)
 
 
 # pydantic inserts the discriminator tag of a union member into error locations.
 _TAGS = {"digits", "npz", "imagefolder", "python"}
 
 
-def _describe(err: Any) -> str:
+def describe_error(err: Any) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "missing":
         return "missing required field"

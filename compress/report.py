@@ -98,14 +98,15 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Accuracy vs nonzero parameters, one labelled point per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure with the Agg canvas: no pyplot, so the caller's matplotlib backend is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     metric = doc["metric"]
     points = [("baseline", doc["baseline"])] + [(f"{i + 1}. {s['type']}", s) for i, s in enumerate(doc["stages"])]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     xs = [p.get("nonzero_params", p["params"]) for _, p in points]
     ys = [p["metrics"].get(metric, float("nan")) for _, p in points]
     ax.plot(xs, ys, "o-", color="tab:blue")
@@ -121,7 +122,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def write(run_dir: Path, doc: dict[str, Any]) -> None:

@@ -82,9 +82,29 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the identity when not distributed)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics, so all ranks score (and keep) the same model."""
+    if _distributed():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -177,22 +197,36 @@ class FinetuneResult:
 
 
 def _lr_factor(config: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at each optimizer step."""
     total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule is ScheduleKind.cosine:
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if config.schedule is ScheduleKind.step:
-        size = config.step_size or max(1, config.epochs // 3)
-        return lambda step: config.gamma ** ((step // steps_per_epoch) // size)
-    return lambda step: 1.0
+    size = config.step_size or max(1, config.epochs // 3)
+    schedules: dict[ScheduleKind, Callable[[int], float]] = {
+        ScheduleKind.cosine: lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)),
+        ScheduleKind.step: lambda step: config.gamma ** ((step // steps_per_epoch) // size),
+        ScheduleKind.constant: lambda step: 1.0,
+    }
+    return schedules[config.schedule]
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CompressError("finetune: the model has no trainable parameters")
-    if config.optimizer is OptimizerKind.adamw:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    makers: dict[OptimizerKind, Callable[[], torch.optim.Optimizer]] = {
+        OptimizerKind.sgd: lambda: torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        ),
+        OptimizerKind.adamw: lambda: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+    }
+    return makers[config.optimizer]()
+
+
+def _check_labels(outputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Class indices must address the model's outputs (checked once, on the first batch)."""
+    if outputs.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= outputs.shape[1]:
+            raise DataError(f"finetune: labels range over {low}..{high} but the model outputs {outputs.shape[1]} classes")
 
 
 def _as_loader(
@@ -242,14 +276,31 @@ def finetune(
     Raises:
         DataError: no labels and no callback providing a loss.
     """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seed = config.seed if config.seed is not None else 0
+    # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _finetune(model, data, config, seed, evaluate, callbacks, loss_fn, device, progress, desc)
+
+
+def _finetune(
+    model: nn.Module,
+    data: DataLoader | Dataset,
+    config: FinetuneConfig,
+    seed: int,
+    evaluate: Callable[[nn.Module], float] | None,
+    callbacks: Sequence[Callback],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> FinetuneResult:
     from tqdm.auto import tqdm
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     distributed = init_distributed(device)
     rank, world_size = world()
-    seed = config.seed if config.seed is not None else 0
-    torch.manual_seed(seed)
     loader = _as_loader(data, config, seed, rank, world_size)
     sampler: ShardedBatchSampler = loader.batch_sampler  # type: ignore[assignment]
     optimizer = _optimizer(model, config)
@@ -290,9 +341,11 @@ def finetune(
                 state.outputs = out
                 terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
                 if y is not None:
+                    if state.step == 0:
+                        _check_labels(out, y)
                     terms.insert(0, criterion(out.float(), y))
             if not terms:
-                raise DataError("finetune: the training data has no labels and no distill block provides a loss")
+                raise DataError("finetune: the training data has no labels and no callback provides a loss")
             loss = torch.stack([t.float() for t in terms]).sum()
             if not torch.isfinite(loss):
                 raise CompressError(f"finetune: loss became {float(loss)} at epoch {epoch + 1}; lower finetune.lr")
@@ -315,6 +368,7 @@ def finetune(
             cb.on_epoch_end(state)
         entry: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(count, 1)}
         if evaluate is not None:
+            _sync_buffers(model)
             entry["score"] = score = float(evaluate(model))
             if config.keep_best and (result.best_score is None or score > result.best_score):
                 result.best_score, result.best_epoch = score, epoch + 1

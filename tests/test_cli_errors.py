@@ -77,7 +77,7 @@ def test_empty_eval_dataset(cli, write_recipe, tiny_recipe_text, tmp_path) -> No
     np.savez(npz, x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
     recipe = write_recipe(_with_eval(tiny_recipe_text, f"{{source: npz, path: {npz}}}"))
     message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
-    assert message == f"data.eval: dataset is empty (npz {npz})"
+    assert message == f"{recipe}:7 data.eval: dataset is empty (npz {npz})"
 
 
 def test_nan_in_npz_data(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
@@ -87,21 +87,23 @@ def test_nan_in_npz_data(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
     np.savez(npz, x=x, y=np.arange(20) % 10)
     recipe = write_recipe(_with_eval(tiny_recipe_text, f"{{source: npz, path: {npz}}}"))
     message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
-    assert message == f"data.eval: {npz} array 'x' has 1 NaN/Inf values (first in sample 13)"
+    assert message == f"{recipe}:7 data.eval: {npz} array 'x' has 1 NaN/Inf values (first in sample 13)"
 
 
 def test_nan_from_a_python_factory(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
     spec = "{source: python, factory: 'helpers_data:nan_at', kwargs: {n: 12, bad: 9}}"
     recipe = write_recipe(_with_eval(tiny_recipe_text, spec))
     message = cli("validate", recipe, "--quiet").error_line()
-    assert message == "data.eval: sample 9 contains NaN or Inf inputs"
+    assert message == f"{recipe}:7 data.eval: sample 9 contains NaN or Inf inputs"
 
 
 def test_model_and_data_shape_mismatch(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
     text = _with_eval(tiny_recipe_text, "{source: digits, split: test, size: 16}")
     recipe = write_recipe(text.replace("limit: 128}", "limit: 128, size: 16}"))
     message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
-    assert message.startswith("model cannot run on data.eval inputs of shape [1, 1, 16, 16]:")
+    assert message.startswith(
+        f"{recipe}:7 data.eval: model compress.zoo:digits_mlp cannot run on inputs of shape [64, 1, 16, 16]: "
+    )
     assert "256" in message and "64" in message  # 16*16 features offered, 64 expected
 
 
@@ -200,6 +202,7 @@ def test_failed_input_does_not_block_the_next_attempt(cli, write_recipe, tiny_re
 
 def test_train_split_shape_mismatch_is_bad_input(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
     text = tiny_recipe_text.replace("split: train, limit: 128}", "split: train, limit: 128, size: 16}")
-    message = cli("run", write_recipe(text), "--out", tmp_path / "out", "--quiet").error_line()
-    assert message == "data.train: inputs have shape [1, 16, 16] but data.eval inputs have [1, 8, 8]"
+    recipe = write_recipe(text)
+    message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
+    assert message == f"{recipe}:6 data.train: inputs have shape [1, 16, 16] but data.eval has [1, 8, 8]"
     assert not (tmp_path / "out").exists()

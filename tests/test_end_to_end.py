@@ -59,10 +59,12 @@ def test_demo_export_recipe_meets_the_done_criteria(baseline, tmp_path, capsys):
     # `compress check`: the engine against the PyTorch checkpoint on the digits test split
     capsys.readouterr()
     code = main(["check", str(out / "engine.onnx"), "--reference", str(baseline / "model.pt"),
-                 "--data", "digits:test", "--min-agreement", "0.99", "--json"])
+                 "--data", "digits:test", "--min-agreement", "0.99", "--json", "--report", str(tmp_path / "drift.json")])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["passed"] and result["samples"] == 360
     assert result["drop"] == pytest.approx(0.0, abs=1e-9)
+    written = json.loads((tmp_path / "drift.json").read_text())  # the drift report file
+    assert written["model"] == str(out / "engine.onnx") and written["agreement"] == result["agreement"]
 
 
 @pytest.mark.slow
@@ -83,8 +85,9 @@ def test_a_perturbed_engine_fails_compress_check(baseline, tmp_path, capsys):
         model.fc.weight.mul_(-1.0)
     compress.export.onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "bad.onnx")
     code = main(["check", str(tmp_path / "bad.onnx"), "--reference", str(baseline / "model.pt"),
-                 "--data", "digits:test"])
+                 "--data", "digits:test", "--report", str(tmp_path / "drift.json")])
     out = capsys.readouterr().out
+    assert json.loads((tmp_path / "drift.json").read_text())["passed"] is False
     assert code == 1 and "FAILED" in out and "top1 drop" in out
 
 

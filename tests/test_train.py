@@ -102,5 +102,5 @@ def test_unlabeled_data_without_a_loss_is_refused():
     x = torch.randn(32, 1, 8, 8)
     loader = make_loader(TensorDataset(x), "data.train", batch_size=16)
     model = compress.build("compress.zoo:digits_mlp")
-    with pytest.raises(DataError, match="no labels and no distill block"):
+    with pytest.raises(DataError, match="no labels and no callback provides a loss"):
         finetune(model, loader, FinetuneConfig(epochs=1), progress=False)

@@ -45,3 +45,39 @@ def test_two_processes_train_batchnorm_cnn_to_the_same_accuracy(tmp_path):
     two = _run(tmp_path, "compress.zoo:digits_cnn", 2)
     assert one["top1"] > 0.95
     assert abs(two["top1"] - one["top1"]) <= 0.02
+
+
+DDP_RECIPE = """\
+name: ddp-pipeline
+model: {factory: compress.zoo:digits_cnn, kwargs: {width: 8}}
+data:
+  train: {source: digits, split: train}
+  eval: {source: digits, split: test}
+stages:
+  - train: {finetune: {epochs: 3, lr: 0.05}}
+  - export: {engine: {batch_sizes: [1, 4], bench_iters: 2}, check: {max_drop: 0.1, min_agreement: 0.99}}
+"""
+
+
+@pytest.mark.slow
+def test_whole_recipe_under_torchrun_rank0_writes_a_complete_run(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(DDP_RECIPE)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "compress", "run", str(recipe), "--out", str(out), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1  # only rank 0 speaks
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["passed"] and report["check"]["passed"]
+    assert report["stages"][0]["metrics"]["top1"] > 0.9
+    assert len(report["stages"][0]["finetune"]["history"]) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["engine.onnx", "model.onnx", "model.pt", "recipe.yaml", "report.json", "report.md",
+         "report_accuracy_vs_size.png", "stages"]
+    )
+    assert not list(out.rglob(".*.tmp"))

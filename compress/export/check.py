@@ -47,11 +47,12 @@ class CheckResult:
 def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.device | str = "cpu") -> Runner:
     """A tensor -> tensor callable for a module, an ONNX/engine file, or a compress checkpoint.
 
+    A module is used as it is (on its own device, its train/eval mode restored after use).
+
     Raises:
         CompressError: the file is missing, of an unknown kind, or cannot be loaded.
     """
     if isinstance(obj, nn.Module):
-        obj.to(device).eval()
         return obj
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
@@ -62,11 +63,15 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
         if path.suffix in (".pt", ".pth"):
             from compress.models import load_model
 
-            return load_model(path).to(device).eval()
+            return load_model(path).to(device)
         raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .pt or .pth)")
     if callable(obj):
         return obj
     raise CompressError(f"cannot run a {type(obj).__name__} as a model")
+
+
+def _label(obj: object, default: str) -> str:
+    return str(obj) if isinstance(obj, (str, os.PathLike)) else default
 
 
 def compare(
@@ -138,10 +143,16 @@ def check(
 
     Args:
         model/reference: an ``nn.Module``, an ``.onnx`` file (run in ONNX Runtime), a compress
-            checkpoint ``.pt``, or any tensor -> tensor callable.
+            checkpoint ``.pt`` (loaded onto ``device``), or any tensor -> tensor callable.
+            A module is not moved and keeps its train/eval mode.
         data: batches of ``(inputs, labels)`` or inputs alone (then use a label-free ``metric``).
     """
-    metrics.check_metric_name(metric)
-    out = metrics.collect(as_runner(model, device), data, device)
-    ref = metrics.collect(as_runner(reference, device), data, device)
+    try:
+        metrics.check_metric_name(metric)
+    except ValueError as exc:
+        raise CompressError(f"--metric: {exc}") from None
+    out, ref = metrics.collect_many(
+        [as_runner(model, device), as_runner(reference, device)], data,
+        names=[_label(model, "model"), _label(reference, "reference")],
+    )
     return compare(out, ref, metric=metric, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress import io
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -72,12 +72,12 @@ def export_onnx(
                     do_constant_folding=True,
                 )
             except Exception as exc:  # tracer/exporter failures come as many types
-                raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+                raise CompressError(f"ONNX export failed: {first_line(exc)}") from None
             proto = onnx.load(str(tmp))
             try:
                 onnx.checker.check_model(proto, full_check=True)
             except onnx.checker.ValidationError as exc:
-                raise CompressError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
+                raise CompressError(f"exported ONNX fails onnx.checker: {first_line(exc)}") from None
     finally:
         model.to(device).train(was_training)
     opsets = {o.domain: o.version for o in proto.opset_import}

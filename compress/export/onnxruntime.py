@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from compress import io
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 
 
 class Optimization(str, Enum):
@@ -53,7 +53,7 @@ class OrtEngine:
                 str(self.path), _session_options(threads, level), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own exception types for corrupt models
-            raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+            raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -79,5 +79,5 @@ def build_engine(
         try:
             ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise CompressError(f"ONNX Runtime cannot build {onnx_path}: {str(exc).splitlines()[0]}") from None
+            raise CompressError(f"ONNX Runtime cannot build {onnx_path}: {first_line(exc)}") from None
     return OrtEngine(engine_path, threads, level)

@@ -86,7 +86,7 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
     if config.engine is not None:
         engine_path = ctx.run_dir / "engine.onnx"
         engine = build_engine(onnx_path, engine_path, threads=config.engine.threads, level=config.engine.optimization)
-        engine_out = metrics.collect(engine, ctx.splits.loader("eval"))
+        engine_out = metrics.collect(engine, ctx.splits.loader("eval"), name=f"engine {engine_path}")
         timings = bench.latency(engine, ctx.example_input, config.engine.batch_sizes, iters=config.engine.bench_iters) if config.engine.bench_iters else {}
         report["engine"] = {
             "backend": config.engine.backend.value,
@@ -96,7 +96,8 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             "bench": timings,
         }
         if config.check is not None:
-            reference = ctx.baseline_outputs if config.check.reference == "baseline" else ctx.outputs(model)
+            references = {"baseline": lambda: ctx.baseline_outputs, "model": lambda: ctx.input_model_outputs(model)}
+            reference = references[config.check.reference]()
             result = compare(
                 engine_out,
                 reference,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from compress.recipe import DataSection, Recipe, StageSpec
 class Splits:
     """The recipe's data splits, each built once on first use."""
 
-    def __init__(self, section: DataSection, seed: int = 0) -> None:
+    def __init__(self, section: DataSection, seed: int = 0, where: Callable[[str], str] | None = None) -> None:
         self.section, self.seed = section, seed
+        self.where = where or (lambda split: f"data.{split}")
         self._loaders: dict[str, DataLoader] = {}
 
     def has(self, split: str) -> bool:
@@ -36,7 +38,7 @@ class Splits:
             spec = getattr(self.section, split)
             if spec is None:
                 raise DataError(f"{needed_by} needs data.{split}, which the recipe does not define")
-            self._loaders[split] = build_loader(spec, f"data.{split}", train=split == "train", seed=self.seed)
+            self._loaders[split] = build_loader(spec, self.where(split), train=split == "train", seed=self.seed)
         return self._loaders[split]
 
 
@@ -54,6 +56,7 @@ class StageContext:
     baseline_outputs: metrics.Outputs
     example_input: torch.Tensor
     progress: bool = True
+    input_outputs: metrics.Outputs | None = None  # the stage's input model on the eval split, when known
 
     @property
     def metric(self) -> str:
@@ -61,11 +64,16 @@ class StageContext:
 
     @property
     def where(self) -> str:
-        """The recipe location of this stage, for error messages: ``stages.2.train``."""
-        return f"stages.{self.spec.index}.{self.spec.type}"
+        """The recipe location of this stage, for error messages: ``recipe.yaml:12 stages.2.train``."""
+        return self.recipe.locate("stages", self.spec.index, self.spec.type)
 
     def outputs(self, model: nn.Module) -> metrics.Outputs:
-        return metrics.collect(model, self.splits.loader("eval"), self.device)
+        """``model`` on the eval split."""
+        return metrics.collect(model, self.splits.loader("eval"))
+
+    def input_model_outputs(self, model: nn.Module) -> metrics.Outputs:
+        """The stage's unchanged input model on the eval split, reusing the pipeline's last pass."""
+        return self.input_outputs if self.input_outputs is not None else self.outputs(model)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """The recipe metric (first) and fidelity vs the baseline on the eval split."""

@@ -38,11 +38,22 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise DataError(f"cannot find inputs in a batch of type {type(batch).__name__}; return (x, y) or x")
 
 
+class _FiniteTensorDataset(TensorDataset):
+    """A TensorDataset whose inputs were verified finite when loaded (digits, npz)."""
+
+
+def _verified_finite(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, _FiniteTensorDataset)
+
+
 class _CheckedDataset(Dataset):
     """Wraps a dataset so a sample that fails to load or holds NaN/Inf is reported by index (and file)."""
 
     def __init__(self, dataset: Dataset, name: str) -> None:
         self.dataset, self.name = dataset, name
+        self.scan = not _verified_finite(dataset)  # no second scan of arrays checked whole at load time
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -60,6 +71,8 @@ class _CheckedDataset(Dataset):
             raise
         except Exception as exc:  # a user's dataset or a broken file: bad input, not a compress bug
             raise DataError(f"{self.name}: {self._where(index)} cannot be loaded: {first_line(exc)}") from None
+        if not self.scan:
+            return sample
         x = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
         if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
             x = torch.from_numpy(x)
@@ -111,7 +124,7 @@ def _digits(spec: DigitsData) -> Dataset:
         x = torch.nn.functional.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False)
     if spec.channels == 3:
         x = x.expand(-1, 3, -1, -1).contiguous()
-    return TensorDataset(x, torch.from_numpy(labels))
+    return _FiniteTensorDataset(x, torch.from_numpy(labels))  # from load_digits: always finite
 
 
 def _npz(spec: NpzData, name: str) -> Dataset:
@@ -143,11 +156,11 @@ def _npz(spec: NpzData, name: str) -> Dataset:
         first = int(bad.reshape(len(xt), -1).any(1).nonzero()[0])
         raise DataError(f"{name}: {path} array '{spec.x}' has {int(bad.sum())} NaN/Inf values (first in sample {first})")
     if y is None:
-        return TensorDataset(xt)
+        return _FiniteTensorDataset(xt)
     if len(y) != len(x):
         raise DataError(f"{name}: {path} has {len(x)} inputs '{spec.x}' but {len(y)} labels '{spec.y}'")
     yt = torch.from_numpy(y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32))
-    return TensorDataset(xt, yt)
+    return _FiniteTensorDataset(xt, yt)
 
 
 def _imagefolder(spec: ImageFolderData, name: str) -> Dataset:

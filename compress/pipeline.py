@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch import nn
 
-from compress import io, metrics, models, report
+from compress import io, metrics, models, report, structure
 from compress.data import example_input
 from compress.errors import CompressError, DataError, RecipeError
 from compress.profile import size_stats
@@ -110,7 +110,7 @@ def _context(
         recipe=prep.recipe,
         spec=spec,
         run_dir=run_dir,
-        stage_dir=run_dir / "stages" / spec.dirname,
+        stage_dir=spec.stage_dir(run_dir),
         splits=prep.splits,
         device=prep.device,
         baseline=baseline,
@@ -179,7 +179,7 @@ def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
     registry = stage_types()
     done = []
     for spec in recipe.stages:
-        stage_dir = run_dir / "stages" / spec.dirname
+        stage_dir = spec.stage_dir(run_dir)
         record = stage_dir / "metrics.json"
         if not record.exists() or (registry[spec.type].changes_model and not (stage_dir / "checkpoint.pt").exists()):
             break
@@ -263,7 +263,7 @@ def run(
                 record = broadcast_object(record)
             record["seconds"] = round(time.perf_counter() - start, 3)
             if main:
-                io.write_json(run_dir / "stages" / spec.dirname / "metrics.json", record)
+                io.write_json(ctx.stage_dir / "metrics.json", record)
             say(f"{step} done in {record['seconds']:.1f}s"
                 + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
         sections.update(record.get("report", {}))
@@ -289,7 +289,7 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
     """The plan ``compress validate`` prints: model, data, metric, and each stage's options."""
     body = recipe.body
     source = body.model.checkpoint or "(no checkpoint: factory weights)"
-    factory = models.structure.origin_of(prep.model)
+    factory = structure.origin_of(prep.model)
     lines = [
         f"recipe  {recipe.name} ({recipe.source})",
         f"model   {factory.factory if factory else body.model.factory} {factory.kwargs if factory else body.model.kwargs} "

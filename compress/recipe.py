@@ -192,6 +192,10 @@ class StageSpec:
     def dirname(self) -> str:
         return f"{self.index + 1:02d}-{self.type}"
 
+    def stage_dir(self, run_dir: Path) -> Path:
+        """``DIR/stages/NN-TYPE``: the stage's checkpoint and metrics.json."""
+        return run_dir / "stages" / self.dirname
+
     @property
     def checkpoint(self) -> str:
         """The stage's checkpoint, relative to the run directory (as report.json lists it)."""

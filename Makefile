@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEMO_RECIPE ?= recipes/digits_export.yaml
+DEMO_RECIPE ?= recipes/digits_demo.yaml
 
 .PHONY: setup demo baseline test lint clean
 

@@ -5,14 +5,16 @@ The recipe runner (``compress run``) and users' own training scripts use the sam
     import compress
     model = compress.load("runs/digits-base/model.pt")            # pickle-free checkpoints
     compress.finetune(model, train_loader, compress.FinetuneConfig(epochs=3, lr=0.01))
-    compress.export.onnx(model, example_input, "model.onnx")
+    qmodel = compress.quant.prepare(model, target="onnxruntime")   # fake quantizers, no global patching
+    compress.ptq.calibrate(qmodel, calib_loader, method="percentile")  # then fine-tune qmodel for QAT
+    compress.export.onnx(qmodel, example_input, "model.onnx")     # Q/DQ ONNX, int8 weights
     result = compress.check("model.onnx", reference=model, data=eval_loader, max_drop=0.5)
     compress.save(model, "model.pt")
 """
 
 __version__ = "0.1.0"
 
-from compress import export  # noqa: E402
+from compress import export, ptq, qat, quant  # noqa: E402
 from compress.errors import CheckpointError, CompressError, DataError, RecipeError  # noqa: E402
 from compress.export.check import CheckResult, check  # noqa: E402
 from compress.models import build, load, load_model, save  # noqa: E402
@@ -31,6 +33,9 @@ __all__ = [
     "build",
     "check",
     "export",
+    "ptq",
+    "qat",
+    "quant",
     "finetune",
     "load",
     "load_model",

@@ -73,12 +73,21 @@ def markdown(doc: dict[str, Any]) -> str:
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "
-                  f"{e['nodes']} nodes, {e['qdq_pairs']} Q/DQ pairs"]
+                  f"{e['nodes']} nodes, {e['qdq_pairs']} Q/DQ pairs"
+                  + (f", {e['int8_weights']} int8 weight tensors" if e.get("quantized") else "")]
+        rules = e.get("tensorrt_rules")
+        if rules is not None:
+            verdict = "pass" if rules["passed"] else f"FAIL ({len(rules['violations'])} violations)"
+            lines += ["", f"TensorRT Q/DQ rules: {verdict} on {rules['checked_ops']} weighted ops"]
+            lines += [f"- {v}" for v in rules["violations"]]
     if "engine" in doc:
         g = doc["engine"]
         lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in g["latency_ms"].items())
         lines += ["", "## Engine", "", f"`{g['path']}` ({g['backend']}): {metric} {_fmt(g['metrics'].get(metric))}"
                   + (f"; p50 latency {lat}" if lat else "")]
+        if g.get("int8_ops"):
+            ops = ", ".join(f"{k} x{v}" for k, v in g["int8_ops"].items())
+            lines += ["", f"INT8 kernels: {ops}; {g['int8_weighted_fraction']:.0%} of weighted ops run in INT8"]
     if "check" in doc:
         c = doc["check"]
         lines += [
@@ -92,6 +101,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {c['drop']:.3f} | {c['agreement']:.4f} | {c['cosine']:.6f} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} |",
         ]
         lines += [f"- {f}" for f in c["failures"]]
+        lines += [""] if any(k in c for k in ("onnx_vs_model", "engine_vs_onnx")) else []
+        for key, label in (("onnx_vs_model", "ONNX (Q/DQ as written) vs model"), ("engine_vs_onnx", "engine vs ONNX")):
+            if key in c:
+                f = c[key]
+                lines.append(f"- {label}: agreement {f['agreement']:.4f}, cosine {f['cosine']:.6f}, max abs {f['max_abs']:.3g}")
     lines += ["", f"![{metric} vs size]({PLOT_NAME})", ""]
     return "\n".join(lines)
 

@@ -97,3 +97,22 @@ def test_every_shipped_recipe_validates(recipe, baseline, capsys):
                 if "checkpoint:" in recipe.read_text() else ["validate", str(recipe)])
     assert code == 0, capsys.readouterr().err
     assert capsys.readouterr().out.strip().endswith("valid")
+
+
+@pytest.mark.slow
+def test_int8_demo_recipe_runs_int8_kernels_within_half_a_point(baseline, tmp_path):
+    out = tmp_path / "demo"
+    code = main(["run", str(ROOT / "recipes/digits_demo.yaml"), "--out", str(out), "--quiet",
+                 "--set", f"model.checkpoint={baseline / 'model.pt'}"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["type"] for s in report["stages"]] == ["ptq", "qat"]
+    fp32 = report["baseline"]["metrics"]["top1"]
+    assert (fp32 - report["engine"]["metrics"]["top1"]) * 100 <= 0.5
+    assert report["export"]["quantized"] and report["export"]["qdq_pairs"] > 0
+    assert report["engine"]["int8_weighted_fraction"] == 1.0
+    assert report["check"]["passed"] and report["check"]["engine_vs_onnx"]["agreement"] >= 0.99
+    proto = onnx.load(str(out / "model.onnx"))
+    assert proto.opset_import[0].version == 13
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    assert (out / "model.onnx").stat().st_size < 0.5 * 4 * report["baseline"]["params"]  # int8 weights

@@ -11,18 +11,29 @@ import onnx
 import torch
 from torch import nn
 
-from compress import io
+from compress import io, quant
 from compress.errors import CompressError, first_line
+from compress.export import qdq
+from compress.export.tensorrt_rules import RulesReport, check_tensorrt
+from compress.quant.spec import Target
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
 @dataclass(frozen=True)
 class OnnxInfo:
+    """What was exported. ``qdq_pairs`` counts activation Q->DQ pairs, ``int8_weights`` weights
+    stored as int8 initializers behind a DequantizeLinear; ``rules`` is the TensorRT rules check
+    (quantized models exported for the ``tensorrt`` target)."""
+
     path: Path
     opset: int
     nodes: int
     qdq_pairs: int
+    target: str | None = None
+    int8_weights: int = 0
+    int32_biases: int = 0
+    rules: RulesReport | None = None
 
 
 def count_qdq_pairs(model: onnx.ModelProto) -> int:
@@ -45,23 +56,54 @@ def export_onnx(
     *,
     opset: int = 13,
     dynamic_batch: bool = True,
+    target: Target | str | None = None,
 ) -> OnnxInfo:
     """Export ``model`` (in eval mode, on the CPU) to ``path`` atomically and run ``onnx.checker``.
 
+    A quantized model (see :func:`compress.quant.prepare`) exports with QuantizeLinear/
+    DequantizeLinear: BatchNorm folded into the convolutions exactly, weights stored as int8, and
+    for ``onnxruntime`` int32 biases. For ``tensorrt`` the graph is checked against TensorRT's Q/DQ
+    rules (``OnnxInfo.rules``).
+
+    Args:
+        target: must match the target the model was quantized for (default: that target).
+
     Raises:
-        CompressError: the model cannot be traced/exported, or the result fails the checker.
+        CompressError: the model cannot be traced/exported, is quantized but never calibrated or for
+            another target, or the result fails the checker.
     """
     path = Path(path)
+    quantized = quant.is_quantized(model)
+    wanted = quant.to_target(target) if target is not None else None
+    if quantized:
+        own = quant.target_of(model) or Target.tensorrt
+        if wanted is not None and wanted is not own:
+            raise CompressError(
+                f"export: the model was quantized for target {own.value}, not {wanted.value}; "
+                f"export with target {own.value} or quantize for {wanted.value}"
+            )
+        wanted = own
+        missing = quant.uncalibrated(model)
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise CompressError(
+                f"export: {len(missing)} quantizer(s) never calibrated ({', '.join(missing[:3])}{more}); "
+                "run a ptq stage (or compress.ptq.calibrate) first"
+            )
+        wide = sorted({q.spec.num_bits for _, q in quant.quantizers(model)} - {8})
+        if wide:
+            raise CompressError(f"export: ONNX QuantizeLinear carries 8-bit integers; the model has {wide}-bit quantizers")
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device
     model.eval().cpu()
+    source = quant.fold_batchnorm(model) if quantized else model
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with io.atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but is what gives opset 13
             try:
                 torch.onnx.export(
-                    model,
+                    source,
                     (example_input.cpu(),),
                     str(tmp),
                     opset_version=opset,
@@ -74,6 +116,12 @@ def export_onnx(
             except Exception as exc:  # tracer/exporter failures come as many types
                 raise CompressError(f"ONNX export failed: {first_line(exc)}") from None
             proto = onnx.load(str(tmp))
+            biases = 0
+            if quantized:
+                qdq.fold_weight_quantizers(proto)
+                if wanted is Target.onnxruntime:
+                    biases = qdq.quantize_biases(proto)
+                onnx.save(proto, str(tmp))
             try:
                 onnx.checker.check_model(proto, full_check=True)
             except onnx.checker.ValidationError as exc:
@@ -81,4 +129,13 @@ def export_onnx(
     finally:
         model.to(device).train(was_training)
     opsets = {o.domain: o.version for o in proto.opset_import}
-    return OnnxInfo(path, opsets.get("", opsets.get("ai.onnx", opset)), len(proto.graph.node), count_qdq_pairs(proto))
+    return OnnxInfo(
+        path,
+        opsets.get("", opsets.get("ai.onnx", opset)),
+        len(proto.graph.node),
+        count_qdq_pairs(proto),
+        target=wanted.value if wanted is not None else None,
+        int8_weights=qdq.count_int8_weights(proto) if quantized else 0,
+        int32_biases=biases,
+        rules=check_tensorrt(proto) if quantized and wanted is Target.tensorrt else None,
+    )

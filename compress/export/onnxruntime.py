@@ -14,6 +14,7 @@ from compress.errors import CompressError, first_line
 
 
 class Optimization(str, Enum):
+    disabled = "disabled"  # the ONNX file as written (Q/DQ run as float ops)
     basic = "basic"
     # 'extended' is the highest level whose saved model stays portable across CPUs; 'all' adds
     # layout transforms tied to this machine's instruction set.
@@ -25,6 +26,7 @@ def _session_options(threads: int | None, level: Optimization):  # noqa: ANN202 
     import onnxruntime as ort
 
     levels = {
+        Optimization.disabled: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         Optimization.basic: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         Optimization.extended: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         Optimization.all: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -81,3 +83,39 @@ def build_engine(
         except Exception as exc:
             raise CompressError(f"ONNX Runtime cannot build {onnx_path}: {first_line(exc)}") from None
     return OrtEngine(engine_path, threads, level)
+
+
+# Ops ONNX Runtime runs on integers after fusing Q/DQ groups (com.microsoft and ONNX domains).
+INT8_OPS = frozenset({
+    "QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
+})
+_INT8_WEIGHTED = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                            "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+_FLOAT_WEIGHTED = frozenset({"Conv", "FusedConv", "NchwcConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul",
+                             "FusedMatMul"})
+
+
+def int8_summary(path: str | os.PathLike[str]) -> dict[str, object]:
+    """How much of an optimised ONNX Runtime graph runs in INT8.
+
+    Returns:
+        ``int8_ops`` (op type -> count), ``float_weighted_ops`` (Conv/Gemm/MatMul left in float), and
+        ``int8_weighted_fraction`` (INT8 share of the weighted ops).
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    int8 = {k: v for k, v in sorted(counts.items()) if k in INT8_OPS}
+    flt = {k: v for k, v in sorted(counts.items()) if k in _FLOAT_WEIGHTED}
+    n_int8 = sum(v for k, v in int8.items() if k in _INT8_WEIGHTED)
+    total = n_int8 + sum(flt.values())
+    return {
+        "int8_ops": int8,
+        "float_weighted_ops": flt,
+        "int8_weighted_fraction": round(n_int8 / total, 4) if total else 0.0,
+    }

@@ -8,22 +8,16 @@ from typing import Annotated, Literal
 from pydantic import Field
 from torch import nn
 
-from compress import metrics
+from compress import metrics, quant
 from compress.errors import CompressError
 from compress.export import bench
 from compress.export.check import compare
 from compress.export.onnx import export_onnx
-from compress.export.onnxruntime import Optimization, build_engine
+from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary
+from compress.quant.spec import Target
 from compress.recipe import Strict
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
-
-
-class Target(str, Enum):
-    """Where the ONNX is headed; decides Q/DQ placement once quantization is in the model."""
-
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
 
 
 class Backend(str, Enum):
@@ -72,21 +66,40 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
 def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
     _check(model, config, ctx)
     onnx_path = ctx.run_dir / "model.onnx"
-    info = export_onnx(model, ctx.example_input, onnx_path, opset=config.onnx.opset, dynamic_batch=config.onnx.dynamic_batch)
+    quantized = quant.is_quantized(model)
+    try:
+        info = export_onnx(
+            model, ctx.example_input, onnx_path, opset=config.onnx.opset, dynamic_batch=config.onnx.dynamic_batch,
+            target=config.onnx.target,
+        )
+    except CompressError as exc:
+        raise CompressError(f"{ctx.where}: {exc}") from None
     report: dict = {
         "export": {
             "onnx": onnx_path.name,
             "opset": info.opset,
             "target": config.onnx.target.value,
+            "quantized": quantized,
             "qdq_pairs": info.qdq_pairs,
+            "int8_weights": info.int8_weights,
             "nodes": info.nodes,
         }
     }
     passed = True
+    if info.int32_biases:
+        report["export"]["int32_biases"] = info.int32_biases
+    if info.rules is not None:
+        report["export"]["tensorrt_rules"] = info.rules.to_dict()
+        passed = info.rules.passed
     if config.engine is not None:
         engine_path = ctx.run_dir / "engine.onnx"
         engine = build_engine(onnx_path, engine_path, threads=config.engine.threads, level=config.engine.optimization)
-        engine_out = metrics.collect(engine, ctx.splits.loader("eval"), name=f"engine {engine_path}")
+        runners, names = [engine], [f"engine {engine_path}"]
+        if quantized:  # the ONNX as written (Q/DQ as float ops) must agree with the fake-quant model too
+            runners.append(OrtEngine(onnx_path, config.engine.threads, Optimization.disabled))
+            names.append(f"onnx {onnx_path}")
+        outs = metrics.collect_many(runners, ctx.splits.loader("eval"), names=names)
+        engine_out = outs[0]
         timings = bench.latency(engine, ctx.example_input, config.engine.batch_sizes, iters=config.engine.bench_iters) if config.engine.bench_iters else {}
         report["engine"] = {
             "backend": config.engine.backend.value,
@@ -94,6 +107,7 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             "metrics": metrics.score(ctx.metric, engine_out, ctx.baseline_outputs),
             "latency_ms": {bs: t["p50_ms"] for bs, t in timings.items()},
             "bench": timings,
+            **int8_summary(engine_path),
         }
         if config.check is not None:
             references = {"baseline": lambda: ctx.baseline_outputs, "model": lambda: ctx.input_model_outputs(model)}
@@ -107,5 +121,9 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
                 min_cosine=config.check.min_cosine,
             )
             report["check"] = {"reference": config.check.reference, **result.to_dict()}
-            passed = result.passed
+            if quantized:
+                model_out = ctx.input_model_outputs(model)
+                report["check"]["onnx_vs_model"] = metrics.fidelity(outs[1].logits, model_out.logits)
+                report["check"]["engine_vs_onnx"] = metrics.fidelity(engine_out.logits, outs[1].logits)
+            passed = passed and result.passed
     return StageResult(model, report=report, passed=passed)

@@ -1,0 +1,45 @@
+"""Models and data the quantization benchmarks share (trained once, cached under runs/bench/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import compress
+import compress.metrics
+from compress.data import build_loader
+from compress.recipe import DigitsData
+
+CACHE = Path("runs/bench")
+
+
+def digits(split: str, size: int = 8, channels: int = 1, batch_size: int = 64, limit: int | None = None) -> DataLoader:
+    spec = DigitsData(source="digits", split=split, size=size, channels=channels, batch_size=batch_size, limit=limit)
+    return build_loader(spec, f"digits:{split}", train=False)
+
+
+def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr: float, path: Path) -> nn.Module:
+    if path.exists():
+        return compress.load(path).eval()
+    torch.manual_seed(0)
+    model = compress.build(factory, kwargs)
+    train = digits("train", size, channels)
+    score = lambda m: compress.metrics.score("top1", compress.metrics.collect(m, digits("test", size, channels)))["top1"]  # noqa: E731
+    compress.finetune(model, train, compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0), evaluate=score, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compress.save(model, path)
+    return model.eval()
+
+
+def digits_cnn() -> tuple[nn.Module, int, int]:
+    """digits_cnn trained 15 epochs on 8x8 digits; returns ``(model, size, channels)``."""
+    return _train("compress.zoo:digits_cnn", {"num_classes": 10}, 8, 1, 15, 0.05, CACHE / "digits_cnn.pt"), 8, 1
+
+
+def resnet18() -> tuple[nn.Module, int, int]:
+    """torchvision resnet18 (num_classes 10) trained briefly on digits upscaled to 32x32 RGB."""
+    model = _train("torchvision.models:resnet18", {"num_classes": 10}, 32, 3, 4, 0.05, CACHE / "resnet18_digits32.pt")
+    return model, 32, 3

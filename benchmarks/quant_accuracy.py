@@ -1,0 +1,150 @@
+"""INT8 accuracy of the fake-quantized model: FP32 vs PTQ (each calibrator) vs QAT.
+
+usage: python benchmarks/quant_accuracy.py [--model digits_cnn|resnet18|all] [--qat-epochs 2] [--qat-lr 1e-3]
+
+Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits upscaled to 32x32 RGB), both from
+bench_models. Measured: top-1 on the digits test split (360 samples, so one sample is 0.28 pt) of
+- the FP32 model;
+- PTQ: ``quant.prepare(model, "tensorrt")`` + ``ptq.calibrate`` with each calibrator (max,
+  percentile 99.99, entropy, mse) on the first 512 train samples; also the calibration wall time;
+- QAT: the best PTQ model (highest top-1, ties to the earlier calibrator) fine-tuned with
+  ``compress.finetune`` + ``QatCallback`` on the shuffled train split (1437 samples), the same
+  epochs/lr for both models, no test-set model selection (the last epoch is kept).
+drop = FP32 top-1 - quantized top-1 in points (negative: the quantized model is better).
+Targets: best PTQ drop <= 0.3 pt, QAT drop <= 0.1 pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import compress
+import compress.metrics
+import compress.qat
+from compress import ptq, quant
+from compress.data import build_loader
+from compress.recipe import DigitsData
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_models  # noqa: E402
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, int, int]]] = {
+    "digits_cnn": bench_models.digits_cnn,
+    "resnet18": bench_models.resnet18,
+}
+METHODS = ("max", "percentile", "entropy", "mse")
+CALIB_SAMPLES = 512
+TARGET = "tensorrt"
+PTQ_TARGET, QAT_TARGET = 0.3, 0.1
+
+
+@dataclass
+class Row:
+    label: str
+    top1: float  # percent
+    seconds: float | None = None
+
+
+@dataclass
+class Result:
+    model: str
+    fp32: float
+    ptq: list[Row]
+    qat: Row
+
+    @property
+    def best_ptq(self) -> Row:
+        return max(self.ptq, key=lambda r: r.top1)  # max keeps the first of equal scores
+
+    def drop(self, row: Row) -> float:
+        return self.fp32 - row.top1
+
+
+def top1(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * compress.metrics.score("top1", compress.metrics.collect(model, loader))["top1"]
+
+
+def shuffled_train(size: int, channels: int) -> DataLoader:
+    spec = DigitsData(source="digits", split="train", size=size, channels=channels, batch_size=64, shuffle=True)
+    return build_loader(spec, "digits:train", seed=0)
+
+
+def run_ptq(model: nn.Module, calib: DataLoader, method: str) -> tuple[nn.Module, float]:
+    """The calibrated fake-quant copy of ``model`` and the calibrate call's wall time."""
+    qmodel = quant.prepare(copy.deepcopy(model), TARGET)
+    start = time.perf_counter()
+    ptq.calibrate(qmodel, calib, method, limit=CALIB_SAMPLES)
+    return qmodel, time.perf_counter() - start
+
+
+def run_qat(qmodel: nn.Module, train: DataLoader, epochs: int, lr: float) -> tuple[nn.Module, float]:
+    """A fine-tuned copy of the calibrated ``qmodel`` and the fine-tune wall time."""
+    work = copy.deepcopy(qmodel)
+    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0)
+    start = time.perf_counter()
+    compress.finetune(work, train, config, callbacks=[compress.qat.QatCallback()], progress=False)
+    return work.eval(), time.perf_counter() - start
+
+
+def measure(name: str, epochs: int, lr: float) -> Result:
+    torch.manual_seed(0)
+    model, size, channels = MODELS[name]()
+    test = bench_models.digits("test", size, channels)
+    calib = bench_models.digits("train", size, channels, limit=CALIB_SAMPLES)
+    fp32 = top1(model, test)
+    rows, qmodels = [], {}
+    for method in METHODS:
+        qmodels[method], seconds = run_ptq(model, calib, method)
+        rows.append(Row(f"PTQ {method}", top1(qmodels[method], test), seconds))
+    best = max(rows, key=lambda r: r.top1)
+    qat_model, seconds = run_qat(qmodels[best.label.removeprefix("PTQ ")], shuffled_train(size, channels), epochs, lr)
+    qat = Row(f"QAT from {best.label.removeprefix('PTQ ')} ({epochs} ep, lr {lr:g})", top1(qat_model, test), seconds)
+    return Result(name, fp32, rows, qat)
+
+
+def print_result(result: Result) -> None:
+    print(f"\n{result.model}  (target {TARGET}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
+    print(f"{'':34s} {'top1 %':>8s} {'drop pt':>8s} {'time s':>8s}")
+    print(f"{'FP32':34s} {result.fp32:8.2f} {'':>8s} {'':>8s}")
+    for row in [*result.ptq, result.qat]:
+        seconds = f"{row.seconds:8.2f}" if row.seconds is not None else ""
+        print(f"{row.label:34s} {row.top1:8.2f} {result.drop(row):+8.2f} {seconds}")
+
+
+def print_summary(results: list[Result]) -> None:
+    print()
+    for r in results:
+        best = r.best_ptq
+        print(f"{r.model}: best PTQ drop = {r.drop(best):+.2f} pt ({best.label}) (target <= {PTQ_TARGET})")
+        print(f"{r.model}: QAT drop = {r.drop(r.qat):+.2f} pt (target <= {QAT_TARGET})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--qat-lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    names = list(MODELS) if args.model == "all" else [args.model]
+    results = []
+    for name in names:
+        results.append(measure(name, args.qat_epochs, args.qat_lr))
+        print_result(results[-1])
+    print_summary(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""``calibrate``: set every quantizer's amax from data (activations) and the weights themselves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compress.data import split_batch
+from compress.errors import CompressError, DataError, first_line
+from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method, make
+from compress.quant import quantizers, refresh_weight_amax
+from compress.quant.quantizer import TensorQuantizer
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` did (goes into the stage's report entry)."""
+
+    method: str
+    samples: int
+    batches: int
+    quantizers: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def to_method(value: Method | str) -> Method:
+    try:
+        return Method(value)
+    except ValueError:
+        raise CompressError(
+            f"unknown calibrator '{value}' (choose from {', '.join(m.value for m in Method)})"
+        ) from None
+
+
+def _activation_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    return [(n, q) for n, q in quantizers(model) if q.spec.axis is None and q.quant_enabled]
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    data: Iterable,
+    method: Method | str = Method.max,
+    *,
+    percentile: float = 99.99,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    where: str = "calibrate",
+) -> Calibration:
+    """Calibrate a model prepared by :func:`compress.quant.prepare`.
+
+    Weights get per-output-channel max; activations run float (quantization off) over ``data`` and
+    get their amax from ``method``.
+
+    Args:
+        data: batches of ``(inputs, labels)`` or inputs.
+        method: ``max``, ``percentile``, ``entropy`` (KL, 2048 bins, 128 levels) or ``mse``.
+        limit: stop after this many samples (default: all of ``data``).
+        device: where to run (default: where the model is); histograms are kept there too.
+
+    Raises:
+        CompressError: no quantizers; no data; NaN/Inf activations; a tensor that is all zeros.
+    """
+    method = to_method(method)
+    if not 0 < percentile <= 100:
+        raise CompressError(f"{where}: percentile must be in (0, 100], not {percentile}")
+    acts = _activation_quantizers(model)
+    if not any(True for _ in quantizers(model)):
+        raise CompressError(f"{where}: the model has no quantizers; call compress.quant.prepare(model) first")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    start = time.perf_counter()
+    refresh_weight_amax(model)
+    calibrators: dict[str, MaxCalibrator | HistogramCalibrator] = {}
+    was_training = model.training
+    model.eval()
+    samples = batches = 0
+    try:
+        for name, q in acts:
+            q.calibrator = calibrators[name] = make(method)
+            q.calib_enabled = True
+        bar = tqdm(data, desc=where, disable=not progress, leave=False)
+        for batch in bar:
+            inputs, _ = split_batch(batch)
+            if limit is not None and samples >= limit:
+                break
+            if limit is not None and samples + len(inputs) > limit:
+                inputs = inputs[: limit - samples]
+            try:
+                model(inputs.to(device, non_blocking=True))
+            except CompressError as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            except Exception as exc:  # the user's model may raise anything on a bad batch
+                raise CompressError(f"{where}: the model fails on calibration batch {batches}: {first_line(exc)}") from None
+            samples += len(inputs)
+            batches += 1
+        if samples == 0:
+            raise DataError(f"{where}: the calibration data is empty")
+        for name, q in acts:
+            cal = calibrators[name]
+            if not cal.seen:
+                raise CompressError(f"{where}: {name} saw no data (its layer never ran); exclude it")
+            if isinstance(cal, MaxCalibrator):
+                amax = cal.compute_amax()
+            else:
+                nonneg = q.spec.unsigned and cal.nonneg
+                amax = cal.compute_amax(method, percentile=percentile, levels=256 if nonneg else 128)
+            q.set_amax(amax, nonneg=cal.nonneg)
+    finally:
+        for _, q in acts:
+            q.calibrator, q.calib_enabled = None, False
+        model.train(was_training)
+    return Calibration(method.value, samples, batches, len(acts), round(time.perf_counter() - start, 3))

@@ -1,0 +1,126 @@
+"""Calibrators: ``collect(x)``, ``reset()``, ``compute_amax()``. Statistics stay on the tensor's device."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+
+from compress.ptq import search
+
+
+class Method(str, Enum):
+    """How an activation's clipping range is chosen."""
+
+    max = "max"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+
+
+class MaxCalibrator:
+    """Running max of |x| (per tensor)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.amax: torch.Tensor | None = None
+        self.min: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        amax, low = x.abs().max(), x.min()
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        self.min = low if self.min is None else torch.minimum(self.min, low)
+
+    @property
+    def seen(self) -> bool:
+        return self.amax is not None
+
+    @property
+    def nonneg(self) -> bool:
+        return self.min is not None and float(self.min) >= 0
+
+    def compute_amax(self) -> torch.Tensor:
+        assert self.amax is not None
+        return self.amax
+
+
+class HistogramCalibrator:
+    """Histogram of |x| over ``bins`` equal bins from 0 to a power-of-two multiple of the first max.
+
+    When a batch exceeds the range, the range doubles (as often as needed) and neighbouring bins
+    merge, so the bin count stays fixed and no count is ever re-estimated.
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        if bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two, not {bins}")
+        self.bins = bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.hist: torch.Tensor | None = None
+        self.range = 0.0
+        self.min: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> bool:
+        return self.min is not None
+
+    @property
+    def nonneg(self) -> bool:
+        return self.min is not None and float(self.min) >= 0
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        low = x.min()
+        self.min = low if self.min is None else torch.minimum(self.min, low)
+        x = x.abs().flatten()
+        top = float(x.max())
+        if self.hist is None:
+            self.hist = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
+        if top <= 0 and self.range == 0:
+            self.hist[0] += x.numel()
+            return
+        if self.range == 0:
+            self.range = top
+        elif top > self.range:
+            self._grow(top)
+        index = (x * (self.bins / self.range)).long().clamp_(max=self.bins - 1)
+        self.hist += torch.bincount(index, minlength=self.bins)
+
+    def _grow(self, top: float) -> None:
+        assert self.hist is not None
+        factor = min(2 ** math.ceil(math.log2(top / self.range)), self.bins)
+        merged = self.hist.reshape(-1, factor).sum(1)
+        self.hist = torch.cat([merged, merged.new_zeros(self.bins - merged.numel())])
+        self.range *= factor
+        if top > self.range:  # the merge was capped at one bin for everything seen so far
+            self._grow(top)
+
+    def compute_amax(self, method: Method, *, percentile: float = 99.99, levels: int = 128) -> torch.Tensor:
+        """The clipping range by ``method`` (percentile/entropy/mse) over the collected histogram.
+
+        Args:
+            levels: quantization levels above zero: 128 for int8, 256 for uint8 of a non-negative tensor.
+        """
+        assert self.hist is not None
+        if self.range == 0:
+            return torch.zeros((), device=self.hist.device)
+        width = self.range / self.bins
+        if method is Method.percentile:
+            return search.percentile_amax(self.hist, width, percentile)
+        if method is Method.entropy:
+            return search.entropy_amax(self.hist, width, levels)
+        if method is Method.mse:
+            return search.mse_amax(self.hist, width, levels - 1)
+        if method is Method.max:
+            return search.percentile_amax(self.hist, width, 100.0)
+        raise ValueError(f"unknown method {method}")
+
+
+def make(method: Method) -> MaxCalibrator | HistogramCalibrator:
+    return MaxCalibrator() if method is Method.max else HistogramCalibrator()

@@ -1,0 +1,42 @@
+"""``qat``: quantize (calibrating first unless a ptq stage already did) and fine-tune with fake quantization."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+
+from compress import quant
+from compress.errors import CompressError
+from compress.ptq.stage import QuantOptions, check_quant_options, quantize, resolve_target
+from compress.qat.callback import QatCallback
+from compress.stages.context import StageContext, StageResult
+from compress.stages.registry import register
+from compress.stages.train import stage_finetune
+from compress.train import FinetuneConfig
+
+
+class QatConfig(QuantOptions):
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1, lr=1e-3))
+    freeze_bn_after: Annotated[int, Field(ge=0)] | None = None  # epoch from which BatchNorm statistics stop
+
+
+def _check(model: nn.Module, config: QatConfig, ctx: StageContext) -> None:
+    check_quant_options(model, config, ctx)
+    ctx.splits.loader("train", needed_by=ctx.where)
+
+
+@register("qat", QatConfig, check=_check)
+def run_qat(model: nn.Module, config: QatConfig, ctx: StageContext) -> StageResult:
+    info: dict = {}
+    if quant.is_quantized(model) and not quant.uncalibrated(model):
+        qmodel = model  # after ptq: start from its calibrated ranges
+        own, wanted = quant.target_of(model), resolve_target(config, ctx)
+        if config.target is not None and own is not wanted:
+            raise CompressError(f"{ctx.where}.target: is {wanted.value} but the model was quantized for {own.value}")  # type: ignore[union-attr]
+        info["target"] = own.value  # type: ignore[union-attr]
+    else:
+        qmodel, info = quantize(model, config, ctx)
+    info["finetune"] = stage_finetune(qmodel, config.finetune, ctx, [QatCallback(config.freeze_bn_after)])
+    return StageResult(qmodel, info=info)

@@ -1,0 +1,49 @@
+"""Fake quantization shared by PTQ and QAT: spec -> quantizer -> quantized layers -> insertion.
+
+    qmodel = compress.quant.prepare(model, target="tensorrt")   # insert quantizers (no global patching)
+    compress.ptq.calibrate(qmodel, calib_loader, method="entropy")
+"""
+
+from compress.quant.fold import fold_batchnorm
+from compress.quant.insert import (
+    QuantConfig,
+    is_quantized,
+    plan_of,
+    prepare,
+    quant_layers,
+    quantizable_layers,
+    quantizers,
+    refresh_weight_amax,
+    select_layers,
+    target_of,
+    to_target,
+    uncalibrated,
+)
+from compress.quant.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLayer, QuantLinear
+from compress.quant.quantizer import TensorQuantizer
+from compress.quant.spec import QuantSpec, Target
+
+__all__ = [
+    "QuantConfig",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose2d",
+    "QuantLayer",
+    "QuantLinear",
+    "QuantSpec",
+    "Target",
+    "TensorQuantizer",
+    "fold_batchnorm",
+    "is_quantized",
+    "plan_of",
+    "prepare",
+    "quant_layers",
+    "quantizable_layers",
+    "quantizers",
+    "refresh_weight_amax",
+    "select_layers",
+    "target_of",
+    "to_target",
+    "uncalibrated",
+]

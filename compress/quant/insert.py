@@ -1,0 +1,218 @@
+"""``prepare``: put quantizers into a model by module replacement (and fx for adds/concat/pooling)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from compress import structure
+from compress.errors import CompressError, first_line
+from compress.quant import graph
+from compress.quant.layers import QUANT_LAYERS, QuantLayer
+from compress.quant.quantizer import TensorQuantizer
+from compress.quant.spec import Target, activation_spec
+
+_TARGET_ATTR = "_compress_quant_target"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Where quantizers go.
+
+    Attributes:
+        target: deployment engine (placement and activation type).
+        include: layer-name patterns (fnmatch) to quantize; empty means every Conv/ConvTranspose2d/Linear.
+        exclude: patterns left in float (also matches graph quantizers ``act_quant.<node>_...``).
+        graph: also quantize residual adds/concat/pooling via ``torch.fx`` when the model traces.
+    """
+
+    target: Target = Target.tensorrt
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    graph: bool = True
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"target": self.target.value, "include": list(self.include), "exclude": list(self.exclude),
+                "graph": self.graph}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> QuantConfig:
+        return cls(Target(payload["target"]), tuple(payload.get("include", ())), tuple(payload.get("exclude", ())),
+                   bool(payload.get("graph", True)))
+
+
+@dataclass
+class Plan:
+    """What :func:`prepare` did: quantized layers, graph quantizers, and why fx was not used (if not)."""
+
+    layers: list[str] = field(default_factory=list)
+    graph_quantizers: list[str] = field(default_factory=list)
+    graph_skipped: str | None = None
+
+
+def to_target(value: Target | str) -> Target:
+    """Convert a target name once, at the edge.
+
+    Raises:
+        CompressError: unknown target.
+    """
+    try:
+        return Target(value)
+    except ValueError:
+        raise CompressError(
+            f"unknown quantization target '{value}' (choose from {', '.join(t.value for t in Target)})"
+        ) from None
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers :func:`prepare` can quantize (exact Conv1d/2d/3d, ConvTranspose2d, Linear)."""
+    return [name for name, m in model.named_modules() if type(m) in QUANT_LAYERS and name]
+
+
+def select_layers(model: nn.Module, include: Sequence[str], exclude: Sequence[str], where: str = "") -> list[str]:
+    """The quantizable layers matching ``include`` (all when empty) and not ``exclude``.
+
+    Raises:
+        CompressError: a pattern matches nothing, or nothing is left to quantize.
+    """
+    names = quantizable_layers(model)
+    prefix = f"{where}." if where else ""
+    if not names:
+        raise CompressError(f"{where or 'quantize'}: the model has no Conv/ConvTranspose2d/Linear layer to quantize")
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if pattern.startswith(graph.CONTAINER + "."):
+                continue  # graph quantizer names exist only after tracing
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no quantizable layer (layers: {shown})")
+    chosen = [n for n in names if (not include or any(fnmatch.fnmatchcase(n, p) for p in include))
+              and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise CompressError(f"{prefix}include/exclude: leave no layer to quantize")
+    return chosen
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def prepare(
+    model: nn.Module,
+    target: Target | str = Target.tensorrt,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    graph_quantizers: bool = True,
+    where: str = "",
+) -> nn.Module:
+    """Insert fake quantizers for ``target``; returns the quantized model (calibrate it next).
+
+    Conv/ConvTranspose2d/Linear layers are replaced by their ``Quant*`` subclasses (weights shared,
+    nothing copied). When the model traces with ``torch.fx``, the result is an ``fx.GraphModule``
+    with the same submodule names that also quantizes residual adds (and, for ONNX Runtime,
+    concat and pooling); otherwise only the layers are quantized (see :func:`plan_of`).
+
+    Args:
+        model: a float model (not already quantized); changed in place where no tracing is needed.
+        target: ``tensorrt`` or ``onnxruntime`` (see :class:`compress.quant.Target`).
+        include/exclude: layer-name patterns, e.g. ``["layer*"]``, ``["fc", "conv1"]``.
+
+    Raises:
+        CompressError: unknown target, a pattern that matches no layer, an already quantized model.
+    """
+    config = QuantConfig(to_target(target), tuple(include), tuple(exclude), graph_quantizers)
+    return _apply(model, config, where)
+
+
+def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
+    if is_quantized(model):
+        raise CompressError(f"{where or 'quantize'}: the model is already quantized")
+    chosen = select_layers(model, config.include, config.exclude, where)
+    origin = structure.origin_of(model)
+    plan = Plan()
+    work = model
+    if config.graph:
+        try:
+            work = graph.trace(model)
+        except Exception as exc:  # fx raises many types for untraceable Python
+            plan.graph_skipped = f"torch.fx cannot trace the model: {first_line(exc)}"
+            work = model
+    traced = isinstance(work, fx.GraphModule) and work is not model
+    # ONNX Runtime: quantize each tensor once at its producer (graph pass), not per consumer layer.
+    layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
+    for name in chosen:
+        layer = work.get_submodule(name)
+        _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, layer_input, name))
+    plan.layers = chosen
+    if traced:
+        assert isinstance(work, fx.GraphModule)
+        plan.graph_quantizers = graph.place(work, config.target, activation_spec(config.target), _keeper(config))
+    work.__dict__[_TARGET_ATTR] = config.target
+    work.__dict__["_compress_quant_plan"] = plan
+    if origin is not None:
+        structure.set_origin(work, origin)
+        structure.record(work, "quant", config.to_payload())
+    return work
+
+
+def _keeper(config: QuantConfig):  # noqa: ANN202
+    graph_include = [p for p in config.include if p.startswith(graph.CONTAINER + ".")]
+
+    def keep(name: str) -> bool:
+        if graph_include and not any(fnmatch.fnmatchcase(name, p) for p in graph_include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+    return keep
+
+
+@structure.register_rebuild("quant")
+def _rebuild(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
+    return _apply(model, QuantConfig.from_payload(payload))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, TensorQuantizer) for m in model.modules())
+
+
+def target_of(model: nn.Module) -> Target | None:
+    """The target a quantized model was prepared for (``None`` for a float model)."""
+    return model.__dict__.get(_TARGET_ATTR) if is_quantized(model) else None
+
+
+def plan_of(model: nn.Module) -> Plan:
+    return model.__dict__.get("_compress_quant_plan") or Plan()
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            yield name, m
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            yield name, m
+
+
+def uncalibrated(model: nn.Module) -> list[str]:
+    """Enabled quantizers whose amax was never set."""
+    return [n for n, q in quantizers(model) if q.quant_enabled and not q.calibrated]
+
+
+@torch.no_grad()
+def refresh_weight_amax(model: nn.Module) -> None:
+    """Per-output-channel max of |weight| into every weight quantizer (weights change during QAT)."""
+    for _, layer in quant_layers(model):
+        q = layer.weight_quantizer
+        w = layer.weight.detach()
+        dims = [d for d in range(w.ndim) if d != q.spec.axis]
+        q.set_amax(w.abs().amax(dim=dims))

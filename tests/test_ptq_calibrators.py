@@ -1,0 +1,114 @@
+"""Calibrators and amax searches: against direct computations and a loop reference of TensorRT's KL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_errors import one_line_error
+from helpers_quant import NanAfterConv, digits
+
+from compress import ptq, quant
+from compress.errors import CompressError, DataError
+from compress.ptq import HistogramCalibrator, MaxCalibrator, Method, search
+
+
+def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128) -> float:
+    """pytorch-quantization / TensorRT entropy calibration, one candidate at a time."""
+    bins = hist.astype(np.float64)
+    divergences = []
+    for i in range(levels, len(bins) + 1):
+        p = bins[:i].copy()
+        p[i - 1] += bins[i:].sum()
+        nonzero = bins[:i] != 0
+        merged = i // levels
+        q = np.zeros(i)
+        for j in range(levels):
+            lo, hi = j * merged, (i if j == levels - 1 else (j + 1) * merged)
+            if nonzero[lo:hi].any():
+                q[lo:hi] = np.where(nonzero[lo:hi], bins[lo:hi].sum() / nonzero[lo:hi].sum(), 0)
+        pn, qn = p / p.sum(), q / q.sum()
+        mask = pn > 0
+        divergences.append(np.inf if np.any(qn[mask] == 0) else float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask]))))
+    return (int(np.argmin(divergences)) + levels) * width
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_vectorised_entropy_search_equals_the_loop_reference(case: int) -> None:
+    rng = np.random.default_rng(case)
+    x = [np.abs(rng.standard_t(3, 50000)), np.abs(rng.normal(size=50000)), rng.exponential(size=50000),
+         np.maximum(rng.normal(size=50000), 0)][case]
+    hist, _ = np.histogram(x, bins=384, range=(0, x.max()))
+    width = x.max() / 384
+    ours = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width))
+    assert ours == pytest.approx(_entropy_loop(hist, width), rel=1e-5)
+
+
+def test_histogram_range_doubling_keeps_counts_exact() -> None:
+    torch.manual_seed(0)
+    cal = HistogramCalibrator(bins=256)
+    batches = [torch.rand(1000) * s for s in (1.0, 3.0, 2.0, 9.0)]
+    for b in batches:
+        cal.collect(b)
+    first = float(batches[0].max())
+    assert cal.range == pytest.approx(first * 16)  # x4 for the 3.0 batch, x4 again for the 9.0 one
+    everything = torch.cat(batches)
+    assert cal.hist.sum() == everything.numel()
+    direct = torch.histc(everything, bins=256, min=0, max=cal.range).double()
+    assert (cal.hist - direct).abs().sum() <= 4  # only values exactly on bin edges may differ
+    assert cal.nonneg
+
+
+def test_percentile_max_and_mse_on_known_distributions() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(200000)
+    hist_cal, max_cal = HistogramCalibrator(), MaxCalibrator()
+    hist_cal.collect(x)
+    max_cal.collect(x)
+    assert float(max_cal.compute_amax()) == pytest.approx(float(x.abs().max()))
+    assert float(hist_cal.compute_amax(Method.max)) == pytest.approx(float(x.abs().max()), rel=1e-3)
+    p999 = float(hist_cal.compute_amax(Method.percentile, percentile=99.9))
+    assert p999 == pytest.approx(float(torch.quantile(x.abs()[:100000], 0.999)), rel=0.03)
+    mse = float(hist_cal.compute_amax(Method.mse))
+    assert 2.5 < mse < float(x.abs().max())  # clips the Gaussian tail, keeps the bulk
+    for method in Method:
+        if method is not Method.max:
+            assert float(hist_cal.compute_amax(method)) > 0
+
+
+def test_mse_choice_really_minimises_quantization_error() -> None:
+    torch.manual_seed(1)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((100000,))
+    cal = HistogramCalibrator()
+    cal.collect(x)
+    chosen = float(cal.compute_amax(Method.mse))
+
+    def mse(amax: float) -> float:
+        scale = amax / 127
+        return float(((torch.clamp(torch.round(x / scale), -127, 127) * scale - x) ** 2).mean())
+
+    for other in (chosen * 0.7, chosen * 1.4, float(x.abs().max())):
+        assert mse(chosen) < mse(other)
+
+
+def test_calibrate_reports_samples_and_respects_limit(digits_cnn_checkpoint) -> None:
+    import compress
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "tensorrt")
+    result = ptq.calibrate(qmodel, digits("train", batch_size=100), "entropy", limit=250)
+    assert (result.samples, result.batches, result.method) == (250, 3, "entropy")
+    assert not quant.uncalibrated(qmodel)
+    assert not any(q.calib_enabled for _, q in quant.quantizers(qmodel))
+
+
+def test_calibration_errors_are_one_line_and_named(digits_cnn_checkpoint) -> None:
+    import compress
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "tensorrt")
+    assert "calibration data is empty" in one_line_error(DataError, ptq.calibrate, qmodel, [], "max")
+    assert "unknown calibrator 'entorpy'" in one_line_error(CompressError, ptq.calibrate, qmodel, [], "entorpy")
+    assert "no quantizers" in one_line_error(CompressError, ptq.calibrate, compress.load(digits_cnn_checkpoint), [])
+    nan_model = quant.prepare(NanAfterConv(), "tensorrt", graph_quantizers=False)
+    msg = one_line_error(DataError, ptq.calibrate, nan_model, digits("train"), "percentile", limit=64)
+    assert "fc.input_quantizer" in msg and "NaN" in msg
+    assert not any(q.calib_enabled for _, q in quant.quantizers(nan_model))  # modes restored after the error

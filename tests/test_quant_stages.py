@@ -1,0 +1,137 @@
+"""ptq / qat stages through `compress run` and `compress validate`: reports, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress import quant
+
+RECIPE = """\
+name: q
+model:
+  checkpoint: {checkpoint}
+data:
+  train: {{source: digits, split: train, batch_size: 64}}
+  calibration: {{source: digits, split: train, limit: 256}}
+  eval: {{source: digits, split: test, batch_size: 256}}
+stages:
+{stages}
+"""
+
+EXPORT = """\
+  - export:
+      onnx: {{target: {target}}}
+      engine: {{batch_sizes: [1], bench_iters: 2}}
+      check: {{max_drop: 1.0, min_agreement: 0.99}}
+"""
+
+
+def _recipe(write_recipe, checkpoint: Path, stages: str, target: str | None = "onnxruntime") -> Path:
+    text = RECIPE.format(checkpoint=checkpoint, stages=stages + (EXPORT.format(target=target) if target else ""))
+    return write_recipe(text)
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_ptq_for_onnxruntime_runs_int8_and_passes_the_check(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
+    recipe = _recipe(write_recipe, digits_cnn_checkpoint, "  - ptq: {calibrator: mse, limit: 200}\n")
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--quiet").code == 0
+    report = _report(out)
+    stage = report["stages"][0]
+    assert stage["target"] == "onnxruntime" and stage["calibration"]["samples"] == 200
+    assert stage["calibration"]["method"] == "mse" and stage["calibration"]["split"] == "calibration"
+    assert stage["metrics"]["top1"] >= report["baseline"]["metrics"]["top1"] - 0.01
+    assert report["export"]["quantized"] and report["export"]["int32_biases"] == 7
+    assert report["engine"]["int8_weighted_fraction"] == 1.0 and report["engine"]["int8_ops"]["QLinearConv"] == 6
+    check = report["check"]
+    assert check["passed"] and check["agreement"] >= 0.99 and check["onnx_vs_model"]["agreement"] >= 0.99
+    rebuilt = compress.load(out / stage["checkpoint"])
+    assert quant.target_of(rebuilt) is quant.Target.onnxruntime and not quant.uncalibrated(rebuilt)
+
+
+@pytest.mark.slow
+def test_qat_after_ptq_for_tensorrt_trains_and_passes_the_rules(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
+    stages = "  - ptq: {calibrator: max}\n  - qat:\n      finetune: {epochs: 2, lr: 0.001}\n      freeze_bn_after: 1\n"
+    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target="tensorrt")
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--quiet").code == 0
+    report = _report(out)
+    ptq_stage, qat_stage = report["stages"]
+    assert "calibration" not in qat_stage and qat_stage["target"] == "tensorrt"  # kept ptq's ranges
+    assert len(qat_stage["finetune"]["history"]) == 2
+    assert qat_stage["metrics"]["top1"] >= report["baseline"]["metrics"]["top1"] - 0.01
+    assert report["export"]["tensorrt_rules"] == {"passed": True, "checked_ops": 7, "violations": []}
+    assert report["check"]["passed"]
+    before = compress.load(out / ptq_stage["checkpoint"]).state_dict()
+    after = compress.load(out / qat_stage["checkpoint"]).state_dict()
+    assert not torch.equal(before["layer1.conv1.weight"], after["layer1.conv1.weight"])  # QAT trained
+    assert not torch.equal(before["layer1.conv1.weight_quantizer.amax"], after["layer1.conv1.weight_quantizer.amax"])
+    # BatchNorm statistics stopped moving in the epoch after freeze_bn_after
+    steps = after["layer1.bn1.num_batches_tracked"] - before["layer1.bn1.num_batches_tracked"]
+    assert steps == 1437 // 64  # one epoch of 22 steps, not two
+
+
+def test_qat_alone_calibrates_first(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
+    stages = "  - qat:\n      calibrator: percentile\n      limit: 128\n      finetune: {epochs: 1, lr: 0.001}\n"
+    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--quiet").code == 0
+    stage = _report(out)["stages"][0]
+    assert stage["calibration"]["samples"] == 128 and stage["target"] == "tensorrt"  # no export: the default
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        ("  - ptq: {exclude: [head]}\n", "recipe.yaml:9 stages.0.ptq.exclude: pattern 'head' matches no quantizable layer"),
+        ("  - ptq: {target: tensorrt}\n", "recipe.yaml:9 stages.0.ptq.target: is tensorrt but "),
+        ("  - ptq: {target: tensorrt}\n", "recipe.yaml:11 stages.1.export.onnx.target is onnxruntime"),
+        ("  - ptq: {calibrator: entorpy}\n", "stages.0.ptq.calibrator"),
+        ("  - ptq: {percentile: 0}\n", "stages.0.ptq.percentile"),
+        ("  - qat: {freeze_bn_after: -1}\n", "stages.0.qat.freeze_bn_after"),
+    ],
+)
+def test_bad_quant_options_fail_validation_with_file_line(write_recipe, cli, digits_cnn_checkpoint, stages, expected, tmp_path) -> None:
+    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages)
+    assert expected in cli("validate", recipe).error_line()
+    out = tmp_path / "never"
+    assert expected in cli("run", recipe, "--out", out, "--quiet").error_line()
+    assert not out.exists()
+
+
+def test_ptq_without_calibration_or_train_data_is_an_error(write_recipe, cli, digits_cnn_checkpoint) -> None:
+    text = f"""\
+    name: q
+    model: {{checkpoint: {digits_cnn_checkpoint}}}
+    data: {{eval: {{source: digits, split: test}}}}
+    stages:
+      - ptq: {{}}
+    """
+    msg = cli("validate", write_recipe(text)).error_line()
+    assert "stages.0.ptq" in msg and "needs data.train" in msg
+
+
+def test_nan_activations_stop_calibration_naming_the_quantizer(write_recipe, cli, tmp_path) -> None:
+    text = """\
+    name: nan
+    model: {factory: "helpers_quant:nan_after_conv"}
+    data:
+      calibration: {source: digits, split: train, limit: 64}
+      eval: {source: digits, split: test}
+    metric: agreement
+    stages:
+      - ptq: {calibrator: max}
+    """
+    out = tmp_path / "run"
+    msg = cli("run", write_recipe(text), "--out", out, "--quiet").error_line()
+    assert "stages.0.ptq" in msg and "fc.input_quantizer: NaN or Inf activations during calibration" in msg
+    assert not (out / "stages" / "01-ptq" / "metrics.json").exists() and not (out / "model.pt").exists()

@@ -61,9 +61,13 @@ Pairs = list[tuple[TensorQuantizer, HistogramCalibrator]]
 
 @contextmanager
 def collecting(qmodel: nn.Module) -> Iterator[Pairs]:
-    """Histogram calibrators attached as ``ptq.calibrate`` attaches them (weights ranges set first)."""
+    """Histogram calibrators attached as ``ptq.calibrate`` attaches them (weight ranges set first,
+    weight fake-quant off: activations are calibrated on the float model)."""
     quant.refresh_weight_amax(qmodel)
+    weights = [q for _, q in quant.quantizers(qmodel) if q.spec.axis is not None]
     pairs = [(q, HistogramCalibrator()) for q in activation_quantizers(qmodel)]
+    for q in weights:
+        q.quant_enabled = False
     for q, cal in pairs:
         q.calibrator, q.calib_enabled = cal, True
     try:
@@ -71,6 +75,8 @@ def collecting(qmodel: nn.Module) -> Iterator[Pairs]:
     finally:
         for q, _ in pairs:
             q.calibrator, q.calib_enabled = None, False
+        for q in weights:
+            q.quant_enabled = True
 
 
 def collect(qmodel: nn.Module, batches: Batches) -> Pairs:
@@ -187,8 +193,8 @@ def main() -> None:
           f"{statistics.median(synthetic_ms):.2f})")
     print()
     for name, (collect_ratio, full_ratio) in ratios.items():
-        print(f"{name}: histogram calibration / plain forward = {collect_ratio:.2f} (target <= 1.5)"
-              f"  [full ptq.calibrate incl. search: {full_ratio:.2f}]")
+        print(f"{name}: histogram calibration (whole ptq.calibrate call) / plain forward = {full_ratio:.2f} "
+              f"(target <= 1.5)  [collection pass alone: {collect_ratio:.2f}]")
     print(f"entropy amax search = {statistics.median(times):.2f} ms per tensor (target <= 20)")
     print(f"(benchmark wall time {time.perf_counter() - start:.0f} s)")
 

@@ -1,6 +1,6 @@
 """INT8 PTQ side by side with NVIDIA ModelOpt: top-1 and calibration wall time on the same model and data.
 
-usage: python benchmarks/modelopt_compare.py [--model digits_cnn|resnet18|all] [--repeats 3] [--slow 15]
+usage: python benchmarks/modelopt_compare.py [--model digits_cnn|resnet18|all] [--repeats 3] [--budget 30]
 needs: pip install 'compress[bench]'  (nvidia-modelopt; without it the script says so and exits 0)
 
 Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits 32x32 RGB) from bench_models.
@@ -15,9 +15,11 @@ Both libraries calibrate on the same DataLoader: the first 512 digits train samp
   quantizers present, so the timed call is ModelOpt's own sequence: ``enable_stats_collection``,
   the forward loop, then ``load_calib_amax("entropy")`` on histogram calibrators and
   ``load_calib_amax()`` on max ones (``finish_stats_collection``'s body).
-Calibration time: wall time of the whole calibrate call, best of ``--repeats`` runs (3), each on a freshly
-prepared copy (insertion not timed, for either library); a run longer than ``--slow`` (15 s) is not
-repeated, to keep the script under ~5 minutes ("runs" column). top-1: digits test split (360 samples).
+Calibration time: wall time of the whole calibrate call, best of ``--repeats`` (3) runs, each on a
+freshly prepared copy (insertion is not timed, for either library). The two libraries' runs of a
+method alternate, so background load hits both alike. To keep the script under ~5 minutes no new
+run starts once an entry's runs took ``--budget`` (30 s) in all ("runs" column: runs actually timed).
+top-1: on the digits test split (360 samples, so one sample is 0.28 pt).
 Placement differs a little: ours (TensorRT rules) quantizes Conv/Linear inputs and the residual
 input of each add; ModelOpt's INT8 config quantizes Conv/Linear and pooling inputs, not adds.
 Targets: our best PTQ top-1 - ModelOpt's best >= 0 pt; our calibration time / ModelOpt's <= 1
@@ -35,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -58,11 +60,36 @@ OURS = ("max", "entropy", "percentile")
 THEIRS = ("max", "entropy")
 CALIB_SAMPLES = 512
 
+Loop = Callable[[nn.Module], None]
+
 
 @dataclass(frozen=True)
 class Timing:
     repeats: int
-    slow: float  # seconds; a run this long is not repeated (its noise is small next to it)
+    budget: float  # seconds of timed calibration per entry after which no new run starts
+
+
+@dataclass
+class Entry:
+    """One library + method: how to prepare a fresh model and calibrate it, and the timed runs."""
+
+    library: str
+    method: str
+    setup: Callable[[], nn.Module]
+    calibrate: Callable[[nn.Module], object]
+    count_quantizers: Callable[[nn.Module], int]
+    times: list[float] = field(default_factory=list)
+    model: nn.Module | None = None
+
+    def due(self, timing: Timing) -> bool:
+        return len(self.times) < timing.repeats and sum(self.times) < timing.budget
+
+    def run_once(self) -> None:
+        model = self.setup()
+        start = time.perf_counter()
+        self.calibrate(model)
+        self.times.append(time.perf_counter() - start)
+        self.model = model
 
 
 @dataclass
@@ -70,9 +97,9 @@ class Row:
     library: str
     method: str
     top1: float  # percent
-    seconds: float
-    runs: int  # timed calibrate calls (the best is reported)
-    act_quantizers: int
+    seconds: float = float("nan")  # best calibrate wall time
+    runs: int = 0
+    act_quantizers: int = 0
 
 
 def load_modelopt() -> ModuleType | None:
@@ -93,33 +120,30 @@ def top1(model: nn.Module, loader: DataLoader) -> float:
     return 100.0 * compress.metrics.score("top1", compress.metrics.collect(model, loader))["top1"]
 
 
-def timed_calibration(
-    setup: Callable[[], nn.Module], calibrate: Callable[[nn.Module], object], repeats: int, slow: float
-) -> tuple[float, int, nn.Module]:
-    """Best wall time of ``calibrate`` over up to ``repeats`` runs, each on a fresh ``setup()`` model
-    (untimed); stops after a run longer than ``slow`` seconds. Returns ``(seconds, runs, last model)``."""
-    times: list[float] = []
-    while len(times) < repeats and not (times and times[-1] > slow):
-        model = setup()
-        start = time.perf_counter()
-        calibrate(model)
-        times.append(time.perf_counter() - start)
-    return min(times), len(times), model
+def run_interleaved(entries: list[Entry], timing: Timing) -> None:
+    """Time the entries' calibrate calls in turn (A, B, A, B, ...) until each is done."""
+    while any(e.due(timing) for e in entries):
+        for entry in entries:
+            if entry.due(timing):
+                entry.run_once()
 
 
 # ----------------------------------------------------------------------------------------------
 # ours
 
 
-def ours(model: nn.Module, calib: DataLoader, test: DataLoader, method: str, timing: Timing) -> Row:
-    seconds, runs, qmodel = timed_calibration(
+def our_act_quantizers(model: nn.Module) -> int:
+    return sum(1 for _, q in quant.quantizers(model) if q.spec.axis is None and q.quant_enabled)
+
+
+def ours(model: nn.Module, calib: DataLoader, method: str) -> Entry:
+    return Entry(
+        "compress",
+        method,
         lambda: quant.prepare(copy.deepcopy(model), "tensorrt"),
         lambda q: ptq.calibrate(q, calib, method, limit=CALIB_SAMPLES),
-        timing.repeats,
-        timing.slow,
+        our_act_quantizers,
     )
-    acts = sum(1 for _, q in quant.quantizers(qmodel) if q.spec.axis is None and q.quant_enabled)
-    return Row("compress", method, top1(qmodel, test), seconds, runs, acts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +166,7 @@ def modelopt_prepare(mtq: ModuleType, model: nn.Module, method: str) -> nn.Modul
         return mtq.quantize(copy.deepcopy(model), modelopt_config(mtq, method), forward_loop=None)
 
 
-def forward_loop(calib: DataLoader) -> Callable[[nn.Module], None]:
+def forward_loop(calib: DataLoader) -> Loop:
     def run(model: nn.Module) -> None:
         for x, _ in calib:
             model(x)
@@ -150,7 +174,7 @@ def forward_loop(calib: DataLoader) -> Callable[[nn.Module], None]:
     return run
 
 
-def entropy_calibrate(model: nn.Module, loop: Callable[[nn.Module], None]) -> None:
+def entropy_calibrate(model: nn.Module, loop: Loop) -> None:
     """ModelOpt's histogram calibration with the entropy amax (see the module docstring)."""
     from modelopt.torch.quantization.calib import HistogramCalibrator
     from modelopt.torch.quantization.model_calib import enable_stats_collection
@@ -172,10 +196,6 @@ def entropy_calibrate(model: nn.Module, loop: Callable[[nn.Module], None]) -> No
         q.disable_calib()
 
 
-def max_calibrate(mtq: ModuleType, model: nn.Module, loop: Callable[[nn.Module], None]) -> None:
-    mtq.calibrate(model, algorithm="max", forward_loop=loop)
-
-
 def modelopt_act_quantizers(model: nn.Module) -> int:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -184,23 +204,33 @@ def modelopt_act_quantizers(model: nn.Module) -> int:
     )
 
 
-def theirs(mtq: ModuleType, model: nn.Module, calib: DataLoader, test: DataLoader, method: str, timing: Timing) -> Row:
+def theirs(mtq: ModuleType, model: nn.Module, calib: DataLoader, method: str) -> Entry:
     loop = forward_loop(calib)
 
     def calibrate(qmodel: nn.Module) -> None:
         if method == "max":
-            max_calibrate(mtq, qmodel, loop)
+            mtq.calibrate(qmodel, algorithm="max", forward_loop=loop)
         else:
             entropy_calibrate(qmodel, loop)
 
-    seconds, runs, qmodel = timed_calibration(
-        lambda: modelopt_prepare(mtq, model, method), calibrate, timing.repeats, timing.slow
-    )
-    return Row("modelopt", method, top1(qmodel, test), seconds, runs, modelopt_act_quantizers(qmodel))
+    return Entry("modelopt", method, lambda: modelopt_prepare(mtq, model, method), calibrate, modelopt_act_quantizers)
 
 
 # ----------------------------------------------------------------------------------------------
 # report
+
+
+def to_row(entry: Entry, test: DataLoader) -> Row:
+    assert entry.model is not None
+    model = entry.model
+    return Row(
+        entry.library,
+        entry.method,
+        top1(model, test),
+        min(entry.times),
+        len(entry.times),
+        entry.count_quantizers(model),
+    )
 
 
 def compare(mtq: ModuleType, name: str, timing: Timing) -> list[Row]:
@@ -208,9 +238,12 @@ def compare(mtq: ModuleType, name: str, timing: Timing) -> list[Row]:
     model, size, channels = MODELS[name]()
     calib = bench_models.digits("train", size, channels, batch_size=64, limit=CALIB_SAMPLES)
     test = bench_models.digits("test", size, channels)
-    rows = [Row("fp32", "-", top1(model, test), float("nan"), 0, 0)]
-    rows += [ours(model, calib, test, method, timing) for method in OURS]
-    rows += [theirs(mtq, model, calib, test, method, timing) for method in THEIRS]
+    rows = [Row("fp32", "-", top1(model, test))]
+    for method in dict.fromkeys([*THEIRS, *OURS]):  # shared methods first, in pairs
+        entries = [ours(model, calib, method)] if method in OURS else []
+        entries += [theirs(mtq, model, calib, method)] if method in THEIRS else []
+        run_interleaved(entries, timing)
+        rows += [to_row(e, test) for e in entries]
     return rows
 
 
@@ -242,14 +275,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3, help="timed calibrate calls per entry (best reported)")
-    parser.add_argument("--slow", type=float, default=15.0, help="stop repeating after a run longer than this (s)")
+    parser.add_argument(
+        "--budget", type=float, default=30.0, help="no new timed run once an entry's runs took this (s)"
+    )
     args = parser.parse_args()
-    timing = Timing(args.repeats, args.slow)
     mtq = load_modelopt()
     if mtq is None:
         print("skipped: nvidia-modelopt not installed (pip install 'compress[bench]')")
         return 0
     torch.manual_seed(0)
+    timing = Timing(args.repeats, args.budget)
     names = list(MODELS) if args.model == "all" else [args.model]
     results = {}
     for name in names:

@@ -6,11 +6,13 @@ Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits upscaled to 32x
 bench_models. Measured: top-1 on the digits test split (360 samples, so one sample is 0.28 pt) of
 - the FP32 model;
 - PTQ: ``quant.prepare(model, "tensorrt")`` + ``ptq.calibrate`` with each calibrator (max,
-  percentile 99.99, entropy, mse) on the first 512 train samples; also the calibration wall time;
+  percentile 99.99, entropy, mse) on the first 512 train samples;
 - QAT: the best PTQ model (highest top-1, ties to the earlier calibrator) fine-tuned with
   ``compress.finetune`` + ``QatCallback`` on the shuffled train split (1437 samples), the same
   epochs/lr for both models, no test-set model selection (the last epoch is kept).
 drop = FP32 top-1 - quantized top-1 in points (negative: the quantized model is better).
+time s: one run's wall time of the calibrate call (PTQ) or of the fine-tune (QAT); for best-of-3
+calibration timings see modelopt_compare.py.
 Targets: best PTQ drop <= 0.3 pt, QAT drop <= 0.1 pt.
 """
 
@@ -116,11 +118,11 @@ def measure(name: str, epochs: int, lr: float) -> Result:
 
 def print_result(result: Result) -> None:
     print(f"\n{result.model}  (target {TARGET}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
-    print(f"{'':34s} {'top1 %':>8s} {'drop pt':>8s} {'time s':>8s}")
-    print(f"{'FP32':34s} {result.fp32:8.2f} {'':>8s} {'':>8s}")
+    print(f"{'':38s} {'top1 %':>8s} {'drop pt':>8s} {'time s':>8s}")
+    print(f"{'FP32':38s} {result.fp32:8.2f} {'':>8s} {'':>8s}")
     for row in [*result.ptq, result.qat]:
         seconds = f"{row.seconds:8.2f}" if row.seconds is not None else ""
-        print(f"{row.label:34s} {row.top1:8.2f} {result.drop(row):+8.2f} {seconds}")
+        print(f"{row.label:38s} {row.top1:8.2f} {result.drop(row):+8.2f} {seconds}")
 
 
 def print_summary(results: list[Result]) -> None:

@@ -13,9 +13,11 @@ from compress.errors import CompressError, DataError
 from compress.ptq import HistogramCalibrator, MaxCalibrator, Method, search
 
 
-def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128) -> float:
+def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128, zero_spike: bool = False) -> float:
     """pytorch-quantization / TensorRT entropy calibration, one candidate at a time."""
     bins = hist.astype(np.float64)
+    if zero_spike:
+        bins[0] = bins[1]
     divergences = []
     for i in range(levels, len(bins) + 1):
         p = bins[:i].copy()
@@ -33,15 +35,25 @@ def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128) -> float:
     return (int(np.argmin(divergences)) + levels) * width
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_vectorised_entropy_search_equals_the_loop_reference(case: int) -> None:
     rng = np.random.default_rng(case)
     x = [np.abs(rng.standard_t(3, 50000)), np.abs(rng.normal(size=50000)), rng.exponential(size=50000),
-         np.maximum(rng.normal(size=50000), 0)][case]
+         np.maximum(rng.normal(size=50000), 0), np.maximum(rng.normal(size=50000), 0)][case]
+    spike = case == 4  # a ReLU output: half the values are exact zeros
     hist, _ = np.histogram(x, bins=384, range=(0, x.max()))
     width = x.max() / 384
-    ours = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width))
-    assert ours == pytest.approx(_entropy_loop(hist, width), rel=1e-5)
+    ours = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width, zero_spike=spike))
+    assert ours == pytest.approx(_entropy_loop(hist, width, zero_spike=spike), rel=1e-5)
+
+
+def test_entropy_is_not_fooled_by_the_relu_zero_spike() -> None:
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(100000))
+    cal = HistogramCalibrator()
+    cal.collect(x)
+    assert cal.nonneg
+    assert float(cal.compute_amax(Method.entropy)) > 0.6 * float(x.max())  # without the fix: ~0.25 x max
 
 
 def test_histogram_range_doubling_keeps_counts_exact() -> None:

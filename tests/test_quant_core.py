@@ -173,12 +173,13 @@ def test_checkpoint_of_a_quantized_model_rebuilds_it(digits_cnn_checkpoint, tmp_
             assert torch.equal(qmodel.eval()(x), again(x))
 
 
-def test_fake_quant_accuracy_stays_close_to_float(digits_cnn_checkpoint) -> None:
+@pytest.mark.parametrize("method", list(ptq.Method))
+def test_every_calibrator_keeps_accuracy_within_a_point(digits_cnn_checkpoint, method) -> None:
     model = compress.load(digits_cnn_checkpoint).eval()
     fp32 = top1(model, digits("test"))
     for target in Target:
         qmodel = quant.prepare(copy.deepcopy(model), target)
-        ptq.calibrate(qmodel, digits("train"), "percentile", limit=512)
+        ptq.calibrate(qmodel, digits("train"), method, limit=512)
         assert top1(qmodel, digits("test")) >= fp32 - 0.01, target
 
 

@@ -83,7 +83,10 @@ def calibrate(
     was_training = model.training
     model.eval()
     samples = batches = 0
+    weights = [q for _, q in quantizers(model) if q.spec.axis is not None and q.quant_enabled]
     try:
+        for q in weights:  # activations are calibrated on the float model, as TensorRT and ModelOpt do
+            q.quant_enabled = False
         for name, q in acts:
             q.calibrator = calibrators[name] = make(method)
             q.calib_enabled = True
@@ -117,5 +120,7 @@ def calibrate(
     finally:
         for _, q in acts:
             q.calibrator, q.calib_enabled = None, False
+        for q in weights:
+            q.quant_enabled = True
         model.train(was_training)
     return Calibration(method.value, samples, batches, len(acts), round(time.perf_counter() - start, 3))

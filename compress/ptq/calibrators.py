@@ -7,7 +7,13 @@ from enum import Enum
 
 import torch
 
+from compress.errors import DataError
 from compress.ptq import search
+
+
+def _check_finite(low: torch.Tensor, high: torch.Tensor) -> None:
+    if not bool(torch.isfinite(low + high)):  # min/max propagate NaN: no extra pass over the tensor
+        raise DataError("NaN or Inf activations during calibration")
 
 
 class Method(str, Enum):
@@ -31,7 +37,9 @@ class MaxCalibrator:
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        amax, low = x.abs().max(), x.min()
+        low, high = torch.aminmax(x)
+        _check_finite(low, high)
+        amax = torch.maximum(-low, high)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.min = low if self.min is None else torch.minimum(self.min, low)
 
@@ -76,10 +84,11 @@ class HistogramCalibrator:
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        low = x.min()
+        low, high = torch.aminmax(x)
+        _check_finite(low, high)
         self.min = low if self.min is None else torch.minimum(self.min, low)
+        top = float(torch.maximum(-low, high))
         x = x.abs().flatten()
-        top = float(x.max())
         if self.hist is None:
             self.hist = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
         if top <= 0 and self.range == 0:
@@ -102,6 +111,7 @@ class HistogramCalibrator:
             self._grow(top)
 
     def compute_amax(self, method: Method, *, percentile: float = 99.99, levels: int = 128) -> torch.Tensor:
+        # (entropy treats bin 0 of a non-negative tensor as a ReLU zero spike, see search.entropy_amax)
         """The clipping range by ``method`` (percentile/entropy/mse) over the collected histogram.
 
         Args:
@@ -114,7 +124,7 @@ class HistogramCalibrator:
         if method is Method.percentile:
             return search.percentile_amax(self.hist, width, percentile)
         if method is Method.entropy:
-            return search.entropy_amax(self.hist, width, levels)
+            return search.entropy_amax(self.hist, width, levels, zero_spike=self.nonneg)
         if method is Method.mse:
             return search.mse_amax(self.hist, width, levels - 1)
         if method is Method.max:

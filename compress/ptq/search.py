@@ -16,16 +16,24 @@ def percentile_amax(hist: torch.Tensor, width: float, percentile: float) -> torc
     return ((index.float() + 1) * width).reshape(())
 
 
-def entropy_amax(hist: torch.Tensor, width: float, levels: int = 128, start: int | None = None) -> torch.Tensor:
+def entropy_amax(
+    hist: torch.Tensor, width: float, levels: int = 128, start: int | None = None, zero_spike: bool = False
+) -> torch.Tensor:
     """TensorRT-style KL calibration: the ``amax`` whose ``levels``-level quantization of the
     clipped histogram diverges least from it.
+
+    ``zero_spike``: the tensor is a ReLU output, whose exact zeros pile up in bin 0; as TensorRT
+    and pytorch-quantization do, bin 0 then counts as bin 1 so that spike does not drive the
+    search towards tiny ranges.
 
     For each candidate ``i`` (bins kept), the reference P is ``hist[:i]`` with the clipped tail added
     to its last bin; Q merges ``hist[:i]`` into ``levels`` groups of ``i // levels`` bins (the last
     takes the remainder) and spreads each group's count evenly over its non-empty bins. All
     candidates are evaluated at once from prefix sums: cost O(candidates * levels), no Python loop.
     """
-    h = hist.double()
+    h = hist.double().clone()
+    if zero_spike and len(h) > 1:
+        h[0] = h[1]
     bins = len(h)
     start = levels if start is None else start
     if bins <= start:

@@ -134,14 +134,15 @@ def test_rules_checker_accepts_a_good_graph_and_names_each_violation() -> None:
     for expected, model in cases.items():
         report = check_tensorrt(model)
         assert not report.passed and any(expected in v for v in report.violations), (expected, report.violations)
-    float_conv = _graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"])], [numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w")]
-    )
-    report = check_tensorrt(float_conv)
-    assert report.violations == [
-        "Conv y: data input 'x' is not fed by DequantizeLinear",
-        "Conv y: weight input 'w' is not fed by DequantizeLinear",
-    ]
+    w = numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w")
+    report = check_tensorrt(_graph([helper.make_node("Conv", ["x", "w"], ["y"])], [w]))
+    assert report.passed and (report.checked_ops, report.float_ops) == (0, 1)  # left in float on purpose
+    half = _conv_graph()
+    half.graph.initializer.append(w)
+    half.graph.node[3].input[1] = "w"  # quantized data, float weight: TensorRT cannot run that in INT8
+    del half.graph.node[2]
+    report = check_tensorrt(half)
+    assert report.violations == ["Conv y: weight input 'w' is not fed by DequantizeLinear"]
 
 
 def test_float_export_is_unchanged_by_quantization_support(digits_cnn_checkpoint, tmp_path) -> None:
@@ -149,3 +150,57 @@ def test_float_export_is_unchanged_by_quantization_support(digits_cnn_checkpoint
     info = export_onnx(copy.deepcopy(model), torch.zeros(1, 1, 8, 8), tmp_path / "f.onnx", target="onnxruntime")
     assert info.qdq_pairs == 0 and info.int8_weights == 0 and info.rules is None
     assert "QuantizeLinear" not in _ops(tmp_path / "f.onnx")
+
+
+class _ConvFc(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_rules_accept_layers_left_in_float_and_linear_on_sequences(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    qmodel = quant.prepare(_ConvFc(), "tensorrt", exclude=["conv"])
+    ptq.calibrate(qmodel, [x])
+    rules = export_onnx(qmodel.eval(), x[:1], tmp_path / "a.onnx").rules
+    assert rules is not None and rules.passed and (rules.checked_ops, rules.float_ops) == (1, 1)
+    seq = quant.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), "tensorrt")
+    tokens = torch.randn(16, 5, 8)  # (batch, tokens, features): exports as DQ -> Transpose -> MatMul
+    ptq.calibrate(seq, [tokens])
+    rules = export_onnx(seq.eval(), tokens[:1], tmp_path / "b.onnx").rules
+    assert rules is not None and rules.passed and rules.checked_ops == 1
+
+
+def test_onnxruntime_export_of_a_shared_layer_and_of_an_unrepresentable_bias(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 8, 8)
+    qmodel = quant.prepare(_Twice(), "onnxruntime")
+    ptq.calibrate(qmodel, [x])
+    info = export_onnx(qmodel.eval(), x[:1], tmp_path / "twice.onnx")
+    assert info.int32_biases == 2  # one per call: each has its own input scale
+    model = _ConvFc()
+    with torch.no_grad():
+        model.conv.weight[0].fill_(1e-9)  # int32 bias = 5 / (s_x * 1e-9 / 127) overflows
+        model.conv.bias[0] = 5.0
+    qmodel = quant.prepare(model, "onnxruntime")
+    ptq.calibrate(qmodel, [torch.randn(16, 1, 8, 8)])
+    info = export_onnx(qmodel.eval(), torch.zeros(1, 1, 8, 8), tmp_path / "big_bias.onnx")
+    assert info.int32_biases == 1  # the conv keeps its float bias instead of a clipped one
+    raw = OrtEngine(tmp_path / "big_bias.onnx", level=Optimization.disabled)
+    probe = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert float((raw(probe) - qmodel(probe)).abs().max()) < 0.05

@@ -35,7 +35,7 @@ def test_uint8_uses_zero_point_zero_when_calibrated_nonnegative_else_midpoint() 
     q = TensorQuantizer(QuantSpec(unsigned=True), name="q")
     x = torch.linspace(0, 1, 1001)
     q.set_amax(torch.tensor(1.0), nonneg=True)
-    assert q.qparams()[1:] == (q.qparams()[1], 0, 255) and int(q.qparams()[1]) == 0
+    assert q.qparams()[2:] == (0, 255) and int(q.qparams()[1]) == 0
     assert torch.allclose(q(x), _manual(x, 1.0, 0, 255, 0, 255.0), atol=1e-6)  # 255 steps, not 127
     q.set_amax(torch.tensor(1.0), nonneg=False)
     assert int(q.qparams()[1]) == 128
@@ -157,7 +157,7 @@ def test_batchnorm_folding_is_exact_in_fake_quant_terms(digits_cnn_checkpoint) -
     x = next(iter(digits("test")))[0]
     with torch.no_grad():
         ref, out = qmodel(x), folded(x)
-    assert float((out - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert float((out - ref).abs().mean()) < 1e-4  # equal but for rare one-step rounding ties
     assert (out.argmax(1) == ref.argmax(1)).float().mean() == 1.0
 
 
@@ -187,3 +187,51 @@ def test_dead_branch_gives_a_named_amax_zero_error() -> None:
     qmodel = quant.prepare(DeadBranch(), "tensorrt")
     msg = one_line_error(DataError, ptq.calibrate, qmodel, digits("train"), "max", limit=64)
     assert "head.input_quantizer" in msg and "amax 0" in msg
+
+
+class _Dropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.dropout(x, 0.5, self.training)) + x.shape[-1]
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.aux = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_tracing_sees_the_inference_graph_and_only_tensors(target) -> None:
+    model = _Dropout().train()  # built models come in train mode: the trace must not bake dropout in
+    qmodel = quant.prepare(model, target)
+    assert qmodel.training and model.training
+    ptq.calibrate(qmodel, [torch.randn(16, 8)], "max")  # `+ x.shape[-1]` is a number, not a quantized tensor
+    qmodel.eval()
+    x = torch.randn(4, 8)
+    assert torch.equal(qmodel(x), qmodel(x))
+    assert quant.plan_of(quant.prepare(_Unused(), target)).layers == ["fc"]  # never-called layers stay as they are
+
+
+def test_prepare_leaves_the_float_models_checkpoint_alone(digits_cnn_checkpoint, tmp_path) -> None:
+    model = compress.load(digits_cnn_checkpoint)
+    quant.prepare(model, "tensorrt")
+    quant.prepare(model, "onnxruntime")
+    compress.save(model, tmp_path / "float.pt")
+    again = compress.load(tmp_path / "float.pt")
+    assert not quant.is_quantized(again)
+
+
+def test_graph_quantizer_patterns_are_checked(digits_cnn_checkpoint) -> None:
+    model = compress.load(digits_cnn_checkpoint)
+    msg = one_line_error(CompressError, quant.prepare, model, "tensorrt", exclude=["act_quant.typo"])
+    assert "pattern 'act_quant.typo' matches no graph quantizer" in msg and "act_quant.add_in1" in msg
+    qmodel = quant.prepare(model, "tensorrt", exclude=["act_quant.add_1_*"])
+    assert quant.plan_of(qmodel).graph_quantizers == ["act_quant.add_in1"]

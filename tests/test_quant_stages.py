@@ -69,13 +69,17 @@ def test_qat_after_ptq_for_tensorrt_trains_and_passes_the_rules(write_recipe, cl
     assert "calibration" not in qat_stage and qat_stage["target"] == "tensorrt"  # kept ptq's ranges
     assert len(qat_stage["finetune"]["history"]) == 2
     assert qat_stage["metrics"]["top1"] >= report["baseline"]["metrics"]["top1"] - 0.01
-    assert report["export"]["tensorrt_rules"] == {"passed": True, "checked_ops": 7, "violations": []}
+    assert report["export"]["tensorrt_rules"] == {"passed": True, "checked_ops": 7, "float_ops": 0, "violations": []}
     assert report["check"]["passed"]
     before = compress.load(out / ptq_stage["checkpoint"]).state_dict()
     after = compress.load(out / qat_stage["checkpoint"]).state_dict()
     assert not torch.equal(before["layer1.conv1.weight"], after["layer1.conv1.weight"])  # QAT trained
     assert not torch.equal(before["layer1.conv1.weight_quantizer.amax"], after["layer1.conv1.weight_quantizer.amax"])
     # BatchNorm statistics stopped moving in the epoch after freeze_bn_after
+    final = compress.load(out / "model.pt").eval()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(final(x), compress.load(out / qat_stage["checkpoint"]).eval()(x))
     steps = after["layer1.bn1.num_batches_tracked"] - before["layer1.bn1.num_batches_tracked"]
     assert steps == 1437 // 64  # one epoch of 22 steps, not two
 
@@ -135,3 +139,43 @@ def test_nan_activations_stop_calibration_naming_the_quantizer(write_recipe, cli
     msg = cli("run", write_recipe(text), "--out", out, "--quiet").error_line()
     assert "stages.0.ptq" in msg and "fc.input_quantizer: NaN or Inf activations during calibration" in msg
     assert not (out / "stages" / "01-ptq" / "metrics.json").exists() and not (out / "model.pt").exists()
+
+
+def test_options_that_would_be_ignored_are_refused_before_anything_runs(
+    write_recipe, cli, digits_cnn_checkpoint, tmp_path
+) -> None:
+    stages = "  - ptq: {}\n  - qat:\n      exclude: [fc]\n      finetune: {epochs: 1}\n"
+    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
+    msg = cli("run", recipe, "--out", tmp_path / "r", "--quiet").error_line()
+    assert "stages.1.qat.exclude: has no effect: the model is already quantized" in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_quantized_checkpoint_with_another_export_target_fails_validation(
+    write_recipe, cli, digits_cnn_checkpoint, tmp_path
+) -> None:
+    from helpers_quant import digits
+
+    from compress import ptq
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "onnxruntime")
+    ptq.calibrate(qmodel, digits("train"), limit=64)
+    compress.save(qmodel, tmp_path / "q.pt")
+    recipe = _recipe(write_recipe, tmp_path / "q.pt", "", target="tensorrt")
+    msg = cli("validate", recipe).error_line()
+    assert "stages.0.export.onnx.target: is tensorrt but the model was quantized for onnxruntime" in msg
+
+
+def test_dead_layer_amax_zero_names_stage_and_quantizer(write_recipe, cli, tmp_path) -> None:
+    text = """\
+    name: dead
+    model: {factory: "helpers_quant:dead_branch"}
+    data:
+      calibration: {source: digits, split: train, limit: 64}
+      eval: {source: digits, split: test}
+    metric: agreement
+    stages:
+      - ptq: {calibrator: max}
+    """
+    msg = cli("run", write_recipe(text), "--out", tmp_path / "run", "--quiet").error_line()
+    assert "recipe.yaml:8 stages.0.ptq" in msg and "head.input_quantizer: calibration gave amax 0" in msg

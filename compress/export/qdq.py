@@ -129,8 +129,11 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         bias = numpy_helper.to_array(graph.initializers[node.input[2]]).astype(np.float64)
         scale = (s_x.astype(np.float64).reshape(()) * s_w.astype(np.float64)).astype(np.float32)
         scale = np.broadcast_to(scale, bias.shape).copy() if scale.size > 1 else scale.reshape(())
-        q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
-        base = f"{node.input[2]}_int32"
+        ratio = np.rint(bias / scale.astype(np.float64))
+        if np.any(np.abs(ratio) > 2**31 - 1):
+            continue  # a tiny weight scale with a large bias: int32 would clip, so keep this bias float
+        q = ratio.astype(np.int32)
+        base = f"{node.output[0]}_bias_int32"  # per node: a module called twice has one bias, two scales
         g.initializer.extend([
             numpy_helper.from_array(q, base),
             numpy_helper.from_array(scale, f"{base}_scale"),

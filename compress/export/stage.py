@@ -58,6 +58,12 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
             f"{ctx.where}.engine.backend: tensorrt needs the TensorRT backend, which this version of compress "
             "does not include yet; use backend: onnxruntime"
         )
+    own = quant.target_of(model)  # no stage changes a quantized model's target, so this holds for the run
+    if own is not None and own is not config.onnx.target:
+        raise CompressError(
+            f"{ctx.where}.onnx.target: is {config.onnx.target.value} but the model was quantized for {own.value}; "
+            f"set target: {own.value}"
+        )
     if config.check is not None and config.engine is None:
         raise CompressError(f"{ctx.where}.check: needs an engine to check; add an engine block or set check: null")
 

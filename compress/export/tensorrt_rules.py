@@ -21,12 +21,29 @@ _INT8 = onnx.TensorProto.INT8
 
 @dataclass
 class RulesReport:
+    """``checked_ops`` weighted ops run quantized; ``float_ops`` were left in float on purpose (no
+    DequantizeLinear on any input, e.g. layers a recipe excluded)."""
+
     passed: bool
     checked_ops: int
     violations: list[str] = field(default_factory=list)
+    float_ops: int = 0
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "checked_ops": self.checked_ops, "violations": self.violations}
+        return {"passed": self.passed, "checked_ops": self.checked_ops, "float_ops": self.float_ops,
+                "violations": self.violations}
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _source_dq(graph: Graph, name: str) -> tuple[onnx.NodeProto | None, bool]:
+    """The DequantizeLinear feeding ``name`` and whether it feeds it directly, looking through
+    layout ops (a Linear on 3-D input exports as DQ(weight) -> Transpose -> MatMul)."""
+    node, direct = graph.producer.get(name), True
+    while node is not None and node.op_type in _LAYOUT_OPS:
+        node, direct = graph.producer.get(node.input[0]), False
+    return (node, direct) if node is not None and node.op_type == "DequantizeLinear" else (None, True)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -55,15 +72,19 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
         problems.append(f"opset {opset} < 13: per-channel DequantizeLinear needs opset 13")
 
     weight_dq: dict[str, int | None] = {}  # DQ output -> required axis
-    checked = 0
+    checked = floats = 0
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS:
             continue
+        found = [_source_dq(graph, node.input[k]) for k in (0, 1)]
+        sources = [src for src, _ in found]
+        if not any(sources):
+            floats += 1  # left in float on purpose: TensorRT runs it in float
+            continue
         checked += 1
         label = f"{node.op_type} {node.name or node.output[0]}"
-        for k in (0, 1):
-            src = graph.producer.get(node.input[k])
-            if src is None or src.op_type != "DequantizeLinear":
+        for k, src in enumerate(sources):
+            if src is None:
                 what = "data" if k == 0 else "weight"
                 problems.append(f"{label}: {what} input '{node.input[k]}' is not fed by DequantizeLinear")
                 continue
@@ -72,8 +93,8 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
                 and graph.producer[src.input[0]].op_type == "QuantizeLinear"
                 and graph.producer[src.input[0]].input[0] in graph.initializers
             )
-            if is_weight:
-                weight_dq[src.output[0]] = _weight_axis(node, k)
+            if is_weight:  # through a Transpose the output-channel axis moved: not checked then
+                weight_dq[src.output[0]] = _weight_axis(node, k) if found[k][1] else None
 
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -115,4 +136,4 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
                         f"axis {weight_dq[node.output[0]]}"
                     )
     listed = problems[:max_listed] + ([f"... {len(problems) - max_listed} more"] if len(problems) > max_listed else [])
-    return RulesReport(not problems, checked, listed)
+    return RulesReport(not problems, checked, listed, floats)

@@ -78,7 +78,10 @@ def calibrate(
         raise CompressError(f"{where}: the model has no quantizers; call compress.quant.prepare(model) first")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     start = time.perf_counter()
-    refresh_weight_amax(model)
+    try:
+        refresh_weight_amax(model)
+    except CompressError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
     calibrators: dict[str, MaxCalibrator | HistogramCalibrator] = {}
     was_training = model.training
     model.eval()
@@ -116,7 +119,10 @@ def calibrate(
             else:
                 nonneg = q.spec.unsigned and cal.nonneg
                 amax = cal.compute_amax(method, percentile=percentile, levels=256 if nonneg else 128)
-            q.set_amax(amax, nonneg=cal.nonneg)
+            try:
+                q.set_amax(amax, nonneg=cal.nonneg)
+            except CompressError as exc:
+                raise type(exc)(f"{where}: {exc}") from None
     finally:
         for _, q in acts:
             q.calibrator, q.calib_enabled = None, False

@@ -59,12 +59,30 @@ def calibration_split(ctx: StageContext) -> str:
     return "calibration" if ctx.splits.has("calibration") else "train"
 
 
+def quantized_before(model: nn.Module, ctx: StageContext) -> bool:
+    """The stage will receive a quantized model: the recipe's model is, or an earlier stage quantizes."""
+    return quant.is_quantized(model) or any(s.type in ("ptq", "qat") for s in ctx.recipe.stages[: ctx.spec.index])
+
+
 def check_quant_options(model: nn.Module, config: QuantOptions, ctx: StageContext) -> None:
-    """Dry-run checks: target agreement, layer patterns, calibration data present."""
+    """Dry-run checks: target agreement, layer patterns, calibration data present, no ignored options."""
     resolve_target(config, ctx)
-    if not quant.is_quantized(model):
+    if quantized_before(model, ctx):
+        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
+    else:
         quant.select_layers(model, config.include, config.exclude, where=ctx.where)
     ctx.splits.loader(calibration_split(ctx), needed_by=ctx.where)
+
+
+def refuse_ignored(config: QuantOptions, ctx: StageContext, options: tuple[str, ...], why: str) -> None:
+    """Options the user set that would have no effect are an error, not silently dropped.
+
+    Raises:
+        CompressError: one of ``options`` was given in the recipe.
+    """
+    given = [k for k in options if k in config.model_fields_set]
+    if given:
+        raise CompressError(f"{ctx.where}.{given[0]}: has no effect: {why}; remove it")
 
 
 def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple[nn.Module, dict]:
@@ -75,6 +93,7 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
             raise CompressError(
                 f"{ctx.where}: the model is already quantized for {quant.target_of(model).value}, not {target.value}"  # type: ignore[union-attr]
             )
+        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
         qmodel = model
     else:
         qmodel = quant.prepare(model, target, include=config.include, exclude=config.exclude, where=ctx.where)

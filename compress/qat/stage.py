@@ -9,7 +9,14 @@ from torch import nn
 
 from compress import quant
 from compress.errors import CompressError
-from compress.ptq.stage import QuantOptions, check_quant_options, quantize, resolve_target
+from compress.ptq.stage import (
+    QuantOptions,
+    check_quant_options,
+    quantize,
+    quantized_before,
+    refuse_ignored,
+    resolve_target,
+)
 from compress.qat.callback import QatCallback
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
@@ -22,8 +29,14 @@ class QatConfig(QuantOptions):
     freeze_bn_after: Annotated[int, Field(ge=0)] | None = None  # epoch from which BatchNorm statistics stop
 
 
+_CALIBRATION_OPTIONS = ("include", "exclude", "calibrator", "percentile", "limit")
+_CALIBRATED = "the model is already quantized and calibrated (by an earlier stage or its checkpoint)"
+
+
 def _check(model: nn.Module, config: QatConfig, ctx: StageContext) -> None:
     check_quant_options(model, config, ctx)
+    if quantized_before(model, ctx):
+        refuse_ignored(config, ctx, _CALIBRATION_OPTIONS, _CALIBRATED)
     ctx.splits.loader("train", needed_by=ctx.where)
 
 
@@ -32,6 +45,7 @@ def run_qat(model: nn.Module, config: QatConfig, ctx: StageContext) -> StageResu
     info: dict = {}
     if quant.is_quantized(model) and not quant.uncalibrated(model):
         qmodel = model  # after ptq: start from its calibrated ranges
+        refuse_ignored(config, ctx, _CALIBRATION_OPTIONS, _CALIBRATED)
         own, wanted = quant.target_of(model), resolve_target(config, ctx)
         if config.target is not None and own is not wanted:
             raise CompressError(f"{ctx.where}.target: is {wanted.value} but the model was quantized for {own.value}")  # type: ignore[union-attr]

@@ -61,14 +61,22 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _is_tensor(node: object) -> bool:
+    """Whether a traced value is a tensor (not a shape, size or number derived from one)."""
     if not isinstance(node, fx.Node):
         return False
-    meta = node.meta.get("tensor_meta")
-    if meta is not None or "val" in node.meta:
-        return meta is not None
-    return not (node.op == "call_method" and node.target in _NON_TENSOR_METHODS) and not (
-        node.op == "call_function" and node.target in (getattr, len)
-    )
+    if node.op in ("placeholder", "call_module", "get_attr"):
+        return True
+    if node.op == "call_method":
+        return node.target not in _NON_TENSOR_METHODS and _is_tensor(node.args[0])
+    if node.op == "call_function":
+        if node.target in (getattr, len):
+            return False
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        for a in node.args:
+            if isinstance(a, (list, tuple)):
+                inputs += [b for b in a if isinstance(b, fx.Node)]
+        return any(_is_tensor(a) for a in inputs) if inputs else False
+    return False
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -104,8 +112,10 @@ def _is_shape_op(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _from_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """The node is a quantized Conv/Linear output, possibly through a BatchNorm."""
+    """The node is a quantized Conv/Linear output, possibly through a BatchNorm (single users)."""
     if isinstance(_module(gm, node), _BATCHNORMS) and isinstance(node.args[0], fx.Node):
+        if len(node.users) != 1:
+            return False
         node = node.args[0]
     return is_quant_layer(gm, node) and len(node.users) == 1
 
@@ -125,7 +135,7 @@ def _insert_edge(gm: fx.GraphModule, value: fx.Node, consumer: fx.Node, name: st
 
 def _insert_value(gm: fx.GraphModule, value: fx.Node, name: str, spec: QuantSpec) -> None:
     target = _add_quantizer(gm, name, spec)
-    users = list(value.users)
+    users = [u for u in value.users if u.op != "output"]  # what the model returns stays float
     with gm.graph.inserting_after(value):
         q = gm.graph.call_module(target, (value,))
     for user in users:
@@ -154,6 +164,8 @@ def _place_tensorrt(gm: fx.GraphModule, spec: QuantSpec, keep: Callable[[str], b
         fused = next((a for a in inputs if _from_conv(gm, a)), None)
         for i, value in enumerate(inputs):
             name = f"{node.name}_in{i}"
+            if i and value is inputs[0]:
+                continue  # x + x: the first quantizer already feeds both inputs
             if value is not fused and keep(f"{CONTAINER}.{name}"):
                 _insert_edge(gm, value, node, name, spec)
                 names.append(f"{CONTAINER}.{name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from compress import structure
-from compress.errors import CompressError, first_line
+from compress.errors import CompressError, DataError, first_line
 from compress.quant import graph
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
@@ -91,7 +92,8 @@ def select_layers(model: nn.Module, include: Sequence[str], exclude: Sequence[st
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
                 raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no quantizable layer (layers: {shown})")
-    chosen = [n for n in names if (not include or any(fnmatch.fnmatchcase(n, p) for p in include))
+    layer_include = [p for p in include if not p.startswith(graph.CONTAINER + ".")]
+    chosen = [n for n in names if (not layer_include or any(fnmatch.fnmatchcase(n, p) for p in layer_include))
               and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not chosen:
         raise CompressError(f"{prefix}include/exclude: leave no layer to quantize")
@@ -139,27 +141,70 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
     plan = Plan()
     work = model
     if config.graph:
+        was_training = model.training
+        model.eval()  # trace the inference graph: no training-only branches (dropout, stochastic depth)
         try:
             work = graph.trace(model)
+            work.train(was_training)
         except Exception as exc:  # fx raises many types for untraceable Python
             plan.graph_skipped = f"torch.fx cannot trace the model: {first_line(exc)}"
             work = model
+        finally:
+            model.train(was_training)
     traced = isinstance(work, fx.GraphModule) and work is not model
+    if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
+        chosen = [n for n in chosen if _has_module(work, n)]
     # ONNX Runtime: quantize each tensor once at its producer (graph pass), not per consumer layer.
     layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
     for name in chosen:
         layer = work.get_submodule(name)
         _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, layer_input, name))
     plan.layers = chosen
+    offered: list[str] = []  # every graph quantizer the target would place, before include/exclude
     if traced:
         assert isinstance(work, fx.GraphModule)
-        plan.graph_quantizers = graph.place(work, config.target, activation_spec(config.target), _keeper(config))
+        keeper = _keeper(config)
+
+        def keep(name: str) -> bool:
+            offered.append(name)
+            return keeper(name)
+
+        plan.graph_quantizers = graph.place(work, config.target, activation_spec(config.target), keep)
+    _check_graph_patterns(config, offered if traced else None, where)
     work.__dict__[_TARGET_ATTR] = config.target
     work.__dict__["_compress_quant_plan"] = plan
     if origin is not None:
-        structure.set_origin(work, origin)
+        if traced:  # a new model: its record must not leak into the float model's origin
+            structure.set_origin(work, copy.deepcopy(origin))
         structure.record(work, "quant", config.to_payload())
     return work
+
+
+def _has_module(root: nn.Module, name: str) -> bool:
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _check_graph_patterns(config: QuantConfig, placed: list[str] | None, where: str) -> None:
+    """``act_quant.*`` patterns must match a graph quantizer the target would place.
+
+    Raises:
+        CompressError: such a pattern matches none (or the model did not trace).
+    """
+    prefix = f"{where}." if where else ""
+    for key, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns:
+            if not pattern.startswith(graph.CONTAINER + "."):
+                continue
+            if placed is None:
+                raise CompressError(f"{prefix}{key}: pattern '{pattern}' names graph quantizers, but torch.fx cannot trace the model")
+            candidates = placed
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
+                shown = ", ".join(candidates[:8]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 8 else "")
+                raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no graph quantizer (graph quantizers: {shown or 'none'})")
 
 
 def _keeper(config: QuantConfig):  # noqa: ANN202
@@ -211,8 +256,11 @@ def uncalibrated(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def refresh_weight_amax(model: nn.Module) -> None:
     """Per-output-channel max of |weight| into every weight quantizer (weights change during QAT)."""
-    for _, layer in quant_layers(model):
+    for name, layer in quant_layers(model):
         q = layer.weight_quantizer
         w = layer.weight.detach()
         dims = [d for d in range(w.ndim) if d != q.spec.axis]
-        q.set_amax(w.abs().amax(dim=dims))
+        amax = w.abs().amax(dim=dims)
+        if not bool(torch.isfinite(amax).all()):
+            raise DataError(f"{name}.weight contains NaN or Inf (did training diverge? try a lower lr)")
+        q.set_amax(amax)

@@ -82,7 +82,7 @@ class TensorQuantizer(nn.Module):
         """
         amax = amax.detach().to(self.amax.device, torch.float32).reshape(self.amax.shape)
         if not torch.isfinite(amax).all():
-            raise DataError(f"{self.name}: calibration gave a non-finite amax; the activations contain NaN or Inf")
+            raise DataError(f"{self.name}: calibration gave a non-finite amax (NaN or Inf in the values it saw)")
         if self.spec.axis is None and float(amax) <= 0:
             raise DataError(
                 f"{self.name}: calibration gave amax 0 (the tensor was all zeros on the calibration data); "

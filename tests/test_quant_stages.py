@@ -124,20 +124,29 @@ def test_ptq_without_calibration_or_train_data_is_an_error(write_recipe, cli, di
     assert "stages.0.ptq" in msg and "needs data.train" in msg
 
 
-def test_nan_activations_stop_calibration_naming_the_quantizer(write_recipe, cli, tmp_path) -> None:
-    text = """\
-    name: nan
-    model: {factory: "helpers_quant:nan_after_conv"}
-    data:
-      calibration: {source: digits, split: train, limit: 64}
-      eval: {source: digits, split: test}
-    metric: agreement
-    stages:
-      - ptq: {calibrator: max}
-    """
+BAD_ACTIVATIONS = """\
+name: bad
+model: {{factory: "helpers_quant:{factory}"}}
+data:
+  calibration: {{source: digits, split: train, limit: 64}}
+  eval: {{source: digits, split: test}}
+metric: agreement
+stages:
+  - ptq: {{calibrator: max}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        ("nan_after_conv", "fc.input_quantizer: NaN or Inf activations during calibration"),
+        ("dead_branch", "head.input_quantizer: calibration gave amax 0"),
+    ],
+)
+def test_bad_activations_stop_calibration_naming_stage_and_quantizer(write_recipe, cli, tmp_path, factory, expected) -> None:
     out = tmp_path / "run"
-    msg = cli("run", write_recipe(text), "--out", out, "--quiet").error_line()
-    assert "stages.0.ptq" in msg and "fc.input_quantizer: NaN or Inf activations during calibration" in msg
+    msg = cli("run", write_recipe(BAD_ACTIVATIONS.format(factory=factory)), "--out", out, "--quiet").error_line()
+    assert "recipe.yaml:8 stages.0.ptq" in msg and expected in msg
     assert not (out / "stages" / "01-ptq" / "metrics.json").exists() and not (out / "model.pt").exists()
 
 
@@ -164,18 +173,3 @@ def test_quantized_checkpoint_with_another_export_target_fails_validation(
     recipe = _recipe(write_recipe, tmp_path / "q.pt", "", target="tensorrt")
     msg = cli("validate", recipe).error_line()
     assert "stages.0.export.onnx.target: is tensorrt but the model was quantized for onnxruntime" in msg
-
-
-def test_dead_layer_amax_zero_names_stage_and_quantizer(write_recipe, cli, tmp_path) -> None:
-    text = """\
-    name: dead
-    model: {factory: "helpers_quant:dead_branch"}
-    data:
-      calibration: {source: digits, split: train, limit: 64}
-      eval: {source: digits, split: test}
-    metric: agreement
-    stages:
-      - ptq: {calibrator: max}
-    """
-    msg = cli("run", write_recipe(text), "--out", tmp_path / "run", "--quiet").error_line()
-    assert "recipe.yaml:8 stages.0.ptq" in msg and "head.input_quantizer: calibration gave amax 0" in msg

@@ -116,8 +116,8 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             **int8_summary(engine_path),
         }
         if config.check is not None:
-            references = {"baseline": lambda: ctx.baseline_outputs, "model": lambda: ctx.input_model_outputs(model)}
-            reference = references[config.check.reference]()
+            model_out = ctx.input_model_outputs(model)  # one eval pass: reference and onnx_vs_model share it
+            reference = ctx.baseline_outputs if config.check.reference == "baseline" else model_out
             result = compare(
                 engine_out,
                 reference,
@@ -128,7 +128,6 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             )
             report["check"] = {"reference": config.check.reference, **result.to_dict()}
             if quantized:
-                model_out = ctx.input_model_outputs(model)
                 report["check"]["onnx_vs_model"] = metrics.fidelity(outs[1].logits, model_out.logits)
                 report["check"]["engine_vs_onnx"] = metrics.fidelity(engine_out.logits, outs[1].logits)
             passed = passed and result.passed

@@ -25,7 +25,28 @@ class Method(str, Enum):
     mse = "mse"
 
 
-class MaxCalibrator:
+class _Range:
+    """The running minimum every calibrator keeps: whether it saw data, and whether all of it was >= 0."""
+
+    min: torch.Tensor | None = None
+
+    def _observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min, max)`` of ``x``, checked finite, folded into the running minimum."""
+        low, high = torch.aminmax(x)
+        _check_finite(low, high)
+        self.min = low if self.min is None else torch.minimum(self.min, low)
+        return low, high
+
+    @property
+    def seen(self) -> bool:
+        return self.min is not None
+
+    @property
+    def nonneg(self) -> bool:
+        return self.min is not None and float(self.min) >= 0
+
+
+class MaxCalibrator(_Range):
     """Running max of |x| (per tensor)."""
 
     def __init__(self) -> None:
@@ -33,30 +54,19 @@ class MaxCalibrator:
 
     def reset(self) -> None:
         self.amax: torch.Tensor | None = None
-        self.min: torch.Tensor | None = None
+        self.min = None
 
     def collect(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        low, high = torch.aminmax(x)
-        _check_finite(low, high)
+        low, high = self._observe(x.detach().float())
         amax = torch.maximum(-low, high)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
-        self.min = low if self.min is None else torch.minimum(self.min, low)
-
-    @property
-    def seen(self) -> bool:
-        return self.amax is not None
-
-    @property
-    def nonneg(self) -> bool:
-        return self.min is not None and float(self.min) >= 0
 
     def compute_amax(self) -> torch.Tensor:
         assert self.amax is not None
         return self.amax
 
 
-class HistogramCalibrator:
+class HistogramCalibrator(_Range):
     """Histogram of |x| over ``bins`` equal bins from 0 to a power-of-two multiple of the first max.
 
     When a batch exceeds the range, the range doubles (as often as needed) and neighbouring bins
@@ -72,21 +82,11 @@ class HistogramCalibrator:
     def reset(self) -> None:
         self.hist: torch.Tensor | None = None
         self.range = 0.0
-        self.min: torch.Tensor | None = None
-
-    @property
-    def seen(self) -> bool:
-        return self.min is not None
-
-    @property
-    def nonneg(self) -> bool:
-        return self.min is not None and float(self.min) >= 0
+        self.min = None
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        low, high = torch.aminmax(x)
-        _check_finite(low, high)
-        self.min = low if self.min is None else torch.minimum(self.min, low)
+        low, high = self._observe(x)
         top = float(torch.maximum(-low, high))
         x = x.abs().flatten()
         if self.hist is None:

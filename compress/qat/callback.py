@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from compress.quant import refresh_weight_amax
+from compress.quant.layers import BATCHNORMS
 from compress.train import Callback, TrainState
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class QatCallback(Callback):
@@ -24,7 +21,7 @@ class QatCallback(Callback):
     def before_step(self, state: TrainState) -> None:
         if self.freeze_bn_after is not None and state.epoch >= self.freeze_bn_after:
             for m in state.model.modules():
-                if isinstance(m, _BATCHNORMS) and m.training:
+                if isinstance(m, BATCHNORMS) and m.training:
                     m.eval()
 
     def after_step(self, state: TrainState) -> None:

@@ -14,9 +14,8 @@ import torch
 from torch import fx, nn
 
 from compress.quant import graph
-from compress.quant.layers import QuantLayer
+from compress.quant.layers import BATCHNORMS, QuantLayer
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -52,7 +51,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             return work
     changed = False
     for node in list(work.graph.nodes):
-        if node.op != "call_module" or not isinstance(work.get_submodule(str(node.target)), _BATCHNORMS):
+        if node.op != "call_module" or not isinstance(work.get_submodule(str(node.target)), BATCHNORMS):
             continue
         source = node.args[0]
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from compress.quant.layers import QuantLayer
+from compress.quant.layers import BATCHNORMS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec, Target
 
@@ -32,10 +32,6 @@ _POOL_FNS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2
              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Ops that only move data: ONNX Runtime passes Q/DQ through them, so quantize before them.
-_SHAPE_FNS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout}
-_SHAPE_METHODS = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist"}
 
 
@@ -103,17 +99,9 @@ def is_quant_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(_module(gm, node), QuantLayer)
 
 
-def _is_shape_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _SHAPE_FNS
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    return isinstance(_module(gm, node), (nn.Flatten, nn.Dropout, nn.Identity))
-
-
 def _from_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     """The node is a quantized Conv/Linear output, possibly through a BatchNorm (single users)."""
-    if isinstance(_module(gm, node), _BATCHNORMS) and isinstance(node.args[0], fx.Node):
+    if isinstance(_module(gm, node), BATCHNORMS) and isinstance(node.args[0], fx.Node):
         if len(node.users) != 1:
             return False
         node = node.args[0]

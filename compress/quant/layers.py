@@ -41,9 +41,6 @@ class QuantLayer:
         )
         return new
 
-    def float_class(self) -> type[nn.Module]:
-        return type(self).__mro__[1]
-
 
 class QuantConv1d(nn.Conv1d, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +74,8 @@ class QuantLinear(nn.Linear, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # Exact float types only: a user's subclass of nn.Conv2d may change forward in ways we would lose.
 QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {

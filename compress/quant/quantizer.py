@@ -96,8 +96,7 @@ class TensorQuantizer(nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``(scale, zero_point, quant_min, quant_max)`` for the torch fake-quant ops."""
         qmin, qmax, zero, levels = self.spec.qrange(bool(self.nonneg))
-        scale = self.amax / levels
-        return scale, self._zero_point(zero), qmin, qmax
+        return self.amax / levels, self._zero_point(zero), qmin, qmax
 
     def _zero_point(self, zero: int) -> torch.Tensor:
         # A plain cached tensor (not derived from a buffer) traces as an ONNX constant.
@@ -118,22 +117,22 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.quant_enabled:
             return x
-        if torch.jit.is_tracing() or not torch.isnan(self.amax).any():
-            scale, zp, qmin, qmax = self.qparams()
-        else:
+        tracing = torch.jit.is_tracing()
+        if not tracing and torch.isnan(self.amax).any():
             raise CompressError(
                 f"{self.name or 'quantizer'}: never calibrated; run a ptq stage (or compress.ptq.calibrate) first"
             )
+        qmin, qmax, zero, levels = self.spec.qrange(bool(self.nonneg))
+        scale = self.amax / levels
         y = x if x.dtype == torch.float32 else x.float()  # (AMP) the fake-quant ops take float32
-        if not torch.jit.is_tracing():
+        if not tracing:
             if self.spec.axis is not None:
                 shape = [1] * y.ndim
                 shape[self.spec.axis] = -1
                 scale = scale.reshape(shape)
-            qmin, qmax, zero, _ = self.spec.qrange(bool(self.nonneg))
             y = _FakeQuantize.apply(y, scale, zero, qmin, qmax)
         elif self.spec.axis is None:
-            y = torch.fake_quantize_per_tensor_affine(y, scale, zp, qmin, qmax)
+            y = torch.fake_quantize_per_tensor_affine(y, scale, self._zero_point(zero), qmin, qmax)
         else:
-            y = torch.fake_quantize_per_channel_affine(y, scale, zp, self.spec.axis, qmin, qmax)
+            y = torch.fake_quantize_per_channel_affine(y, scale, self._zero_point(zero), self.spec.axis, qmin, qmax)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 
 class Target(str, Enum):
@@ -40,13 +39,6 @@ class QuantSpec:
         if not 2 <= self.num_bits <= 8:
             raise ValueError(f"num_bits must be within 2..8, not {self.num_bits}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        return cls(**data)
-
     def qrange(self, nonneg: bool) -> tuple[int, int, int, float]:
         """``(quant_min, quant_max, zero_point, levels)``: ``scale = amax / levels``."""
         if self.unsigned:
@@ -61,7 +53,3 @@ class QuantSpec:
 
 def activation_spec(target: Target) -> QuantSpec:
     return QuantSpec(unsigned=target is Target.onnxruntime)
-
-
-def weight_spec(axis: int = 0) -> QuantSpec:
-    return QuantSpec(axis=axis)

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_models  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 from compress import ptq, quant  # noqa: E402
 from compress.export.onnx import export_onnx  # noqa: E402
@@ -134,13 +135,7 @@ def p50_ms(engines: dict[str, OrtEngine], sample: torch.Tensor, iters: int) -> d
     """p50 latency at batch 8 (``sample`` repeated, as compress.export.bench.latency builds it) after 5
     warm-up runs; the engines take turns run by run so background load hits all alike."""
     x = sample[:1].expand(8, *sample.shape[1:]).contiguous()
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for i in range(5 + iters):
-        for name, engine in engines.items():
-            start = time.perf_counter()
-            engine(x)
-            if i >= 5:
-                times[name].append((time.perf_counter() - start) * 1000)
+    times = interleaved_ms({name: (lambda e=engine: e(x)) for name, engine in engines.items()}, iters)
     return {name: float(np.percentile(ts, 50)) for name, ts in times.items()}
 
 

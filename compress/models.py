@@ -208,13 +208,13 @@ def save(
     """
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     origin = structure.origin_of(model)
-    if factory is None and origin is None:
+    if factory is None and (origin is None or not origin.factory):
         raise CompressError("compress.save: this model was not built by compress; pass factory='module:callable'")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "factory": factory or origin.factory,  # type: ignore[union-attr]
-        "kwargs": dict(kwargs if kwargs is not None else origin.kwargs),  # type: ignore[union-attr]
+        "kwargs": dict(kwargs if kwargs is not None else origin.kwargs if origin else {}),
         "structure": copy.deepcopy(origin.structure) if origin else [],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": json.loads(json.dumps(metadata or {})),

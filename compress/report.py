@@ -51,6 +51,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _pruning(stages: list[dict[str, Any]]) -> list[str]:
+    """One line per prune stage: what went, and what could not be pruned and why."""
+    lines = []
+    for i, s in enumerate(stages):
+        p = s.get("prune")
+        if not p:
+            continue
+        if p["method"] == "channel":
+            line = (f"- {i + 1}. channel ({p['importance']}, {p['scope']}): MACs / {p['macs_reduction']:.2f}, "
+                    f"{len(p['steps'])} step(s), {p['resized_modules']} modules resized")
+            line += "".join(f"; `{root}` kept ({why})" for root, why in p["skipped"].items())
+        else:
+            line = f"- {i + 1}. l1_unstructured ({p['scope']}): {p['sparsity']:.1%} of {p['weights']:,} weights are zero"
+        lines.append(line)
+    return ["", "## Pruning", "", *lines] if lines else []
+
+
 def markdown(doc: dict[str, Any]) -> str:
     metric = doc["metric"]
     rows = [("baseline", doc["baseline"], None)] + [
@@ -70,6 +87,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(entry.get('nonzero_params', entry['params']))} | {_fmt(entry['macs'])} | "
             f"{'' if seconds is None else f'{seconds:.1f}'} |"
         )
+    lines += _pruning(doc["stages"])
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "

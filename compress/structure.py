@@ -50,10 +50,13 @@ def set_origin(model: nn.Module, origin: Origin) -> None:
 
 
 def record(model: nn.Module, kind: str, payload: dict[str, Any]) -> None:
-    """Append a structural change to the model's origin (no-op for models compress did not build)."""
+    """Append a structural change to the model's origin. A model compress did not build gets an origin
+    with no factory, so ``compress.save(model, path, factory=...)`` still stores the change."""
     origin = origin_of(model)
-    if origin is not None:
-        origin.structure.append({"kind": kind, "payload": payload})
+    if origin is None:
+        origin = Origin(factory="")
+        set_origin(model, origin)
+    origin.structure.append({"kind": kind, "payload": payload})
 
 
 def replay(model: nn.Module, structure: list[dict[str, Any]], source: str) -> nn.Module:

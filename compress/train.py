@@ -162,6 +162,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     epoch: int = 0
     step: int = 0
+    total_steps: int = 0  # optimizer steps the whole fine-tune will take (epochs x batches per epoch)
     inputs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     outputs: torch.Tensor | None = None
@@ -183,6 +184,11 @@ class Callback:
         """Called after ``optimizer.step()`` (e.g. to re-apply sparsity masks)."""
 
     def on_epoch_end(self, state: TrainState) -> None: ...
+
+    def epoch_is_result(self, state: TrainState) -> bool:
+        """False while the weights are not yet a finished result (a pruning schedule still ramping up):
+        ``keep_best`` then does not pick this epoch."""
+        return True
 
 
 @dataclass
@@ -314,7 +320,7 @@ def _finetune(
     else:
         net = model
     criterion = loss_fn or nn.functional.cross_entropy
-    state = TrainState(model=model, optimizer=optimizer)
+    state = TrainState(model=model, optimizer=optimizer, total_steps=config.epochs * len(loader))
     result = FinetuneResult()
     best_state: dict[str, torch.Tensor] | None = None
     for cb in callbacks:
@@ -370,7 +376,8 @@ def _finetune(
         if evaluate is not None:
             _sync_buffers(model)
             entry["score"] = score = float(evaluate(model))
-            if config.keep_best and (result.best_score is None or score > result.best_score):
+            eligible = all(getattr(cb, "epoch_is_result", lambda _s: True)(state) for cb in callbacks)
+            if config.keep_best and eligible and (result.best_score is None or score > result.best_score):
                 result.best_score, result.best_epoch = score, epoch + 1
                 best_state = copy.deepcopy(model.state_dict())
         result.history.append(entry)

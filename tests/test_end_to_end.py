@@ -106,7 +106,9 @@ def test_int8_demo_recipe_runs_int8_kernels_within_half_a_point(baseline, tmp_pa
                  "--set", f"model.checkpoint={baseline / 'model.pt'}"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert [s["type"] for s in report["stages"]] == ["ptq", "qat"]
+    assert [s["type"] for s in report["stages"]] == ["prune", "ptq", "qat"]
+    assert report["baseline"]["macs"] / report["stages"][-1]["macs"] >= 2.0  # channel pruning: half the MACs
+    assert report["check"]["reference"] == "baseline"  # checked against the unpruned FP32 model
     fp32 = report["baseline"]["metrics"]["top1"]
     assert (fp32 - report["engine"]["metrics"]["top1"]) * 100 <= 0.5
     assert report["export"]["quantized"] and report["export"]["qdq_pairs"] > 0

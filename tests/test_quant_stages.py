@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from helpers_recipes import read_report, stage_recipe
 
 import compress
 from compress import quant
 
-RECIPE = """\
-name: q
-model:
-  checkpoint: {checkpoint}
-data:
-  train: {{source: digits, split: train, batch_size: 64}}
-  calibration: {{source: digits, split: train, limit: 256}}
-  eval: {{source: digits, split: test, batch_size: 256}}
-stages:
-{stages}
-"""
-
-EXPORT = """\
-  - export:
-      onnx: {{target: {target}}}
-      engine: {{batch_sizes: [1], bench_iters: 2}}
-      check: {{max_drop: 1.0, min_agreement: 0.99}}
-"""
-
-
-def _recipe(write_recipe, checkpoint: Path, stages: str, target: str | None = "onnxruntime") -> Path:
-    text = RECIPE.format(checkpoint=checkpoint, stages=stages + (EXPORT.format(target=target) if target else ""))
-    return write_recipe(text)
-
-
-def _report(run_dir: Path) -> dict:
-    return json.loads((run_dir / "report.json").read_text())
+_recipe, _report = stage_recipe, read_report
 
 
 @pytest.mark.slow

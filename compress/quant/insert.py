@@ -17,6 +17,7 @@ from compress.quant import graph
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import Target, activation_spec
+from compress.select import select_names
 
 _TARGET_ATTR = "_compress_quant_target"
 
@@ -81,23 +82,9 @@ def select_layers(model: nn.Module, include: Sequence[str], exclude: Sequence[st
     Raises:
         CompressError: a pattern matches nothing, or nothing is left to quantize.
     """
-    names = quantizable_layers(model)
-    prefix = f"{where}." if where else ""
-    if not names:
-        raise CompressError(f"{where or 'quantize'}: the model has no Conv/ConvTranspose2d/Linear layer to quantize")
-    for key, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns:
-            if pattern.startswith(graph.CONTAINER + "."):
-                continue  # graph quantizer names exist only after tracing
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-                raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no quantizable layer (layers: {shown})")
-    layer_include = [p for p in include if not p.startswith(graph.CONTAINER + ".")]
-    chosen = [n for n in names if (not layer_include or any(fnmatch.fnmatchcase(n, p) for p in layer_include))
-              and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
-    if not chosen:
-        raise CompressError(f"{prefix}include/exclude: leave no layer to quantize")
-    return chosen
+    return select_names(quantizable_layers(model), include, exclude, where=where or "quantize",
+                        what="quantizable layer (Conv/ConvTranspose2d/Linear)",
+                        deferred=lambda p: p.startswith(graph.CONTAINER + "."))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,345 @@
+"""Structured channel pruning: remove whole output channels (and all that depends on them).
+
+Which channels go is decided here: importance per coupled group (L1, L2 or BatchNorm scale), per
+layer (``local``) or across the model (``global``), rounded to ``round_to`` channels, to a ratio or
+to a target MACs reduction, in one or several steps. The surgery itself runs through Torch-Pruning's
+dependency graph (``graph.py``); the resulting shapes are recorded for pickle-free checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError, first_line
+from compress.profile import count_macs
+from compress.prune import graph, plan
+from compress.prune.unstructured import Scope, check_ratio, to_enum, weighted_layers
+from compress.select import select_names
+
+
+class Importance(str, Enum):
+    l1 = "l1"  # sum of |w| of a channel over every layer of its group
+    l2 = "l2"
+    bn_scale = "bn_scale"  # |gamma| of the BatchNorms in the group (network slimming); l1 where none
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    importance: Importance = Importance.l1
+    scope: Scope = Scope.local
+    round_to: int | None = None  # keep a multiple of this many channels (tensor cores like 8 or 16)
+    include: tuple[str, ...] = ()  # layers whose output channels may go (a coupled group needs all of them)
+    exclude: tuple[str, ...] = ()
+
+
+class _TooFar(CompressError):
+    """Pruning at this ratio would leave a layer with no channel."""
+
+
+def _scorer(kind: Importance) -> Any:
+    import torch_pruning as tp
+
+    if kind is Importance.bn_scale:
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupMagnitudeImportance(p=1 if kind is Importance.l1 else 2)
+
+
+@dataclass
+class ChannelPruner:
+    """Prunes ``model``'s output channels in place, possibly over several steps.
+
+    ``ratio`` always counts against the channels each group had at the first step, so steps of
+    0.25 then 0.5 end with half the channels gone. Call :meth:`finish` to record the plan.
+
+    Args:
+        model: pruned in place.
+        example: one input batch; the dependency graph is traced on it.
+        options: importance, scope, round_to, include/exclude.
+        where: the recipe location or API name that errors start with.
+
+    Raises:
+        CompressError: the tracer cannot follow the model, a pattern matches nothing, no group is prunable.
+    """
+
+    model: nn.Module
+    example: torch.Tensor
+    options: ChannelOptions = field(default_factory=ChannelOptions)
+    where: str = "prune"
+    initial: dict[str, int] = field(default_factory=dict)  # group root -> units at the first step
+    _current: str = field(default="", init=False, repr=False)  # the group being pruned, for error messages
+
+    def __post_init__(self) -> None:
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            self.example = self.example.to(param.device)
+        try:
+            self._out_shape = self._output_shape(self.model)
+        except Exception as exc:  # a user's forward can raise anything
+            raise CompressError(f"{self.where}: the model's forward fails on the example input: {first_line(exc)}") from None
+        self._before = plan.snapshot(self.model)
+        self._macs0 = count_macs(self.model, self.example)
+        self.skipped: dict[str, str] = {}  # group root -> why it was kept, at the last prune()
+
+    @property
+    def macs_before(self) -> int:
+        return self._macs0
+
+    def prune(self, ratio: float) -> dict[str, list[int]]:
+        """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``."""
+        check_ratio(ratio, self.where)
+        backup, initial = copy.deepcopy(self.model), dict(self.initial)
+        self.skipped = {}
+        try:
+            changed = self._prune(self.model, ratio, self.initial, self.skipped)
+            failure = self._forward_failure(self.model)
+        except BaseException as exc:
+            self._restore(backup, initial)  # the model stays as it was before this call
+            if isinstance(exc, CompressError) or not isinstance(exc, Exception):
+                raise
+            raise CompressError(f"{self.where}: pruning the output channels of layer '{self._current}' fails "
+                                f"({first_line(exc)}); exclude it") from None
+        if failure is not None:
+            self._restore(backup, initial)
+            raise self._localised(ratio, failure, list(changed))
+        frozen = {n for n, p in backup.named_parameters() if not p.requires_grad}
+        for name, param in self.model.named_parameters():  # resized parameters are new: keep them frozen
+            if name in frozen:
+                param.requires_grad_(False)
+        return changed
+
+    def _restore(self, backup: nn.Module, initial: dict[str, int]) -> None:
+        self.model.__dict__.clear()
+        self.model.__dict__.update(backup.__dict__)
+        self.initial = initial
+
+    def _localised(self, ratio: float, failure: str, roots: list[str]) -> CompressError:
+        """The error for a forward that pruning broke, naming the first group whose pruning alone breaks it."""
+        culprit = next((root for root in roots if self._forward_failure(self._prune_copy(ratio, root))), None)
+        return CompressError(f"{self.where}: " + (f"pruning the output channels of layer '{culprit}' " if culprit
+                                                  else "pruning ") + failure)
+
+    def prune_to_macs(self, reduction: float, *, tolerance: float = 1 / 256) -> tuple[float, dict[str, list[int]]]:
+        """Prune until MACs(before) / MACs(after) reaches ``reduction``; returns the ratio used and the changes.
+
+        The ratio is found by bisection on copies of the model (each probe prunes a copy and counts MACs).
+
+        Raises:
+            CompressError: ``reduction`` <= 1, or no ratio up to 0.99 reaches it.
+        """
+        if reduction <= 1.0:
+            raise CompressError(f"{self.where}.macs_reduction: {reduction} must be > 1")
+        target = self._macs0 / reduction
+
+        def macs_at(ratio: float) -> int | None:
+            probe = copy.deepcopy(self.model)
+            try:
+                changed = self._prune(probe, ratio, dict(self.initial), {})
+            except _TooFar:  # a layer would lose every channel (scope: global): too far
+                return None
+            except CompressError:
+                raise
+            except Exception:  # raise what prune() would say, naming the layer (the model is restored)
+                self.prune(ratio)
+                raise
+            failure = self._forward_failure(probe)
+            if failure is not None:
+                raise self._localised(ratio, failure, list(changed))
+            return count_macs(probe, self.example)
+
+        low, high = 0.0, 0.99
+        while high - low > tolerance:
+            mid = (low + high) / 2
+            macs = macs_at(mid)
+            low, high = (mid, high) if macs is not None and macs > target else (low, mid)
+        reached = macs_at(high)
+        if reached is None or reached > target:
+            best = macs_at(low) or self._macs0
+            raise CompressError(f"{self.where}.macs_reduction: {reduction:g}x is out of reach; pruning gets at most "
+                                f"about {self._macs0 / max(best, 1):.2f}x")
+        return high, self.prune(high)
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Record the new shapes in the model's origin (for checkpoints); returns them per module."""
+        return plan.record(self.model, self._before)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _prune_copy(self, ratio: float, only: str) -> nn.Module:
+        probe = copy.deepcopy(self.model)
+        self._prune(probe, ratio, dict(self.initial), {}, only=only)
+        return probe
+
+    def _prune(self, model: nn.Module, ratio: float, initial: dict[str, int], skipped: dict[str, str],
+               only: str | None = None) -> dict[str, list[int]]:
+        opts = self.options
+        selected = set(select_names(weighted_layers(model), opts.include, opts.exclude,
+                                    where=self.where, what="Conv/Linear layer to prune"))
+        traced = graph.trace(model, self.example, self.where)
+        dg, frozen = traced.dg, traced.output_layers
+        lost = [name for name in traced.lost if name in selected]
+        if lost:
+            raise CompressError(
+                f"{self.where}: the dependency tracer cannot follow the model past layer '{lost[0]}': its output "
+                "leaves autograd (.detach(), .numpy(), torch.no_grad() in forward); exclude it or keep forward differentiable"
+            )
+        chosen: list[graph.Group] = []
+        for g in graph.groups(dg, model):
+            why = self._why_skipped(g, selected, frozen)
+            if why:
+                skipped[g.root] = why
+            elif only in (None, g.root):
+                chosen.append(g)
+        if not chosen:
+            raise CompressError(f"{self.where}: no channel group can be pruned ({self._skip_summary(skipped)})")
+        scores = {g.root: self._score(g) for g in chosen}
+        for g in chosen:
+            initial.setdefault(g.root, g.units)
+        counts = self._counts(chosen, scores, ratio, initial)
+        changed = {}
+        for g in chosen:
+            n = counts[g.root]
+            if n <= 0:
+                continue
+            self._current = g.root
+            order = torch.argsort(scores[g.root], stable=True)[:n]
+            idxs = torch.cat([order + k * g.units for k in range(g.ch_groups)]).tolist()
+            root = model.get_submodule(g.root)
+            group = dg.get_pruning_group(root, g.tp_group[0].dep.handler, idxs)
+            if not dg.check_pruning_group(group):
+                raise self._every_channel(g, ratio)
+            group.prune()
+            changed[g.root] = [g.channels, g.channels - len(idxs)]
+        return changed
+
+    def _why_skipped(self, g: graph.Group, selected: set[str], frozen: set[str]) -> str | None:
+        if g.channels <= 1:
+            return "a single channel"
+        if g.unsupported:
+            return g.unsupported
+        for layer in g.layers:
+            if layer in frozen:
+                return f"feeds the model's output through '{layer}'"
+            if layer not in selected:
+                return ("left out by include/exclude" if layer == g.root
+                        else f"coupled with '{layer}', which include/exclude leaves out")
+        return None
+
+    def _skip_summary(self, skipped: dict[str, str]) -> str:
+        shown = [f"{root}: {why}" for root, why in list(skipped.items())[:3]]
+        return "; ".join(shown) or "the model has no Conv/Linear output channels to remove"
+
+    def _score(self, g: graph.Group) -> torch.Tensor:
+        imp = _scorer(self.options.importance)(g.tp_group)
+        if imp is None:  # bn_scale on a group without BatchNorm
+            imp = _scorer(Importance.l1)(g.tp_group)
+        imp = imp.detach().float().cpu()
+        return imp.view(g.ch_groups, -1).mean(0) if g.ch_groups > 1 else imp
+
+    def _counts(self, chosen: list[graph.Group], scores: dict[str, torch.Tensor], ratio: float,
+                initial: dict[str, int]) -> dict[str, int]:
+        """Channels (per conv group) each group loses now."""
+        if Scope(self.options.scope) is Scope.local:
+            keep = {g.root: initial[g.root] - math.floor(initial[g.root] * ratio) for g in chosen}
+        else:
+            total0 = sum(initial[g.root] for g in chosen)
+            gone = total0 - sum(g.units for g in chosen)
+            need = max(math.floor(total0 * ratio) - gone, 0)
+            flat = torch.cat([scores[g.root] for g in chosen])
+            lowest = torch.zeros(len(flat), dtype=torch.bool)
+            lowest[torch.argsort(flat, stable=True)[:need]] = True
+            keep, start = {}, 0
+            for g in chosen:
+                keep[g.root] = g.units - int(lowest[start : start + g.units].sum())
+                start += g.units
+        counts = {}
+        for g in chosen:
+            k = keep[g.root]
+            if self.options.round_to and g.ch_groups == 1:
+                k = min(math.ceil(k / self.options.round_to) * self.options.round_to, g.units)
+            if k <= 0:
+                raise self._every_channel(g, ratio)
+            counts[g.root] = max(g.units - k, 0)
+        return counts
+
+    def _every_channel(self, g: graph.Group, ratio: float) -> CompressError:
+        return _TooFar(
+            f"{self.where}: ratio {ratio:g} ({Scope(self.options.scope).value}) would remove every output channel "
+            f"of layer '{g.root}'; lower the ratio, exclude the layer, or use scope: local"
+        )
+
+    @torch.no_grad()
+    def _output_shape(self, model: nn.Module) -> Any:
+        was_training = model.training
+        model.eval()
+        try:
+            out = model(self.example)
+        finally:
+            model.train(was_training)
+        return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+    def _forward_failure(self, model: nn.Module) -> str | None:
+        """Why the pruned model no longer works (forward fails or its output shape changed), or None."""
+        try:
+            shape = self._output_shape(model)
+        except Exception as exc:  # a user's forward can raise anything
+            return (f"breaks the model's forward ({first_line(exc)}); a reshape in forward likely hard-codes "
+                    "a channel count: exclude that layer")
+        if shape != self._out_shape:
+            return (f"changes the model's output shape from {list(self._out_shape or [])} to {list(shape or [])}: "
+                    "exclude the layer that produces the output")
+        return None
+
+
+def channels(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratio: float | None = None,
+    *,
+    macs_reduction: float | None = None,
+    importance: Importance | str = Importance.l1,
+    scope: Scope | str = Scope.local,
+    round_to: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> nn.Module:
+    """Remove output channels of ``model`` in place, with everything that depends on them; returns it.
+
+    The model gets physically smaller (fewer filters, smaller BatchNorms and next-layer inputs), across
+    residual adds, concatenations, depthwise/grouped convs and Linear heads. The layer producing the
+    model's output keeps its channels. Fine-tune afterwards (``compress.finetune``).
+
+    Args:
+        example_input: a batch the model accepts; the dependency graph is traced on it.
+        ratio: fraction of each group's output channels to remove, in [0, 1). Removing 50% of the
+            channels of a conv net cuts its MACs about 4x (inputs and outputs both halve).
+        macs_reduction: instead of ``ratio``: target MACs(before) / MACs(after), e.g. 2.0.
+        importance: ``l1`` (default), ``l2`` or ``bn_scale``.
+        scope: ``local`` (each group loses ``ratio``) or ``global`` (one ranking across groups).
+        round_to: keep a multiple of this many channels per layer.
+        include/exclude: layer-name patterns of the layers whose output channels may go.
+
+    Raises:
+        CompressError: bad ratio, patterns matching no layer, a model the tracer cannot follow, a
+            layer that would lose every channel, or a forward that breaks after pruning.
+    """
+    if (ratio is None) == (macs_reduction is None):
+        raise CompressError("prune.channels: give either ratio or macs_reduction")
+    if round_to is not None and round_to < 1:
+        raise CompressError(f"prune.channels.round_to: {round_to} must be >= 1")
+    options = ChannelOptions(to_enum(Importance, importance, "prune.channels.importance"),
+                             to_enum(Scope, scope, "prune.channels.scope"), round_to, tuple(include), tuple(exclude))
+    pruner = ChannelPruner(model, example_input, options, where="prune.channels")
+    if macs_reduction is not None:
+        pruner.prune_to_macs(macs_reduction)
+    else:
+        pruner.prune(float(ratio))  # type: ignore[arg-type]
+    pruner.finish()
+    return model

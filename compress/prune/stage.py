@@ -1,0 +1,135 @@
+"""``prune``: L1 unstructured (masks held through the fine-tune) or channel pruning (a smaller model)."""
+
+from __future__ import annotations
+
+import copy
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.errors import CompressError
+from compress.models import count_params
+from compress.profile import count_macs
+from compress.prune.channel import ChannelOptions, ChannelPruner, Importance
+from compress.prune.schedule import Curve, Schedule
+from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
+from compress.ptq.stage import quantized_before
+from compress.recipe import Strict
+from compress.select import select_names
+from compress.stages.context import StageContext, StageResult
+from compress.stages.registry import register
+from compress.stages.train import stage_finetune
+from compress.train import FinetuneConfig
+
+Ratio = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Method(str, Enum):
+    l1_unstructured = "l1_unstructured"
+    channel = "channel"
+
+
+class ScheduleConfig(Strict):
+    steps: Annotated[int, Field(ge=1)]
+    start_ratio: Ratio = 0.0
+    end_ratio: Ratio
+    curve: Curve = Curve.cubic
+    end_at: Annotated[float, Field(gt=0, le=1)] = 0.75  # fraction of the fine-tune by which end_ratio is reached
+
+
+_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps")
+_L1_ONLY = ("schedule",)
+
+
+class PruneConfig(Strict):
+    method: Method
+    ratio: Ratio | None = None  # channel: fraction of each group's channels; l1: of the weights
+    macs_reduction: Annotated[float, Field(gt=1)] | None = None  # channel: MACs before / after, instead of ratio
+    schedule: ScheduleConfig | None = None  # l1: gradual pruning across the fine-tune, instead of ratio
+    importance: Importance = Importance.l1
+    scope: Scope = Scope.local
+    round_to: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        wrong = _L1_ONLY if self.method is Method.channel else _CHANNEL_ONLY
+        given = [k for k in wrong if k in self.model_fields_set]
+        if given:
+            raise ValueError(f"'{given[0]}' does not apply to method {self.method.value}")
+        targets = [k for k in ("ratio", "macs_reduction", "schedule") if getattr(self, k) is not None]
+        if len(targets) != 1:
+            allowed = "ratio or macs_reduction" if self.method is Method.channel else "ratio or schedule"
+            raise ValueError(f"give exactly one of {allowed} (got {', '.join(targets) or 'none'})")
+        if self.schedule is not None and self.finetune.epochs == 0:
+            raise ValueError("schedule prunes gradually during the fine-tune, which has epochs: 0")
+        return self
+
+
+def _options(config: PruneConfig) -> ChannelOptions:
+    return ChannelOptions(config.importance, config.scope, config.round_to, tuple(config.include),
+                          tuple(config.exclude))
+
+
+def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> None:
+    if quantized_before(model, ctx):
+        raise CompressError(f"{ctx.where}: prune must come before quantization (ptq/qat): "
+                            "the quantizers' ranges would not match the pruned weights")
+    if config.method is Method.l1_unstructured:
+        select_names(weighted_layers(model), config.include, config.exclude, where=ctx.where,
+                     what="Conv/Linear layer to prune")
+    else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
+        pruner = ChannelPruner(copy.deepcopy(model), ctx.example_input, _options(config), where=ctx.where)
+        if config.macs_reduction is not None:
+            pruner.prune_to_macs(config.macs_reduction)  # the final target must be reachable
+        else:
+            pruner.prune(config.ratio)  # type: ignore[arg-type]
+    if config.finetune.epochs:
+        ctx.splits.loader("train", needed_by=ctx.where)
+
+
+@register("prune", PruneConfig, check=_check)
+def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> StageResult:
+    run = _run_l1 if config.method is Method.l1_unstructured else _run_channel
+    return StageResult(model, info=run(model, config, ctx))
+
+
+def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
+    schedule = Schedule(**config.schedule.model_dump()) if config.schedule is not None else None
+    pruner = MagnitudePruner(model, config.ratio, schedule=schedule, scope=config.scope,
+                             include=config.include, exclude=config.exclude, where=ctx.where)
+    info: dict[str, Any] = {}
+    if config.finetune.epochs:
+        info["finetune"] = stage_finetune(model, config.finetune, ctx, [pruner.callback()])
+    info["prune"] = {"method": config.method.value, "scope": config.scope.value, **pruner.make_permanent()}
+    return info
+
+
+def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
+    pruner = ChannelPruner(model, ctx.example_input, _options(config), where=ctx.where)
+    example = pruner.example  # on the model's device
+    steps = []
+    for k in range(1, config.steps + 1):
+        if config.macs_reduction is not None:
+            ratio, changed = pruner.prune_to_macs(config.macs_reduction ** (k / config.steps))
+        else:
+            ratio = config.ratio * k / config.steps  # type: ignore[operator]
+            changed = pruner.prune(ratio)
+        entry: dict[str, Any] = {"step": k, "ratio": round(ratio, 4), "params": count_params(model),
+                                 "macs": count_macs(model, example), "pruned_metric": ctx.score(model),
+                                 "channels": changed}
+        if config.finetune.epochs:
+            entry["finetune"] = stage_finetune(model, config.finetune, ctx)
+        steps.append(entry)
+    resized = pruner.finish()
+    macs = count_macs(model, example)
+    return {"prune": {
+        "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
+        "round_to": config.round_to, "macs_reduction": round(pruner.macs_before / max(macs, 1), 4),
+        "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
+    }}

@@ -37,7 +37,7 @@ def select_names(
         raise CompressError(f"{where}: the model has no {what}")
     for key, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
-            if not deferred(pattern) and not matches_any(pattern, names):
+            if not deferred(pattern) and not any(matches(n, [pattern]) for n in names):
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
                 raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no {what}; layers: {shown}")
     wanted = [p for p in include if not deferred(p)]
@@ -46,6 +46,3 @@ def select_names(
         raise CompressError(f"{prefix}include/exclude: leave no {what}")
     return chosen
 
-
-def matches_any(pattern: str, names: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names)

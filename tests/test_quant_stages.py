@@ -9,15 +9,13 @@ from helpers_recipes import read_report, stage_recipe
 import compress
 from compress import quant
 
-_recipe, _report = stage_recipe, read_report
-
 
 @pytest.mark.slow
 def test_ptq_for_onnxruntime_runs_int8_and_passes_the_check(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
-    recipe = _recipe(write_recipe, digits_cnn_checkpoint, "  - ptq: {calibrator: mse, limit: 200}\n")
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, "  - ptq: {calibrator: mse, limit: 200}\n")
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "--quiet").code == 0
-    report = _report(out)
+    report = read_report(out)
     stage = report["stages"][0]
     assert stage["target"] == "onnxruntime" and stage["calibration"]["samples"] == 200
     assert stage["calibration"]["method"] == "mse" and stage["calibration"]["split"] == "calibration"
@@ -33,10 +31,10 @@ def test_ptq_for_onnxruntime_runs_int8_and_passes_the_check(write_recipe, cli, d
 @pytest.mark.slow
 def test_qat_after_ptq_for_tensorrt_trains_and_passes_the_rules(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
     stages = "  - ptq: {calibrator: max}\n  - qat:\n      finetune: {epochs: 2, lr: 0.001}\n      freeze_bn_after: 1\n"
-    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target="tensorrt")
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, stages, target="tensorrt")
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "--quiet").code == 0
-    report = _report(out)
+    report = read_report(out)
     ptq_stage, qat_stage = report["stages"]
     assert "calibration" not in qat_stage and qat_stage["target"] == "tensorrt"  # kept ptq's ranges
     assert len(qat_stage["finetune"]["history"]) == 2
@@ -58,10 +56,10 @@ def test_qat_after_ptq_for_tensorrt_trains_and_passes_the_rules(write_recipe, cl
 
 def test_qat_alone_calibrates_first(write_recipe, cli, digits_cnn_checkpoint, tmp_path) -> None:
     stages = "  - qat:\n      calibrator: percentile\n      limit: 128\n      finetune: {epochs: 1, lr: 0.001}\n"
-    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "--quiet").code == 0
-    stage = _report(out)["stages"][0]
+    stage = read_report(out)["stages"][0]
     assert stage["calibration"]["samples"] == 128 and stage["target"] == "tensorrt"  # no export: the default
 
 
@@ -77,7 +75,7 @@ def test_qat_alone_calibrates_first(write_recipe, cli, digits_cnn_checkpoint, tm
     ],
 )
 def test_bad_quant_options_fail_validation_with_file_line(write_recipe, cli, digits_cnn_checkpoint, stages, expected, tmp_path) -> None:
-    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages)
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, stages)
     assert expected in cli("validate", recipe).error_line()
     out = tmp_path / "never"
     assert expected in cli("run", recipe, "--out", out, "--quiet").error_line()
@@ -126,7 +124,7 @@ def test_options_that_would_be_ignored_are_refused_before_anything_runs(
     write_recipe, cli, digits_cnn_checkpoint, tmp_path
 ) -> None:
     stages = "  - ptq: {}\n  - qat:\n      exclude: [fc]\n      finetune: {epochs: 1}\n"
-    recipe = _recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, stages, target=None)
     msg = cli("run", recipe, "--out", tmp_path / "r", "--quiet").error_line()
     assert "stages.1.qat.exclude: has no effect: the model is already quantized" in msg
     assert not (tmp_path / "r").exists()
@@ -142,6 +140,6 @@ def test_quantized_checkpoint_with_another_export_target_fails_validation(
     qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "onnxruntime")
     ptq.calibrate(qmodel, digits("train"), limit=64)
     compress.save(qmodel, tmp_path / "q.pt")
-    recipe = _recipe(write_recipe, tmp_path / "q.pt", "", target="tensorrt")
+    recipe = stage_recipe(write_recipe, tmp_path / "q.pt", "", target="tensorrt")
     msg = cli("validate", recipe).error_line()
     assert "stages.0.export.onnx.target: is tensorrt but the model was quantized for onnxruntime" in msg

@@ -85,12 +85,8 @@ class ChannelPruner:
         except Exception as exc:  # a user's forward can raise anything
             raise CompressError(f"{self.where}: the model's forward fails on the example input: {first_line(exc)}") from None
         self._before = plan.snapshot(self.model)
-        self._macs0 = count_macs(self.model, self.example)
+        self.macs_before = count_macs(self.model, self.example)
         self.skipped: dict[str, str] = {}  # group root -> why it was kept, at the last prune()
-
-    @property
-    def macs_before(self) -> int:
-        return self._macs0
 
     def prune(self, ratio: float) -> dict[str, list[int]]:
         """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``."""
@@ -136,7 +132,7 @@ class ChannelPruner:
         """
         if reduction <= 1.0:
             raise CompressError(f"{self.where}.macs_reduction: {reduction} must be > 1")
-        target = self._macs0 / reduction
+        target = self.macs_before / reduction
 
         def macs_at(ratio: float) -> int | None:
             probe = copy.deepcopy(self.model)
@@ -161,9 +157,9 @@ class ChannelPruner:
             low, high = (mid, high) if macs is not None and macs > target else (low, mid)
         reached = macs_at(high)
         if reached is None or reached > target:
-            best = macs_at(low) or self._macs0
+            best = macs_at(low) or self.macs_before
             raise CompressError(f"{self.where}.macs_reduction: {reduction:g}x is out of reach; pruning gets at most "
-                                f"about {self._macs0 / max(best, 1):.2f}x")
+                                f"about {self.macs_before / max(best, 1):.2f}x")
         return high, self.prune(high)
 
     def finish(self) -> dict[str, dict[str, Any]]:

@@ -127,9 +127,8 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
             entry["finetune"] = stage_finetune(model, config.finetune, ctx)
         steps.append(entry)
     resized = pruner.finish()
-    macs = count_macs(model, example)
     return {"prune": {
         "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
-        "round_to": config.round_to, "macs_reduction": round(pruner.macs_before / max(macs, 1), 4),
+        "round_to": config.round_to, "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
         "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
     }}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from compress.quant import graph
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import Target, activation_spec
-from compress.select import select_names
+from compress.select import matches, select_names
 
 _TARGET_ATTR = "_compress_quant_target"
 
@@ -189,7 +188,7 @@ def _check_graph_patterns(config: QuantConfig, placed: list[str] | None, where: 
             if placed is None:
                 raise CompressError(f"{prefix}{key}: pattern '{pattern}' names graph quantizers, but torch.fx cannot trace the model")
             candidates = placed
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
+            if not any(matches(n, [pattern]) for n in candidates):
                 shown = ", ".join(candidates[:8]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 8 else "")
                 raise CompressError(f"{prefix}{key}: pattern '{pattern}' matches no graph quantizer (graph quantizers: {shown or 'none'})")
 
@@ -198,9 +197,9 @@ def _keeper(config: QuantConfig):  # noqa: ANN202
     graph_include = [p for p in config.include if p.startswith(graph.CONTAINER + ".")]
 
     def keep(name: str) -> bool:
-        if graph_include and not any(fnmatch.fnmatchcase(name, p) for p in graph_include):
+        if graph_include and not matches(name, graph_include):
             return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
+        return not matches(name, config.exclude)
 
     return keep
 

@@ -21,12 +21,14 @@ def digits(split: str, size: int = 8, channels: int = 1, batch_size: int = 64, l
     return build_loader(spec, f"digits:{split}", train=False)
 
 
-def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr: float, path: Path) -> nn.Module:
+def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr: float, path: Path,
+           shuffle: bool = False) -> nn.Module:
     if path.exists():
         return compress.load(path).eval()
     torch.manual_seed(0)
     model = compress.build(factory, kwargs)
-    train = digits("train", size, channels)
+    spec = DigitsData(source="digits", split="train", size=size, channels=channels, batch_size=64)
+    train = build_loader(spec, "digits:train", train=shuffle)
     score = lambda m: compress.metrics.score("top1", compress.metrics.collect(m, digits("test", size, channels)))["top1"]  # noqa: E731
     compress.finetune(model, train, compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0), evaluate=score, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,4 +44,12 @@ def digits_cnn() -> tuple[nn.Module, int, int]:
 def resnet18() -> tuple[nn.Module, int, int]:
     """torchvision resnet18 (num_classes 10) trained briefly on digits upscaled to 32x32 RGB."""
     model = _train("torchvision.models:resnet18", {"num_classes": 10}, 32, 3, 4, 0.05, CACHE / "resnet18_digits32.pt")
+    return model, 32, 3
+
+
+def resnet18_teacher() -> tuple[nn.Module, int, int]:
+    """resnet18 as above, but trained 10 epochs on the shuffled train split: a teacher worth distilling
+    from (the brief ``resnet18()`` base is kept for the quantization and pruning figures)."""
+    model = _train("torchvision.models:resnet18", {"num_classes": 10}, 32, 3, 10, 0.05,
+                   CACHE / "resnet18_digits32_teacher.pt", shuffle=True)
     return model, 32, 3

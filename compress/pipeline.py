@@ -35,6 +35,7 @@ from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext
 from compress.stages.registry import stage_types
+from compress.stages.train import check_finetune
 from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
@@ -56,6 +57,7 @@ class Prepared:
     example: torch.Tensor
     baseline_outputs: metrics.Outputs
     baseline: dict[str, Any]
+    baseline_model: nn.Module  # the input model as loaded, frozen: `teacher: baseline`, check.reference
     progress: bool = True
 
 
@@ -85,12 +87,15 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
     outputs = metrics.collect(model, eval_loader, name=f"{where_eval}: model {body.model.factory or body.model.checkpoint}")
     _check_labels(outputs, where_eval)
     baseline = {"metrics": metrics.score(body.metric, outputs), **size_stats(model, example.to(device))}
-    prep = Prepared(recipe, model, splits, device, example, outputs, baseline, progress)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    prep = Prepared(recipe, model, splits, device, example, outputs, baseline, frozen, progress)
     registry = stage_types()
     for spec in recipe.stages:
         check = registry[spec.type].check
+        ctx = _context(prep, spec, Path("."), frozen, outputs)
         if check is not None:  # stage options that name layers or splits resolve now, not mid-run
-            check(model, spec.config, _context(prep, spec, Path("."), model, outputs))
+            check(model, spec.config, ctx)
+        check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
     return prep
 
 
@@ -223,8 +228,7 @@ def run(
     prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
     _init_run_dir(recipe, run_dir, reuse=can_reuse, overwrite=overwrite)
     main = is_main_process()
-    # `teacher: baseline` (distillation) and check.reference: baseline need the input model as loaded
-    baseline_model = copy.deepcopy(prep.model).eval().requires_grad_(False)
+    baseline_model = prep.baseline_model
     model, current = prep.model, prep.baseline_outputs
     say(f"baseline: {_fmt_metrics(prep.baseline['metrics'])}, {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs")
     done = _finished(run_dir, recipe) if can_reuse else []

@@ -38,7 +38,7 @@ class Strict(BaseModel):
                     raise PydanticCustomError(
                         "unknown_key",
                         "unknown key '{key}'{hint} (allowed: {allowed})",
-                        {"key": str(key), "hint": _did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
+                        {"key": str(key), "hint": did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
                     )
                 value = data[key]
                 if isinstance(value, bool) and _wants_number(cls.model_fields[key].annotation):
@@ -64,7 +64,7 @@ def _wants_number(annotation: Any) -> bool:
     return bool(found & {int, float}) and bool not in found and Any not in found
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -285,13 +285,38 @@ def _parse_stage(index: int, entry: Any, where: _Locator) -> StageSpec:
     (kind, options), = entry.items()
     if kind not in registry:
         raise where.at(
-            loc, f"unknown stage type '{kind}'{_did_you_mean(str(kind), registry)} ({', '.join(sorted(registry))})"
+            loc, f"unknown stage type '{kind}'{did_you_mean(str(kind), registry)} ({', '.join(sorted(registry))})"
         )
+    options = _distill_into_finetune(kind, options, registry[kind].config, loc, where)
     try:
         config = registry[kind].config.model_validate({} if options is None else options)
     except ValidationError as exc:
         raise where.error(exc, prefix=(*loc, kind)) from None
     return StageSpec(index=index, type=kind, config=config)
+
+
+def _distill_into_finetune(
+    kind: str, options: Any, config: type[BaseModel], loc: tuple[Any, ...], where: _Locator
+) -> Any:
+    """``qat: {finetune: {...}, distill: {...}}`` (DESIGN.md) means ``finetune.distill``: move it there,
+    and let error lines still point at the key the user wrote."""
+    if kind == "distill" or not isinstance(options, dict) or "distill" not in options or "finetune" not in config.model_fields:
+        return options
+    here = (*loc, kind)
+    if options["distill"] is None:
+        return {k: v for k, v in options.items() if k != "distill"}
+    finetune = options.get("finetune")
+    if finetune is None:  # the stage's own defaults (qat: epochs 1, lr 1e-3), not FinetuneConfig's
+        finetune = config.model_fields["finetune"].get_default(call_default_factory=True).model_dump(exclude_unset=True)
+    if not isinstance(finetune, dict):
+        return options  # validation reports the malformed finetune
+    if "distill" in finetune:
+        raise where.at((*here, "distill"), "given both here and in finetune.distill; keep one")
+    for path, line in list(where.lines.items()):
+        if path[: len(here) + 1] == (*here, "distill"):
+            where.lines[(*here, "finetune", *path[len(here):])] = line
+    rest = {k: v for k, v in options.items() if k != "distill"}
+    return {**rest, "finetune": {**finetune, "distill": options["distill"]}}
 
 
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -422,11 +447,11 @@ def describe_error(err: Any) -> str:
         choices = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))) or re.findall(
             r"(\S+?)(?:,| or |$)", str(ctx.get("expected", ""))
         )
-        return f"unknown {value!r}{_did_you_mean(str(value), choices)} ({', '.join(choices)})"
+        return f"unknown {value!r}{did_you_mean(str(value), choices)} ({', '.join(choices)})"
     if kind == "union_tag_invalid":
         tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
         discriminator = str(ctx.get("discriminator", "value")).strip("'")
-        return f"unknown {discriminator} {ctx.get('tag')!r}{_did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
+        return f"unknown {discriminator} {ctx.get('tag')!r}{did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
     if kind == "union_tag_not_found":
         return f"missing {ctx.get('discriminator', 'tag')} (one of digits, npz, imagefolder, python)"
     msg = err["msg"]

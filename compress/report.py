@@ -68,6 +68,26 @@ def _pruning(stages: list[dict[str, Any]]) -> list[str]:
     return ["", "## Pruning", "", *lines] if lines else []
 
 
+def _distillation(stages: list[dict[str, Any]]) -> list[str]:
+    """One line per fine-tune that distilled: teacher, loss mix, hints, and the last epoch's KD loss."""
+    lines = []
+    for i, s in enumerate(stages):
+        finetunes = [s.get("finetune")] + [step.get("finetune") for step in s.get("prune", {}).get("steps", [])]
+        entries = [(s["distill"], s.get("finetune"))] if "distill" in s else []
+        entries += [(f["distill"], f) for f in finetunes if f and "distill" in f]
+        for d, finetune in entries:
+            mix = "label-free" if d["label_free"] else f"alpha {d['alpha']:g}"
+            line = f"- {i + 1}. {s['type']}: teacher {d['teacher']}, T {d['temperature']:g}, {mix}"
+            line += "".join(f"; hint `{h['student']}`->`{h['teacher']}` ({h['loss']}"
+                            + (f", {h['projection']})" if h["projection"] else ")") for h in d["hints"])
+            if finetune and finetune.get("history"):
+                line += f"; final kd_loss {finetune['history'][-1].get('kd_loss', float('nan')):.4f}"
+            if "cache" in d:
+                line += f"; teacher cache {d['cache']['megabytes']:.1f} MB"
+            lines.append(line)
+    return ["", "## Distillation", "", *lines] if lines else []
+
+
 def markdown(doc: dict[str, Any]) -> str:
     metric = doc["metric"]
     rows = [("baseline", doc["baseline"], None)] + [
@@ -88,6 +108,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{'' if seconds is None else f'{seconds:.1f}'} |"
         )
     lines += _pruning(doc["stages"])
+    lines += _distillation(doc["stages"])
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "

@@ -23,7 +23,9 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from compress.callbacks import Callback, TrainState
 from compress.data import split_batch
+from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError
 from compress.recipe import Strict
 
@@ -55,6 +57,7 @@ class FinetuneConfig(Strict):
     keep_best: bool = True
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     seed: int | None = None
+    distill: DistillOptions | None = None  # teacher-student loss during this fine-tune (recipe stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,43 +158,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 @dataclass
-class TrainState:
-    """What callbacks see. ``model`` is the unwrapped module (never the DDP wrapper)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0  # optimizer steps the whole fine-tune will take (epochs x batches per epoch)
-    inputs: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    outputs: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-
-
-class Callback:
-    """Hooks into :func:`finetune`; override what you need."""
-
-    def on_train_start(self, state: TrainState) -> None: ...
-
-    def before_step(self, state: TrainState) -> None: ...
-
-    def extra_loss(self, state: TrainState) -> torch.Tensor | None:
-        """A term added to the loss of this step (e.g. distillation); ``None`` for nothing."""
-        return None
-
-    def after_step(self, state: TrainState) -> None:
-        """Called after ``optimizer.step()`` (e.g. to re-apply sparsity masks)."""
-
-    def on_epoch_end(self, state: TrainState) -> None: ...
-
-    def epoch_is_result(self, state: TrainState) -> bool:
-        """False while the weights are not yet a finished result (a pruning schedule still ramping up):
-        ``keep_best`` then does not pick this epoch."""
-        return True
-
-
-@dataclass
 class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
@@ -214,10 +180,11 @@ def _lr_factor(config: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], 
     return schedules[config.schedule]
 
 
-def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, config: FinetuneConfig, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CompressError("finetune: the model has no trainable parameters")
+    params += extra
     makers: dict[OptimizerKind, Callable[[], torch.optim.Optimizer]] = {
         OptimizerKind.sgd: lambda: torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -281,7 +248,11 @@ def finetune(
 
     Raises:
         DataError: no labels and no callback providing a loss.
+        CompressError: ``config.distill`` set (recipe stages resolve it; pass a Distiller callback instead).
     """
+    if config.distill is not None:
+        raise CompressError("finetune: config.distill names a recipe teacher; in your own code pass "
+                            "callbacks=[compress.distill.Distiller(model, teacher, ...).callback()]")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seed = config.seed if config.seed is not None else 0
     # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
@@ -309,7 +280,8 @@ def _finetune(
     rank, world_size = world()
     loader = _as_loader(data, config, seed, rank, world_size)
     sampler: ShardedBatchSampler = loader.batch_sampler  # type: ignore[assignment]
-    optimizer = _optimizer(model, config)
+    extra = [p for cb in callbacks for p in getattr(cb, "parameters", lambda: ())()]
+    optimizer = _optimizer(model, config, extra)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, len(loader)))
     use_amp = config.amp and device.type in ("cuda", "cpu")
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -317,71 +289,92 @@ def _finetune(
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        for p in extra:  # callback-owned weights (distillation projections) start equal on every rank
+            dist.broadcast(p.data, src=0)
     else:
         net = model
+    state = TrainState(model=model, optimizer=optimizer, total_steps=config.epochs * len(loader),
+                       num_samples=sampler.n)
     criterion = loss_fn or nn.functional.cross_entropy
-    state = TrainState(model=model, optimizer=optimizer, total_steps=config.epochs * len(loader))
     result = FinetuneResult()
     best_state: dict[str, torch.Tensor] | None = None
-    for cb in callbacks:
-        cb.on_train_start(state)
-    for epoch in range(config.epochs):
-        state.epoch = epoch
-        sampler.set_epoch(epoch)
-        net.train()
-        total, count = 0.0, 0
-        # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable)
-        bar = tqdm(
-            loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
-            disable=True if (not progress or rank != 0) else None,
-        )
-        for batch in bar:
-            x, y = split_batch(batch)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else None
-            state.inputs, state.labels = x, y
-            for cb in callbacks:
-                cb.before_step(state)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                out = net(x)
-                state.outputs = out
-                terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
-                if y is not None:
-                    if state.step == 0:
-                        _check_labels(out, y)
-                    terms.insert(0, criterion(out.float(), y))
-            if not terms:
-                raise DataError("finetune: the training data has no labels and no callback provides a loss")
-            loss = torch.stack([t.float() for t in terms]).sum()
-            if not torch.isfinite(loss):
-                raise CompressError(f"finetune: loss became {float(loss)} at epoch {epoch + 1}; lower finetune.lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state.loss = loss = loss.detach()
-            for cb in callbacks:
-                cb.after_step(state)
-            state.step += 1
-            total += float(loss) * len(x)
-            count += len(x)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+    try:
         for cb in callbacks:
-            cb.on_epoch_end(state)
-        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(count, 1)}
-        if evaluate is not None:
-            _sync_buffers(model)
-            entry["score"] = score = float(evaluate(model))
-            eligible = all(getattr(cb, "epoch_is_result", lambda _s: True)(state) for cb in callbacks)
-            if config.keep_best and eligible and (result.best_score is None or score > result.best_score):
-                result.best_score, result.best_epoch = score, epoch + 1
-                best_state = copy.deepcopy(model.state_dict())
-        result.history.append(entry)
+            cb.on_train_start(state)
+        for epoch in range(config.epochs):
+            state.epoch = epoch
+            sampler.set_epoch(epoch)
+            net.train()
+            total, count = 0.0, 0
+            # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable)
+            bar = tqdm(
+                loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
+                disable=True if (not progress or rank != 0) else None,
+            )
+            for batch, indices in zip(bar, iter(sampler), strict=True):  # the sampler repeats its seeded order
+                x, y = split_batch(batch)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else None
+                state.inputs, state.labels, state.indices = x, y, torch.as_tensor(indices)
+                for cb in callbacks:
+                    cb.before_step(state)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    out = net(x)
+                    state.outputs = out
+                    terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
+                    weight = math.prod(getattr(cb, "task_loss_weight", lambda _s: 1.0)(state) for cb in callbacks)
+                    if y is not None:
+                        if state.step == 0:
+                            _check_labels(out, y)
+                        if weight > 0:
+                            terms.insert(0, weight * criterion(out.float(), y))
+                if not terms:
+                    raise DataError("finetune: the training data has no labels and no callback provides a loss")
+                loss = torch.stack([t.float() for t in terms]).sum()
+                if not torch.isfinite(loss):
+                    raise CompressError(f"finetune: loss became {float(loss)} at epoch {epoch + 1}; lower finetune.lr")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if distributed:
+                    _average_gradients(extra, world_size)
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_([*model.parameters(), *extra], config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                state.loss = loss = loss.detach()
+                for cb in callbacks:
+                    cb.after_step(state)
+                state.step += 1
+                total += float(loss) * len(x)
+                count += len(x)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            for cb in callbacks:
+                cb.on_epoch_end(state)
+            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(count, 1)}
+            for cb in callbacks:
+                entry.update(getattr(cb, "epoch_log", dict)())
+            if evaluate is not None:
+                _sync_buffers(model)
+                entry["score"] = score = float(evaluate(model))
+                eligible = all(getattr(cb, "epoch_is_result", lambda _s: True)(state) for cb in callbacks)
+                if config.keep_best and eligible and (result.best_score is None or score > result.best_score):
+                    result.best_score, result.best_epoch = score, epoch + 1
+                    best_state = copy.deepcopy(model.state_dict())
+            result.history.append(entry)
+    finally:
+        for cb in callbacks:
+            getattr(cb, "on_train_end", lambda _s: None)(state)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """DDP averages the model's gradients; callback-owned weights are averaged here, the same way."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size

@@ -106,7 +106,10 @@ def test_int8_demo_recipe_runs_int8_kernels_within_half_a_point(baseline, tmp_pa
                  "--set", f"model.checkpoint={baseline / 'model.pt'}"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert [s["type"] for s in report["stages"]] == ["prune", "ptq", "qat"]
+    assert [s["type"] for s in report["stages"]] == ["prune", "distill", "ptq", "qat"]
+    assert report["stages"][1]["distill"]["teacher"] == "baseline"  # distilled after pruning
+    assert report["stages"][3]["finetune"]["distill"]["teacher"] == "baseline"  # and during QAT
+    assert "## Distillation" in (out / "report.md").read_text()
     assert report["baseline"]["macs"] / report["stages"][-1]["macs"] >= 2.0  # channel pruning: half the MACs
     assert report["check"]["reference"] == "baseline"  # checked against the unpruned FP32 model
     fp32 = report["baseline"]["metrics"]["top1"]

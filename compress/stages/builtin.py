@@ -1,5 +1,6 @@
 """Importing this module registers every built-in stage type."""
 
+import compress.distill.stage  # noqa: F401
 import compress.export.stage  # noqa: F401
 import compress.prune.stage  # noqa: F401
 import compress.ptq.stage  # noqa: F401

@@ -1,0 +1,103 @@
+"""Teacher outputs kept per training sample, so later epochs skip the teacher's forward pass.
+
+Memory: ``samples x (teacher output + hint features per sample) x 4 bytes`` on the training device
+(digits: 1437 x 10 logits = 57 KB; ImageNet-1k logits alone: 1.28 M x 1000 x 4 B = 5.1 GB), refused
+above ``cache_max_mb``. Keyed by dataset index, so shuffling is fine; each sample's inputs are
+fingerprinted, and inputs that change between epochs (random augmentation) are an error, not a
+silently stale teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from compress.errors import CompressError
+
+Outputs = dict[str, torch.Tensor]  # "" -> logits, layer name -> hint feature
+
+
+def per_sample_bytes(outputs: Outputs) -> int:
+    return sum(t[0].numel() * 4 for t in outputs.values())
+
+
+class TeacherCache:
+    def __init__(self, max_mb: float, where: str, num_samples: int = 0) -> None:
+        self.max_mb, self.where, self.num_samples = max_mb, where, num_samples
+        self.store: Outputs = {}
+        self.filled: torch.Tensor | None = None
+        self.prints: torch.Tensor | None = None
+        self._probe: torch.Tensor | None = None
+        self.reused = self.computed = 0  # samples read from the cache / run through the teacher
+
+    def _fingerprint(self, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.detach().flatten(1).double()
+        if self._probe is None or self._probe.numel() != flat.shape[1] or self._probe.device != flat.device:
+            gen = torch.Generator().manual_seed(0)
+            self._probe = torch.rand(flat.shape[1], generator=gen, dtype=torch.float64).to(flat.device)
+        return torch.stack([flat.sum(1), flat @ self._probe], 1)
+
+    def lookup(self, indices: torch.Tensor, inputs: torch.Tensor, forward: Callable[[torch.Tensor], Outputs]) -> Outputs:
+        """Teacher outputs for the batch: cached samples are read back, the rest run through ``forward``
+        (the teacher is in eval mode, so a sample's outputs do not depend on its batch)."""
+        prints = self._fingerprint(inputs)
+        if self.filled is None or int(indices.max()) >= self.filled.numel():
+            missing = torch.ones(len(indices), dtype=torch.bool)
+        else:
+            missing = ~self.filled[indices.to(self.filled.device)].cpu()
+        seen = ~missing
+        if bool(seen.any()):
+            idx = indices[seen].to(self.prints.device)  # type: ignore[union-attr]
+            if not torch.allclose(self.prints[idx], prints[seen.to(prints.device)].to(self.prints.device),  # type: ignore[index]
+                                  rtol=1e-5, atol=1e-6):
+                raise CompressError(
+                    f"{self.where}.cache: a training sample's inputs changed between epochs (random augmentation?); "
+                    "cached teacher outputs would be stale: set cache: false"
+                )
+        if bool(missing.all()):
+            out = forward(inputs)
+            self._put(indices, prints, out)
+            self.computed += len(indices)
+            return out
+        if bool(missing.any()):
+            pick = missing.to(inputs.device)
+            self._put(indices[missing], prints[pick.to(prints.device)], forward(inputs[pick]))
+            self.computed += int(missing.sum())
+        self.reused += int(seen.sum())
+        idx = indices.to(self.filled.device)  # type: ignore[union-attr]
+        return {name: t[idx] for name, t in self.store.items()}
+
+    def _put(self, indices: torch.Tensor, prints: torch.Tensor, outputs: Outputs) -> None:
+        need = int(indices.max()) + 1
+        if self.filled is None or need > self.filled.numel():
+            self._grow(max(need, self.num_samples, 2 * (0 if self.filled is None else self.filled.numel())), outputs)
+        idx = indices.to(self.filled.device)  # type: ignore[union-attr]
+        for name, t in outputs.items():
+            self.store[name][idx] = t.detach().float()
+        self.prints[idx] = prints.to(self.prints.device)  # type: ignore[index]
+        self.filled[idx] = True  # type: ignore[index]
+
+    def _grow(self, capacity: int, outputs: Outputs) -> None:
+        mb = capacity * per_sample_bytes(outputs) / 2**20
+        if mb > self.max_mb:
+            raise CompressError(
+                f"{self.where}.cache: {capacity} samples x {per_sample_bytes(outputs):,} bytes of teacher outputs "
+                f"= {mb:.0f} MB > cache_max_mb {self.max_mb:g}; raise cache_max_mb or set cache: false"
+            )
+        old = self.filled.numel() if self.filled is not None else 0
+        device = next(iter(outputs.values())).device
+        for name, t in outputs.items():
+            grown = torch.zeros((capacity, *t.shape[1:]), dtype=torch.float32, device=device)
+            if old:
+                grown[:old] = self.store[name]
+            self.store[name] = grown
+        prints = torch.zeros((capacity, 2), dtype=torch.float64, device=device)
+        filled = torch.zeros(capacity, dtype=torch.bool, device=device)
+        if old:
+            prints[:old], filled[:old] = self.prints, self.filled  # type: ignore[index]
+        self.prints, self.filled = prints, filled
+
+    @property
+    def megabytes(self) -> float:
+        return sum(t.numel() * 4 for t in self.store.values()) / 2**20

@@ -22,6 +22,16 @@ def per_sample_bytes(outputs: Outputs) -> int:
     return sum(t[0].numel() * 4 for t in outputs.values())
 
 
+def check_budget(samples: int, outputs: Outputs, max_mb: float, where: str) -> None:
+    """Refuse a cache of ``samples`` x the per-sample size of ``outputs`` above ``max_mb``."""
+    mb = samples * per_sample_bytes(outputs) / 2**20
+    if mb > max_mb:
+        raise CompressError(
+            f"{where}.cache: {samples} samples x {per_sample_bytes(outputs):,} bytes of teacher outputs "
+            f"= {mb:.0f} MB > cache_max_mb {max_mb:g}; raise cache_max_mb or set cache: false"
+        )
+
+
 class TeacherCache:
     def __init__(self, max_mb: float, where: str, num_samples: int = 0) -> None:
         self.max_mb, self.where, self.num_samples = max_mb, where, num_samples
@@ -79,12 +89,7 @@ class TeacherCache:
         self.filled[idx] = True  # type: ignore[index]
 
     def _grow(self, capacity: int, outputs: Outputs) -> None:
-        mb = capacity * per_sample_bytes(outputs) / 2**20
-        if mb > self.max_mb:
-            raise CompressError(
-                f"{self.where}.cache: {capacity} samples x {per_sample_bytes(outputs):,} bytes of teacher outputs "
-                f"= {mb:.0f} MB > cache_max_mb {self.max_mb:g}; raise cache_max_mb or set cache: false"
-            )
+        check_budget(capacity, outputs, self.max_mb, self.where)
         old = self.filled.numel() if self.filled is not None else 0
         device = next(iter(outputs.values())).device
         for name, t in outputs.items():

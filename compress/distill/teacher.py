@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from compress import models, quant
-from compress.distill.cache import per_sample_bytes
+from compress.distill.cache import check_budget
 from compress.distill.distiller import Distiller
 from compress.distill.options import DistillOptions, teacher_stage
 from compress.errors import CompressError
@@ -72,12 +72,11 @@ def make_distiller(
     where: str,
     *,
     teacher: nn.Module | None = None,
-    dry_run: bool = False,
 ) -> Distiller:
     """A :class:`Distiller` for ``student`` with the recipe's teacher (unless given), probed on the
     example input (output shapes, hint layers and projections checked before any training)."""
     if teacher is None:
-        teacher = load_teacher(options, ctx, where, dry_run=dry_run)
+        teacher = load_teacher(options, ctx, where)
     given = options.model_dump(include=set(DistillOptions.model_fields) - {"teacher", "alpha"})
     alpha = options.alpha if "alpha" in options.model_fields_set else None
     return Distiller(student, teacher, alpha=alpha, **given, example_input=ctx.example_input.to(ctx.device), where=where)
@@ -108,21 +107,16 @@ def check_distill(
     """
     if student_quantized:
         _leaf_hints(list(options.hints), student, where, "student")
+    teacher = load_teacher(options, ctx, where, dry_run=True)
     n = teacher_stage(options.teacher)
-    if (n is not None and _quantized_by(n, ctx)) or (options.teacher == "baseline" and quant.is_quantized(ctx.baseline)):
-        _leaf_hints(list(options.hints.values()), _stand_in(n, ctx) if n else ctx.baseline, where, "teacher")
-    distiller = make_distiller(options, student, ctx, where, dry_run=True)
+    if quant.is_quantized(teacher) or (n is not None and _quantized_by(n, ctx)):
+        _leaf_hints(list(options.hints.values()), teacher, where, "teacher")
+    distiller = make_distiller(options, student, ctx, where, teacher=teacher)
     try:
         train = ctx.splits.loader("train", needed_by=where)
         if options.cache:
             outputs = distiller.teacher_outputs(ctx.example_input.to(ctx.device))
-            samples = len(train.dataset)  # type: ignore[arg-type]
-            mb = samples * per_sample_bytes(outputs) / 2**20
-            if mb > options.cache_max_mb:
-                raise CompressError(
-                    f"{where}.cache: {samples} samples x {per_sample_bytes(outputs):,} bytes of teacher outputs = "
-                    f"{mb:.0f} MB > cache_max_mb {options.cache_max_mb:g}; raise cache_max_mb or set cache: false"
-                )
+            check_budget(len(train.dataset), outputs, options.cache_max_mb, where)  # type: ignore[arg-type]
     finally:
         distiller.close()
 

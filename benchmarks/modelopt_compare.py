@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import sys
@@ -102,17 +103,17 @@ class Row:
     act_quantizers: int = 0
 
 
-def load_modelopt() -> ModuleType | None:
-    """``modelopt.torch.quantization``, or None when it is not installed (import noise silenced)."""
+def load_modelopt(part: str = "quantization") -> ModuleType | None:
+    """``modelopt.torch.<part>`` (quantization, sparsity), or None when it is not installed (import noise silenced)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import modelopt.torch.quantization as mtq
+            module = importlib.import_module(f"modelopt.torch.{part}")
     except ImportError:
         return None
     warnings.filterwarnings("ignore", message="Cannot find transformers package")  # raised lazily, harmless here
-    return mtq
+    return module
 
 
 def top1(model: nn.Module, loader: DataLoader) -> float:

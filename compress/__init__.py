@@ -7,6 +7,7 @@ The recipe runner (``compress run``) and users' own training scripts use the sam
     compress.finetune(model, train_loader, compress.FinetuneConfig(epochs=3, lr=0.01))
     model = compress.prune.channels(model, example_input, ratio=0.3)  # physically fewer channels
     kd = compress.distill.Distiller(model, teacher, temperature=4.0, alpha=0.7)  # kd.loss(x, model(x), y)
+    compress.sparsity.apply_2to4(model, optimizer, example_input=x, permute=True)  # 2:4, kept while training
     qmodel = compress.quant.prepare(model, target="onnxruntime")   # fake quantizers, no global patching
     compress.ptq.calibrate(qmodel, calib_loader, method="percentile")  # then fine-tune qmodel for QAT
     compress.export.onnx(qmodel, example_input, "model.onnx")     # Q/DQ ONNX, int8 weights
@@ -16,7 +17,7 @@ The recipe runner (``compress run``) and users' own training scripts use the sam
 
 __version__ = "0.1.0"
 
-from compress import distill, export, prune, ptq, qat, quant  # noqa: E402
+from compress import distill, export, prune, ptq, qat, quant, sparsity  # noqa: E402
 from compress.errors import CheckpointError, CompressError, DataError, RecipeError  # noqa: E402
 from compress.export.check import CheckResult, check  # noqa: E402
 from compress.models import build, load, load_model, save  # noqa: E402
@@ -40,6 +41,7 @@ __all__ = [
     "ptq",
     "qat",
     "quant",
+    "sparsity",
     "finetune",
     "load",
     "load_model",

@@ -178,6 +178,9 @@ def load_model(
         origin = structure.origin_of(model)
         if origin is not None:
             origin.structure = copy.deepcopy(list(obj.get("structure", [])))
+        from compress.sparsity.masks import check_weights  # the sparsity package imports this module
+
+        check_weights(model, str(path))
         return model
     if factory is None:
         raise CheckpointError(

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Prepared:
     baseline: dict[str, Any]
     baseline_model: nn.Module  # the input model as loaded, frozen: `teacher: baseline`, check.reference
     progress: bool = True
+    notes: dict[int, str] = field(default_factory=dict)  # stage index -> what its dry run found (validate prints it)
 
 
 def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
@@ -94,7 +95,9 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
         check = registry[spec.type].check
         ctx = _context(prep, spec, Path("."), frozen, outputs)
         if check is not None:  # stage options that name layers or splits resolve now, not mid-run
-            check(model, spec.config, ctx)
+            note = check(model, spec.config, ctx)
+            if isinstance(note, str):
+                prep.notes[spec.index] = note
         check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
     return prep
 
@@ -282,6 +285,8 @@ def run(
     if "check" in sections:
         verdict = "passed" if sections["check"]["passed"] else "FAILED: " + "; ".join(sections["check"]["failures"])
         say(f"check {verdict}")
+    if sections.get("export", {}).get("failures"):
+        say("export FAILED: " + "; ".join(sections["export"]["failures"]))
     return Outcome(run_dir, full, 0 if passed else 1)
 
 
@@ -307,4 +312,6 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
     lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
     for spec in recipe.stages:
         lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(spec.config.model_dump(mode='json'))}")
+        if spec.index in prep.notes:
+            lines.append(f"        {prep.notes[spec.index]}")
     return lines

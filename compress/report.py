@@ -88,6 +88,26 @@ def _distillation(stages: list[dict[str, Any]]) -> list[str]:
     return ["", "## Distillation", "", *lines] if lines else []
 
 
+def _sparsity(stages: list[dict[str, Any]], metric: str) -> list[str]:
+    """One line per sparsity stage: coverage, the MACs estimate, magnitude kept, and what stayed dense and why."""
+    lines = []
+    for i, s in enumerate(stages):
+        sp = s.get("sparsity")
+        if not sp:
+            continue
+        est, layers = sp["estimate"], sp["layers"]
+        kept = sum(v["retained"] for v in layers.values()) / max(len(layers), 1)
+        line = (f"- {i + 1}. {sp['pattern']} on {len(layers)} layers ({est['eligible_macs_share']:.0%} of MACs, "
+                f"best case {est['best_case_speedup']:.2f}x); mean |w| kept {kept:.1%}")
+        if sp["permute"]:
+            before = sum(v.get("retained_unpermuted", v["retained"]) for v in layers.values()) / max(len(layers), 1)
+            line += f" ({before:.1%} without permutation)"
+        line += f"; {metric} right after masking {_fmt(sp['masked_metric'])}"
+        line += "".join(f"; `{name}` dense ({why})" for name, why in sp["skipped"].items())
+        lines.append(line)
+    return ["", "## Sparsity", "", *lines] if lines else []
+
+
 def markdown(doc: dict[str, Any]) -> str:
     metric = doc["metric"]
     rows = [("baseline", doc["baseline"], None)] + [
@@ -109,11 +129,16 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += _pruning(doc["stages"])
     lines += _distillation(doc["stages"])
+    lines += _sparsity(doc["stages"], metric)
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "
                   f"{e['nodes']} nodes, {e['qdq_pairs']} Q/DQ pairs"
                   + (f", {e['int8_weights']} int8 weight tensors" if e.get("quantized") else "")]
+        sp = e.get("sparsity")
+        if sp and (sp["sparse_layers"] or sp.get("expected")):
+            lines += ["", f"2:4 sparse weights (after dequantization): {len(sp['sparse_layers'])} layers"
+                      + ("".join(f"; `{n}` NOT 2:4" for n in sp.get("missing", [])))]
         rules = e.get("tensorrt_rules")
         if rules is not None:
             verdict = "pass" if rules["passed"] else f"FAIL ({len(rules['violations'])} violations)"

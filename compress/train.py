@@ -233,6 +233,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; with ``evaluate`` and ``keep_best``, restore the best epoch.
 
+    A model carrying 2:4 masks (``compress.sparsity``) gets them re-applied after every step.
+
     Args:
         model: trained in place (moved to ``device``).
         data: a DataLoader (its dataset, collate and shuffle are reused) or a Dataset.
@@ -254,6 +256,10 @@ def finetune(
         raise CompressError("finetune: config.distill names a recipe teacher; in your own code pass "
                             "callbacks=[compress.distill.Distiller(model, teacher, ...).callback()]")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    from compress.sparsity.masks import mask_callback  # the sparsity package imports this module
+
+    masks = mask_callback(model)  # a 2:4 model stays 2:4: masks first, before e.g. QAT reads the weights
+    callbacks = [masks, *callbacks] if masks is not None else list(callbacks)
     seed = config.seed if config.seed is not None else 0
     # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -106,10 +106,17 @@ def test_int8_demo_recipe_runs_int8_kernels_within_half_a_point(baseline, tmp_pa
                  "--set", f"model.checkpoint={baseline / 'model.pt'}"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert [s["type"] for s in report["stages"]] == ["prune", "distill", "ptq", "qat"]
+    assert [s["type"] for s in report["stages"]] == ["prune", "distill", "sparsity", "ptq", "qat"]
     assert report["stages"][1]["distill"]["teacher"] == "baseline"  # distilled after pruning
-    assert report["stages"][3]["finetune"]["distill"]["teacher"] == "baseline"  # and during QAT
-    assert "## Distillation" in (out / "report.md").read_text()
+    assert report["stages"][2]["finetune"]["distill"]["teacher"] == "baseline"  # while fine-tuning 2:4
+    assert report["stages"][4]["finetune"]["distill"]["teacher"] == "baseline"  # and during QAT
+    sparse = report["stages"][2]["sparsity"]["sparse_layers"]
+    assert len(sparse) == 5 and set(report["stages"][2]["sparsity"]["skipped"]) == {"stem.0", "fc"}
+    assert report["stages"][-1]["nonzero_params"] < 0.6 * report["stages"][-1]["params"]
+    assert report["export"]["sparsity"]["sparse_layers"] == sparse  # int8 weights in the ONNX are 2:4
+    assert report["export"]["sparsity"]["missing"] == []
+    text = (out / "report.md").read_text()
+    assert "## Distillation" in text and "## Sparsity" in text
     assert report["baseline"]["macs"] / report["stages"][-1]["macs"] >= 2.0  # channel pruning: half the MACs
     assert report["check"]["reference"] == "baseline"  # checked against the unpruned FP32 model
     fp32 = report["baseline"]["metrics"]["top1"]

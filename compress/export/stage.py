@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 from torch import nn
@@ -16,6 +17,7 @@ from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary
 from compress.quant.spec import Target
 from compress.recipe import Strict
+from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
 
@@ -68,6 +70,19 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
         raise CompressError(f"{ctx.where}.check: needs an engine to check; add an engine block or set check: null")
 
 
+def _sparsity(model: nn.Module, onnx_path: Path) -> dict[str, Any]:
+    """The 2:4 check of the written ONNX (weights after dequantization), against the model's own masks."""
+    check = verify_onnx(onnx_path)
+    summary: dict[str, Any] = {"pattern": PATTERN, "sparse_weights": bool(check.sparse_layers),
+                               "sparse_layers": check.sparse_layers}
+    if is_sparse(model):
+        summary["expected"] = sparse_layers(model)
+        summary["missing"] = check.missing(summary["expected"])
+    if check.sparse_layers or is_sparse(model):  # per-layer detail only where 2:4 is in play
+        summary["layers"] = {name: c.to_dict() for name, c in check.layers.items()}
+    return summary
+
+
 @register("export", ExportConfig, check=_check, changes_model=False)
 def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
     _check(model, config, ctx)
@@ -91,12 +106,20 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             "nodes": info.nodes,
         }
     }
-    passed = True
+    failures = []
+    sparse = _sparsity(model, onnx_path)
+    report["export"]["sparsity"] = sparse
+    if sparse.get("missing"):  # the model's masks did not survive into the file: engines would run it dense
+        failures.append(f"the exported weights of {', '.join(sparse['missing'])} are not 2:4")
     if info.int32_biases:
         report["export"]["int32_biases"] = info.int32_biases
     if info.rules is not None:
         report["export"]["tensorrt_rules"] = info.rules.to_dict()
-        passed = info.rules.passed
+        if not info.rules.passed:
+            failures.append(f"{len(info.rules.violations)} TensorRT Q/DQ rule violation(s), first: "
+                            f"{info.rules.violations[0] if info.rules.violations else '?'}")
+    report["export"]["failures"] = failures
+    passed = not failures
     if config.engine is not None:
         engine_path = ctx.run_dir / "engine.onnx"
         engine = build_engine(onnx_path, engine_path, threads=config.engine.threads, level=config.engine.optimization)

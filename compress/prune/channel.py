@@ -77,6 +77,11 @@ class ChannelPruner:
     _current: str = field(default="", init=False, repr=False)  # the group being pruned, for error messages
 
     def __post_init__(self) -> None:
+        from compress.sparsity.masks import is_sparse  # the sparsity package imports prune
+
+        if is_sparse(self.model):
+            raise CompressError(f"{self.where}: the model is 2:4 sparse; channel pruning would break its masks "
+                                "(prune before sparsity)")
         param = next(self.model.parameters(), None)
         if param is not None:
             self.example = self.example.to(param.device)

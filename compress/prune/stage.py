@@ -76,7 +76,24 @@ def _options(config: PruneConfig) -> ChannelOptions:
                           tuple(config.exclude))
 
 
+def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Module:
+    """A channel-pruned copy of ``model`` with the shapes the stage will leave (nothing trained).
+
+    Raises:
+        CompressError: the pruning cannot be done (tracer, patterns, target out of reach, broken forward).
+    """
+    pruner = ChannelPruner(copy.deepcopy(model), ctx.example_input, _options(config), where=ctx.where)
+    if config.macs_reduction is not None:
+        pruner.prune_to_macs(config.macs_reduction)  # the final target must be reachable
+    else:
+        pruner.prune(config.ratio)  # type: ignore[arg-type]
+    return pruner.model
+
+
 def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> None:
+    from compress.sparsity.stage import refuse_after_sparsity
+
+    refuse_after_sparsity(model, ctx, "prune")
     if quantized_before(model, ctx):
         raise CompressError(f"{ctx.where}: prune must come before quantization (ptq/qat): "
                             "the quantizers' ranges would not match the pruned weights")
@@ -84,11 +101,7 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> None:
         select_names(weighted_layers(model), config.include, config.exclude, where=ctx.where,
                      what="Conv/Linear layer to prune")
     else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
-        pruner = ChannelPruner(copy.deepcopy(model), ctx.example_input, _options(config), where=ctx.where)
-        if config.macs_reduction is not None:
-            pruner.prune_to_macs(config.macs_reduction)  # the final target must be reachable
-        else:
-            pruner.prune(config.ratio)  # type: ignore[arg-type]
+        dry_run(model, config, ctx)
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
 

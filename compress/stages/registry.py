@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from compress.stages.context import StageContext, StageResult
 
 RunFn = Callable[["nn.Module", Any, "StageContext"], "StageResult"]
-CheckFn = Callable[["nn.Module", Any, "StageContext"], None]
+CheckFn = Callable[["nn.Module", Any, "StageContext"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class StageType:
         config: pydantic model for the stage's options (unknown keys rejected).
         run: ``(model, config, ctx) -> StageResult``; must not modify files outside ``ctx.stage_dir``
             except through the result.
-        check: ``(model, config, ctx) -> None``; called by ``compress validate`` to resolve layer
-            names/patterns without training; raises ``CompressError``.
+        check: ``(model, config, ctx) -> None | str``; called by ``compress validate`` to resolve layer
+            names/patterns without training; raises ``CompressError``. A returned line (e.g. an
+            estimate) is printed under the stage in the plan.
         changes_model: False for stages (export) whose output is files, not a new model.
     """
 

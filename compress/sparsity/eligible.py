@@ -1,0 +1,117 @@
+"""Which layers can use sparse tensor cores, why the others cannot, and what 2:4 could save (pre-flight).
+
+The rules follow what sparse tensor-core kernels (TensorRT, cuSPARSELt) and NVIDIA's ASP accept:
+an ungrouped Conv or a Linear whose input channels are a multiple of 16 and output channels a
+multiple of 8. Engines may still run a small eligible layer dense when that is faster; the
+estimate below is the ceiling, not a promise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.profile import layer_macs
+from compress.select import select_names
+
+IN_MULTIPLE = 16
+OUT_MULTIPLE = 8
+SPARSE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHTED = (*SPARSE_TYPES, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class LayerSurvey:
+    """One Conv/Linear layer: its weight shape, MACs per sample, and why it is skipped (None: eligible)."""
+
+    name: str
+    shape: list[int]
+    macs: int
+    share: float  # of the model's Conv/Linear MACs
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        entry: dict[str, object] = {"shape": self.shape, "macs": self.macs, "macs_share": round(self.share, 4)}
+        if self.skipped:
+            entry["skipped"] = self.skipped
+        return entry
+
+
+def why_ineligible(module: nn.Module) -> str | None:
+    """Why sparse tensor cores cannot run this layer with a 2:4 weight, or None when they can."""
+    if not isinstance(module, SPARSE_TYPES):
+        return f"{type(module).__name__}: sparse kernels run Conv and Linear only"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return "no weight tensor"
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return f"grouped conv (groups={module.groups})"
+    cin, cout = weight.shape[1], weight.shape[0]
+    if cin % IN_MULTIPLE:
+        return f"input channels {cin} are not a multiple of {IN_MULTIPLE}"
+    if cout % OUT_MULTIPLE:
+        return f"output channels {cout} are not a multiple of {OUT_MULTIPLE}"
+    return None
+
+
+def survey(
+    model: nn.Module,
+    example: torch.Tensor | None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    where: str = "sparsity",
+) -> list[LayerSurvey]:
+    """Every Conv/ConvTranspose/Linear layer of ``model`` with its MAC share and eligibility.
+
+    Without ``example`` only shapes are judged (MACs are 0 and layers forward never calls are kept).
+
+    Raises:
+        CompressError: an include/exclude pattern matches no layer.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n]
+    chosen = set(select_names(names, include, exclude, where=where, what="Conv/Linear layer to sparsify"))
+    macs = layer_macs(model, example) if example is not None else {}
+    total = max(sum(macs.values()), 1)
+    shared = _shared_weights(model, names)
+    found = []
+    for name in names:
+        module = model.get_submodule(name)
+        why = why_ineligible(module)
+        if why is None and name not in chosen:
+            why = "left out by include/exclude"
+        if why is None and example is not None and name not in macs:
+            why = "forward does not call it"
+        if why is None and name in shared:
+            why = f"shares its weight with '{shared[name]}'"
+        found.append(LayerSurvey(name, list(module.weight.shape), macs.get(name, 0), macs.get(name, 0) / total, why))
+    return found
+
+
+def _shared_weights(model: nn.Module, names: list[str]) -> dict[str, str]:
+    owner: dict[int, str] = {}
+    shared = {}
+    for name in names:
+        key = id(model.get_submodule(name).weight)
+        if key in owner:
+            shared[name], shared[owner[key]] = owner[key], name
+        else:
+            owner[key] = name
+    return shared
+
+
+def estimate(layers: list[LayerSurvey]) -> dict[str, object]:
+    """The pre-flight summary: eligible MAC share and the best-case speedup if those layers ran 2x faster.
+
+    The bound is Amdahl's: ``1 / (1 - share / 2)``; memory-bound layers and non-Conv/Linear ops make
+    real speedups smaller.
+    """
+    share = sum(layer.share for layer in layers if layer.skipped is None)
+    return {
+        "eligible_layers": sum(layer.skipped is None for layer in layers),
+        "skipped_layers": sum(layer.skipped is not None for layer in layers),
+        "eligible_macs_share": round(share, 4),
+        "best_case_speedup": round(1 / (1 - share / 2), 3),
+    }

@@ -1,0 +1,277 @@
+"""2:4 masks that stay with the model: recorded in its origin, re-applied after every optimizer step.
+
+The masks live in the model's structure record (one uint8 code per group of 4 weights), so they
+follow the model through deep copies, quantizer insertion and compress checkpoints. Any later
+``compress.finetune`` of the model re-applies them after each step (see :func:`mask_callback`), and
+:func:`apply_2to4` hooks a user's own optimizer the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import structure
+from compress.callbacks import Callback, TrainState
+from compress.errors import CheckpointError, CompressError
+from compress.sparsity import eligible
+from compress.sparsity.pattern import PATTERN, decode, encode, mask_2to4, retained
+
+KIND = "sparsity"
+
+
+def is_sparse(model: nn.Module) -> bool:
+    """Whether ``model`` carries 2:4 masks (from :func:`apply_2to4`, the sparsity stage or its checkpoint)."""
+    origin = structure.origin_of(model)
+    return origin is not None and any(e.get("kind") == KIND for e in origin.structure)
+
+
+def sparse_layers(model: nn.Module) -> list[str]:
+    """The layer names ``model``'s 2:4 masks cover."""
+    origin = structure.origin_of(model)
+    entries = [e for e in origin.structure if e.get("kind") == KIND] if origin else []
+    return [name for e in entries for name in e["payload"]["layers"]]
+
+
+class SparseMasks:
+    """The keep-masks of a model's sparse layers, bound to their weight tensors.
+
+    Raises:
+        CompressError: a recorded layer is gone or its weight changed shape (e.g. pruned after sparsity).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.weights: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        origin = structure.origin_of(model)
+        for entry in origin.structure if origin else []:
+            if entry.get("kind") != KIND:
+                continue
+            for name, codes in entry["payload"]["layers"].items():
+                weight = _weight(model, name)
+                try:
+                    self.masks[name] = decode(codes, weight)
+                except ValueError as exc:
+                    raise CompressError(f"sparsity: the 2:4 mask of layer '{name}' no longer fits it ({exc}); "
+                                        "was the model pruned or resized after sparsity?") from None
+                self.weights[name] = weight
+
+    def __bool__(self) -> bool:
+        return bool(self.masks)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero the masked weights again (after an optimizer step moved them)."""
+        for name, weight in self.weights.items():
+            mask = self.masks[name]
+            if mask.device != weight.device:
+                self.masks[name] = mask = mask.to(weight.device)
+            weight.mul_(mask)
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        weight = model.get_submodule(name).weight
+    except AttributeError:
+        raise CompressError(f"sparsity: the model's 2:4 masks name layer '{name}', which it no longer has") from None
+    return weight
+
+
+def record(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Store ``masks`` (keep-masks per layer name) in the model's origin, for later stages and checkpoints."""
+    structure.record(model, KIND, {"pattern": PATTERN, "layers": {n: encode(m) for n, m in masks.items()}})
+
+
+@structure.register_rebuild(KIND)
+def _rebuild(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
+    layers = payload.get("layers") if isinstance(payload, dict) else None
+    if not isinstance(layers, dict):
+        raise CheckpointError("its 2:4 sparsity record is damaged (no per-layer masks)")
+    for name, codes in layers.items():
+        try:
+            decode(codes, model.get_submodule(str(name)).weight)
+        except (AttributeError, ValueError) as exc:
+            raise CheckpointError(f"the 2:4 mask of layer '{name}' does not fit the model the factory builds "
+                                  f"({exc})") from None
+    return model
+
+
+@torch.no_grad()
+def check_weights(model: nn.Module, source: str) -> None:
+    """After loading a checkpoint: every weight its masks zero must be zero.
+
+    Raises:
+        CheckpointError: the weights and masks disagree (a checkpoint edited or written by other code).
+    """
+    masks = SparseMasks(model)
+    for name, weight in masks.weights.items():
+        if bool((weight[~masks.masks[name].to(weight.device)] != 0).any()):
+            raise CheckpointError(f"checkpoint {source}: layer '{name}' has nonzero weights where its 2:4 mask is "
+                                  "zero: the weights and the masks disagree")
+
+
+class _MaskCallback(Callback):
+    def __init__(self, masks: SparseMasks) -> None:
+        self.masks = masks
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.masks.apply()
+
+    def after_step(self, state: TrainState) -> None:
+        self.masks.apply()
+
+
+def mask_callback(model: nn.Module) -> Callback | None:
+    """A fine-tune callback keeping ``model``'s 2:4 masks after every step, or None for a dense model."""
+    masks = SparseMasks(model)
+    return _MaskCallback(masks) if masks else None
+
+
+@dataclass
+class Sparsifier:
+    """What :func:`apply_2to4` did, and the handle that keeps the masks during a user's training.
+
+    Attributes:
+        layers: per sparse layer, the share of ``sum |w|`` its mask kept (``retained``), and the
+            permutation's before/after when ``permute`` ran.
+        skipped: per Conv/Linear layer left dense, why.
+        estimate: the pre-flight MACs summary (needs ``example_input``).
+        permutations: per permuted channel group, what the search did.
+    """
+
+    model: nn.Module
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    estimate: dict[str, Any] = field(default_factory=dict)
+    permutations: list[dict[str, Any]] = field(default_factory=list)
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+
+    def apply(self) -> None:
+        """Zero the masked weights again (call after ``optimizer.step()`` if no optimizer was hooked)."""
+        SparseMasks(self.model).apply()
+
+    def callback(self) -> Callback:
+        """A ``compress.finetune`` callback (the loop adds one itself for models carrying masks)."""
+        return _MaskCallback(SparseMasks(self.model))
+
+    def remove(self) -> None:
+        """Unhook the optimizer (the masks stay recorded on the model)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def report(self) -> dict[str, Any]:
+        return {"pattern": PATTERN, "layers": self.layers, "skipped": self.skipped, "estimate": self.estimate,
+                "permutations": self.permutations}
+
+
+def apply_2to4(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    example_input: torch.Tensor | None = None,
+    permute: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    where: str = "sparsity.apply_2to4",
+) -> Sparsifier:
+    """Make ``model``'s eligible Conv/Linear weights 2:4 sparse in place and keep them so.
+
+    Keeps the 2 largest |w| of every 4 consecutive input-channel weights (per output channel and
+    kernel position for convs). The masks are recorded on the model, so ``compress.finetune``, later
+    stages and ``compress.save``/``load`` keep them; with ``optimizer`` they are also re-applied after
+    each of its steps in a plain training loop.
+
+    Args:
+        model: a float model (sparsify before quantizing).
+        optimizer: hooked so every ``optimizer.step()`` re-applies the masks.
+        example_input: a batch the model accepts: needed for ``permute`` and for the MACs estimate.
+        permute: reorder channels first (through their producers) so the masks keep more magnitude.
+        include/exclude: layer-name patterns.
+
+    Raises:
+        CompressError: the model is already sparse or quantized, no layer is eligible, a pattern
+            matches nothing, or ``permute`` without ``example_input``.
+
+    Example::
+
+        sparse = compress.sparsity.apply_2to4(model, optimizer, example_input=x[:1], permute=True)
+        for x, y in loader:                        # masks are re-applied after each optimizer.step()
+            loss = F.cross_entropy(model(x), y); optimizer.zero_grad(); loss.backward(); optimizer.step()
+    """
+    from compress import quant
+
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # masks are recorded on (and saved from) the wrapped model
+    if is_sparse(model):
+        raise CompressError(f"{where}: the model is already 2:4 sparse")
+    if quant.is_quantized(model):
+        raise CompressError(f"{where}: sparsify before quantizing (ptq/qat): the quantizers' ranges would not "
+                            "match the masked weights")
+    if permute and example_input is None:
+        raise CompressError(f"{where}: permute needs example_input (the channel dependencies are traced on it)")
+    result = Sparsifier(model)
+    chosen = plan(model, example_input, include, exclude, where, result)
+    if permute:
+        from compress.sparsity.permute import permute_groups
+
+        assert example_input is not None
+        device = next(model.parameters()).device
+        groups = permute_groups(model, example_input.to(device), set(chosen), where)
+        if optimizer is not None:
+            _reorder_state(optimizer, groups)
+        for p in groups:
+            entry: dict[str, Any] = {"root": p.root, "channels": p.channels, "consumers": p.consumers,
+                                     "swaps": p.swaps}
+            if p.skipped:
+                entry["skipped"] = p.skipped
+            result.permutations.append(entry)
+            for name, scores in p.layers.items():
+                result.layers[name]["retained_unpermuted"] = scores["before"]
+    masks = {name: mask_2to4(model.get_submodule(name).weight) for name in chosen}
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        result.layers[name]["retained"] = round(retained(weight, mask), 6)
+        with torch.no_grad():
+            weight.mul_(mask.to(weight.device))
+    record(model, masks)
+    if optimizer is not None:
+        callback = SparseMasks(model)
+        result._hooks.append(optimizer.register_step_post_hook(lambda *_args: callback.apply()))
+    return result
+
+
+@torch.no_grad()
+def _reorder_state(optimizer: torch.optim.Optimizer, groups: list[Any]) -> None:
+    """Reorder optimizer state (momentum, Adam moments) the way the permutation reordered its parameters."""
+    for group in groups:
+        for tensor, dim, index in group.reorders:
+            for value in optimizer.state.get(tensor, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    value.copy_(value.index_select(dim, index.to(value.device)))
+
+
+def plan(model: nn.Module, example_input: torch.Tensor | None, include: Sequence[str], exclude: Sequence[str],
+         where: str, result: Sparsifier | None = None) -> list[str]:
+    """The layers 2:4 would cover (filling ``result``'s skipped/estimate/layers).
+
+    Raises:
+        CompressError: a pattern matches nothing, or no layer is eligible.
+    """
+    if example_input is not None:
+        example_input = example_input.to(next(model.parameters()).device)
+    layers = eligible.survey(model, example_input, include, exclude, where)
+    chosen = [layer.name for layer in layers if layer.skipped is None]
+    if result is not None:
+        result.skipped = {layer.name: layer.skipped for layer in layers if layer.skipped is not None}
+        result.layers = {layer.name: layer.to_dict() for layer in layers if layer.skipped is None}
+        if example_input is not None:
+            result.estimate = eligible.estimate(layers)
+    if not chosen:
+        shown = "; ".join(f"{layer.name}: {layer.skipped}" for layer in layers[:4]) or "no Conv/Linear layer"
+        raise CompressError(f"{where}: no layer can be 2:4 sparse ({shown})")
+    return chosen

@@ -49,6 +49,14 @@ def test_distillation_under_two_processes_matches_one_process(tmp_path):
         torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_2to4_masks_hold_under_two_processes_and_match_one_process(tmp_path):
+    one = _run(tmp_path, "compress.zoo:digits_mlp", 1, "sparse")
+    two = _run(tmp_path, "compress.zoo:digits_mlp", 2, "sparse")
+    assert one["sparse_layers"] == two["sparse_layers"] == ["1"]
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 @pytest.mark.slow
 def test_two_processes_train_batchnorm_cnn_to_the_same_accuracy(tmp_path):
     # With BatchNorm each process normalises over its own half batch, so weights differ slightly;

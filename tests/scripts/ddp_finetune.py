@@ -1,9 +1,10 @@
 """Fine-tune a small model on digits; run as one process or under torchrun. Rank 0 saves the result.
 
-usage: python ddp_finetune.py OUT.pt FACTORY [distill]   (or: torchrun --nproc_per_node=2 ddp_finetune.py ...)
+usage: python ddp_finetune.py OUT.pt FACTORY [distill|sparse]   (or: torchrun --nproc_per_node=2 ddp_finetune.py ...)
 
 With ``distill``: a digits_mlp teacher (hidden 64, fixed seed) teaches the model through logits KD and
 a hint on layer "2" whose learned projection (32 -> 64) must stay identical across processes.
+With ``sparse``: the model's first Linear is made 2:4 first; the loop keeps the masks on every process.
 """
 
 import sys
@@ -17,9 +18,11 @@ from compress.recipe import DigitsData
 from compress.train import FinetuneConfig, finetune, is_main_process, world
 
 out, factory = sys.argv[1], sys.argv[2]
-distill = sys.argv[3:] == ["distill"]
+distill, sparse = sys.argv[3:] == ["distill"], sys.argv[3:] == ["sparse"]
 torch.manual_seed(0)
-model = compress.build(factory, {"hidden": 32} if distill else {})
+model = compress.build(factory, {"hidden": 32} if distill or sparse else {})
+if sparse:
+    compress.sparsity.apply_2to4(model)
 callbacks, extra = [], {}
 if distill:
     torch.manual_seed(1)
@@ -37,5 +40,5 @@ outputs = collect(model, test)
 if is_main_process():
     torch.save(
         {"state_dict": {**model.state_dict(), **extra}, "top1": top1(outputs.logits, outputs.labels),
-         "world": world()[1]}, out
+         "world": world()[1], "sparse_layers": compress.sparsity.verify_model(model).sparse_layers}, out
     )

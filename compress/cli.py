@@ -1,4 +1,4 @@
-"""The ``compress`` command: run, validate, check.
+"""The ``compress`` command: run, validate, check, bench.
 
 Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message on stderr).
 """
@@ -49,8 +49,14 @@ def _parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", parents=[common], help="compare a model/engine with a reference on data")
     chk.add_argument("model", help="engine or ONNX file (.onnx) or compress checkpoint (.pt)")
-    chk.add_argument("--reference", required=True, help="the reference: .onnx or .pt")
-    chk.add_argument("--data", required=True, help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN")
+    chk.add_argument("--reference", required=True,
+                     help="the reference: .onnx, .pt, or a reference file written by --save-reference (.npz)")
+    chk.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN "
+                                    "(not with a saved reference, which carries its inputs)")
+    chk.add_argument("--save-reference", type=Path, metavar="FILE.npz",
+                     help="also store the inputs and the reference's outputs, to check against later")
+    chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
+                     help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most")
     chk.add_argument("--metric", default="top1", help="top1, agreement, cosine or module:callable")
     chk.add_argument("--max-drop", type=float, default=0.5, help="largest allowed metric drop in points")
     chk.add_argument("--min-agreement", type=float)
@@ -58,7 +64,46 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--batch-size", type=int, default=64)
     chk.add_argument("--report", type=Path, default=Path("check_report.json"),
                      help="where to write the drift report (JSON; default check_report.json)")
+    bench = sub.add_parser("bench", parents=[common], help="latency p50/p90/p99 and throughput per batch size")
+    bench.add_argument("models", nargs="+", help="ONNX files (ONNX Runtime) and/or compress checkpoints (PyTorch eager)")
+    shape = bench.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--data", help="take the input shape from data: digits[:SPLIT], npz:FILE, ...")
+    shape.add_argument("--input-shape", help="one sample's shape, e.g. 1,8,8 (batch left out)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    bench.add_argument("--threads", type=int, help="intra-op threads (ONNX Runtime and torch)")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--iters", type=int, default=20)
+    bench.add_argument("--report", type=Path, help="also write the results as JSON here")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from compress.export import bench
+
+    if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads or 1) <= 0:
+        raise CompressError("bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0")
+    if args.data is not None:
+        from compress.data import build_loader, example_input, parse_data_arg
+
+        sample = example_input(build_loader(parse_data_arg(args.data, 1), "--data"))[:1]
+    else:
+        try:
+            dims = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            raise CompressError(f"bench --input-shape: '{args.input_shape}' is not a list of integers like 1,8,8") from None
+        if not dims or any(d <= 0 for d in dims):
+            raise CompressError(f"bench --input-shape: '{args.input_shape}' has a dimension <= 0")
+        sample = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
+    results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, warmup=args.warmup,
+                            iters=args.iters)
+    if args.report is not None:
+        from compress import io
+
+        io.write_json(args.report, results)
+    print(json.dumps(results, indent=2) if args.json else "\n".join(bench.table(results)))
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -92,27 +137,101 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from compress.data import build_loader, parse_data_arg
-    from compress.export.check import check
+    from compress import io, metrics
+    from compress.export.check import as_runner, compare
+    from compress.export.reference import is_reference_file, load_reference, save_reference
 
-    loader = build_loader(parse_data_arg(args.data, args.batch_size), "--data")
-    result = check(
-        args.model, args.reference, loader, metric=args.metric, max_drop=args.max_drop,
-        min_agreement=args.min_agreement, min_cosine=args.min_cosine,
-    )
-    from compress import io
+    try:
+        metrics.check_metric_name(args.metric)
+    except ValueError as exc:
+        raise CompressError(f"--metric: {exc}") from None
+    saved = is_reference_file(args.reference)
+    if saved and args.data is not None:
+        raise CompressError(f"--data: {args.reference} is a saved reference and carries its own inputs; drop --data")
+    if saved and (args.save_reference is not None or args.layers is not None):
+        raise CompressError("--save-reference/--layers need a reference model (.onnx or .pt), not a saved reference")
+    if not saved and args.data is None:
+        raise CompressError("--data: required unless --reference is a saved reference file")
+    if args.layers is not None and (Path(args.model).suffix != ".onnx" or args.layers < 1):
+        raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
+    batches, inputs = _check_batches(args, saved)
+    runner = as_runner(args.model)
+    if saved:
+        ref_file = load_reference(args.reference)
+        (out,) = metrics.collect_many([runner], batches, names=[args.model])
+        ref = metrics.Outputs(ref_file.outputs, ref_file.labels)
+        if tuple(out.logits.shape) != tuple(ref.logits.shape):
+            raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
+                                f"{list(ref.logits.shape)}")
+    else:
+        out, ref = metrics.collect_many([runner, as_runner(args.reference)], batches,
+                                        names=[args.model, args.reference])
+    result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, min_agreement=args.min_agreement,
+                     min_cosine=args.min_cosine)
+    doc = {"model": args.model, "reference": args.reference, "data": args.data, **result.to_dict()}
+    if args.layers is not None:
+        from compress.export.localize import localize
 
-    io.write_json(args.report, {"model": args.model, "reference": args.reference, "data": args.data, **result.to_dict()})
+        layers, unmatched = localize(args.model, args.reference, (x for x, _ in batches))
+        doc["layers"] = [e.to_dict() for e in layers]
+        doc["unmatched_layers"] = unmatched
+    if args.save_reference is not None:
+        from compress.report import _versions
+
+        save_reference(args.save_reference, inputs, ref.logits, ref.labels,
+                       {"reference": str(args.reference), "data": args.data, "versions": _versions()})
+        doc["saved_reference"] = str(args.save_reference)
+    io.write_json(args.report, doc)
+    io.write_text(args.report.with_suffix(".md"), _check_markdown(doc))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(doc, indent=2))
     else:
         print(
             f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
             f"drop {result.drop:.3f} pt | agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
             f"max abs {result.max_abs:.3g} | {result.samples} samples"
         )
+        for entry in doc.get("layers", [])[: args.layers]:
+            print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
         print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
     return 0 if result.passed else 1
+
+
+def _check_batches(args: argparse.Namespace, saved: bool) -> tuple[list, object]:
+    """The batches to check on (a list: it is read twice with --layers) and all inputs (for --save-reference)."""
+    import torch
+
+    from compress.data import build_loader, parse_data_arg, split_batch
+
+    if saved:
+        from compress.export.reference import load_reference
+
+        ref = load_reference(args.reference)
+        xs = ref.inputs
+        ys = ref.labels
+        size = max(args.batch_size, 1)
+        batches = [(xs[i : i + size], ys[i : i + size] if ys is not None else torch.zeros(0))
+                   for i in range(0, len(xs), size)]
+        batches = [(x, y) if ys is not None else (x,) for x, y in batches]  # type: ignore[misc]
+        return batches, xs
+    loader = build_loader(parse_data_arg(args.data, args.batch_size), "--data")
+    batches = list(loader)
+    inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
+    return batches, inputs
+
+
+def _check_markdown(doc: dict) -> str:
+    lines = [f"# compress check: {doc['model']} vs {doc['reference']}", "",
+             f"Result: **{'passed' if doc['passed'] else 'FAILED'}** on {doc['samples']} samples", "",
+             f"| {doc['metric']} model | reference | drop (pt) | agreement | cosine | max abs | mean abs |",
+             "|---:|---:|---:|---:|---:|---:|---:|",
+             f"| {doc['model_metric']:.4f} | {doc['reference_metric']:.4f} | {doc['drop']:.3f} | {doc['agreement']:.4f} "
+             f"| {doc['cosine']:.6f} | {doc['max_abs']:.3g} | {doc['mean_abs']:.3g} |"]
+    lines += [f"- {f}" for f in doc["failures"]]
+    if doc.get("layers"):
+        lines += ["", "## Layers where the error jumps most", "", "| layer | rel. error | jump |", "|---|---:|---:|"]
+        lines += [f"| `{e['layer']}` | {e['rel_error']:.4g} | {e['jump']:+.4g} |" for e in doc["layers"][:10]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    handlers = {"run": _cmd_run, "validate": _cmd_validate, "check": _cmd_check}
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "check": _cmd_check, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except CompressError as exc:

@@ -280,6 +280,7 @@ def run(
     full = report.build(recipe, prep.baseline, entries, sections, passed)
     if main:
         models.save(model, run_dir / "model.pt", metadata={"recipe": recipe.name, "final": True})
+        full["provenance"] = report.provenance(recipe, run_dir)
         report.write(run_dir, full)
     barrier()  # no rank exits (and gets torchrun to stop the others) before rank 0 has written everything
     if "check" in sections:

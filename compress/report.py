@@ -28,6 +28,43 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _tensorrt_version() -> str | None:
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        return importlib.metadata.version("tensorrt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Where the run's results came from: library versions and the sha256 of every input and output file."""
+    files = {
+        "recipe": Path(recipe.source),
+        "resolved_recipe": run_dir / "recipe.yaml",
+        "input_checkpoint": Path(recipe.body.model.checkpoint) if recipe.body.model.checkpoint else None,
+        "model": run_dir / "model.pt",
+        "onnx": run_dir / "model.onnx",
+        "engine": run_dir / "engine.onnx",
+    }
+    hashes = {key: {"path": str(path), "sha256": _sha256(path)} for key, path in files.items()
+              if path is not None and path.is_file()}
+    return {"versions": {**_versions(), "tensorrt": _tensorrt_version()}, "files": hashes}
+
+
 def build(
     recipe: Recipe, baseline: dict[str, Any], stages: list[dict[str, Any]], sections: dict[str, Any], passed: bool
 ) -> dict[str, Any]:

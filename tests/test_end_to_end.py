@@ -115,6 +115,8 @@ def test_int8_demo_recipe_runs_int8_kernels_within_half_a_point(baseline, tmp_pa
     assert report["stages"][-1]["nonzero_params"] < 0.6 * report["stages"][-1]["params"]
     assert report["export"]["sparsity"]["sparse_layers"] == sparse  # int8 weights in the ONNX are 2:4
     assert report["export"]["sparsity"]["missing"] == []
+    assert (out / "triton" / "digits-demo" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert report["provenance"]["files"]["engine"]["path"] == str(out / "engine.onnx")
     text = (out / "report.md").read_text()
     assert "## Distillation" in text and "## Sparsity" in text
     assert report["baseline"]["macs"] / report["stages"][-1]["macs"] >= 2.0  # channel pruning: half the MACs

@@ -15,6 +15,7 @@ from compress.export import bench
 from compress.export.check import compare
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary
+from compress.export.triton import write_repository
 from compress.quant.spec import Target
 from compress.recipe import Strict
 from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
@@ -48,10 +49,16 @@ class CheckOptions(Strict):
     reference: Literal["model", "baseline"] = "model"
 
 
+class TritonOptions(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # the model's folder and name in the repository
+    max_batch_size: Annotated[int, Field(ge=0)] = 32  # 0: no batching (then the batch dim is part of dims)
+
+
 class ExportConfig(Strict):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     engine: EngineOptions | None = Field(default_factory=EngineOptions)
     check: CheckOptions | None = Field(default_factory=CheckOptions)
+    triton: TritonOptions | None = None  # also write DIR/triton/NAME (config.pbtxt + 1/model.onnx)
 
 
 def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
@@ -66,6 +73,9 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
             f"{ctx.where}.onnx.target: is {config.onnx.target.value} but the model was quantized for {own.value}; "
             f"set target: {own.value}"
         )
+    if config.triton is not None and config.triton.max_batch_size > 0 and not config.onnx.dynamic_batch:
+        raise CompressError(f"{ctx.where}.triton.max_batch_size: Triton batches along a dynamic batch dimension; "
+                            "set onnx.dynamic_batch: true or max_batch_size: 0")
     if config.check is not None and config.engine is None:
         raise CompressError(f"{ctx.where}.check: needs an engine to check; add an engine block or set check: null")
 
@@ -118,6 +128,13 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
         if not info.rules.passed:
             failures.append(f"{len(info.rules.violations)} TensorRT Q/DQ rule violation(s), first: "
                             f"{info.rules.violations[0] if info.rules.violations else '?'}")
+    if config.triton is not None:
+        folder = write_repository(ctx.run_dir / "triton", onnx_path, onnx_path, name=config.triton.name,
+                                  max_batch_size=config.triton.max_batch_size)
+        report["export"]["triton"] = {"repository": "triton", "model": config.triton.name,
+                                      "files": [str(p.relative_to(ctx.run_dir)) for p in sorted(folder.rglob("*"))
+                                                if p.is_file()],
+                                      "max_batch_size": config.triton.max_batch_size}
     report["export"]["failures"] = failures
     passed = not failures
     if config.engine is not None:

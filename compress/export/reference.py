@@ -1,0 +1,76 @@
+"""Saved reference outputs: check an engine against a model that is no longer around.
+
+``compress check ... --save-reference ref.npz`` stores the inputs, the reference's outputs, the labels
+and where they came from; ``compress check ENGINE --reference ref.npz`` later runs the engine on the
+same inputs and compares (drift across library, driver or hardware versions). The file is a plain
+``.npz`` read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import io
+from compress.errors import CompressError, first_line
+
+FORMAT = "compress-reference"
+VERSION = 1
+
+
+@dataclass
+class Reference:
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    labels: torch.Tensor | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def is_reference_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a reference file (``.npz``; :func:`load_reference` says what is wrong with it)."""
+    return Path(path).suffix == ".npz"
+
+
+def save_reference(path: str | os.PathLike[str], inputs: torch.Tensor, outputs: torch.Tensor,
+                   labels: torch.Tensor | None, meta: dict[str, Any]) -> None:
+    """Write a reference file atomically."""
+    arrays = {"inputs": inputs.detach().cpu().numpy(), "outputs": outputs.detach().cpu().float().numpy(),
+              "compress_reference": np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}))}
+    if labels is not None:
+        arrays["labels"] = labels.detach().cpu().numpy()
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_reference(path: str | os.PathLike[str]) -> Reference:
+    """Read a reference file.
+
+    Raises:
+        CompressError: missing, damaged, not a reference file, or inputs and outputs that do not pair up.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CompressError(f"{file}: no such reference file")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if "compress_reference" not in data.files:
+                raise CompressError(f"{file}: is not a compress reference file (written by --save-reference)")
+            meta = json.loads(str(data["compress_reference"]))
+            inputs, outputs = torch.from_numpy(data["inputs"]), torch.from_numpy(data["outputs"])
+            labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+    except CompressError:
+        raise
+    except Exception as exc:  # zipfile/npy/json errors on a damaged file
+        raise CompressError(f"{file}: is a damaged reference file ({first_line(exc)})") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise CompressError(f"{file}: reference format {meta.get('format')} v{meta.get('version')} is not one this "
+                            "compress reads")
+    if len(inputs) != len(outputs) or len(inputs) == 0 or (labels is not None and len(labels) != len(inputs)):
+        raise CompressError(f"{file}: holds {len(inputs)} inputs but {len(outputs)} outputs")
+    return Reference(inputs, outputs, labels, meta)

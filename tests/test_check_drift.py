@@ -1,0 +1,96 @@
+"""``compress check`` for deployed engines: per-layer localisation, saved references, damaged files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import compress
+from compress.export.reference import load_reference
+
+
+@pytest.fixture
+def exported(digits_cnn_checkpoint: Path, tmp_path: Path) -> Path:
+    model = compress.load(digits_cnn_checkpoint)
+    path = tmp_path / "model.onnx"
+    compress.export.onnx(model, torch.zeros(1, 1, 8, 8), path)
+    return path
+
+
+def _perturb(src: Path, dst: Path, layer: str, factor: float) -> None:
+    proto = onnx.load(str(src))
+    node = next(n for n in proto.graph.node if n.name.split("/")[1:-1] and n.name.endswith("/Conv")
+                and ".".join(n.name.split("/")[1:-1]) == layer)
+    init = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
+    onnx.save(proto, str(dst))
+
+
+def test_a_planted_one_layer_fault_fails_the_check_and_is_named_first(exported, digits_cnn_checkpoint, cli, tmp_path):
+    _perturb(exported, tmp_path / "bad.onnx", "layer2.conv1", 1.4)
+    report = tmp_path / "check.json"
+    for reference in (exported, digits_cnn_checkpoint):  # an FP32 ONNX, or the PyTorch checkpoint (exported inside)
+        result = cli("check", tmp_path / "bad.onnx", "--reference", reference, "--data", "digits:test",
+                     "--layers", "3", "--report", report)
+        assert result.code == 1, result.out
+        assert result.out.splitlines()[1].startswith("  layer layer2.conv1: error ")
+        doc = json.loads(report.read_text())
+        first, second = doc["layers"][:2]
+        assert first["layer"] == "layer2.conv1" and first["jump"] > 0.2
+        assert second["jump"] < 0.5 * first["jump"]  # downstream layers inherit the error, they do not jump
+        upstream = {e["layer"]: e["rel_error"] for e in doc["layers"]}
+        assert upstream["stem.0"] < 1e-5 and upstream["layer1.conv2"] < 1e-5
+        assert doc["unmatched_layers"] == []
+        assert "## Layers where the error jumps most" in report.with_suffix(".md").read_text()
+
+
+def test_an_export_checks_clean_against_its_checkpoint(exported, digits_cnn_checkpoint, cli, tmp_path):
+    result = cli("check", exported, "--reference", digits_cnn_checkpoint, "--data", "digits:test", "--layers",
+                 "--report", tmp_path / "c.json")
+    assert result.code == 0 and result.out.strip().endswith("passed")
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["agreement"] == 1.0 and max(e["rel_error"] for e in doc["layers"]) < 1e-5
+
+
+def test_a_saved_reference_checks_an_engine_after_the_model_is_gone(exported, digits_cnn_checkpoint, cli, tmp_path):
+    ref = tmp_path / "ref.npz"
+    assert cli("check", exported, "--reference", digits_cnn_checkpoint, "--data", "digits:test",
+               "--save-reference", ref, "--report", tmp_path / "a.json").code == 0
+    saved = load_reference(ref)
+    assert saved.inputs.shape == (360, 1, 8, 8) and saved.outputs.shape == (360, 10) and len(saved.labels) == 360
+    assert saved.meta["reference"] == str(digits_cnn_checkpoint) and "torch" in saved.meta["versions"]
+    result = cli("check", exported, "--reference", ref, "--report", tmp_path / "b.json")
+    assert result.code == 0
+    assert json.loads((tmp_path / "b.json").read_text())["max_abs"] < 1e-4
+    _perturb(exported, tmp_path / "drifted.onnx", "layer1.conv1", 0.5)
+    assert cli("check", tmp_path / "drifted.onnx", "--reference", ref, "--min-agreement", "0.999",
+               "--report", tmp_path / "c.json").code == 1
+
+
+def test_damaged_files_and_bad_arguments_exit_2_in_one_line(exported, digits_cnn_checkpoint, cli, tmp_path):
+    (tmp_path / "trunc.onnx").write_bytes(exported.read_bytes()[:300])
+    ref = tmp_path / "ref.npz"
+    assert cli("check", exported, "--reference", exported, "--data", "digits:test", "--save-reference", ref,
+               "--report", tmp_path / "x.json").code == 0
+    (tmp_path / "broken.npz").write_bytes(ref.read_bytes()[:200])
+    data = ("--data", "digits:test")
+    cases = [
+        (("check", tmp_path / "trunc.onnx", "--reference", exported, *data), r"trunc.onnx: ONNX Runtime cannot load it"),
+        (("check", tmp_path / "trunc.onnx", "--reference", exported, *data, "--layers"), r"trunc.onnx"),
+        (("check", exported, "--reference", ref, *data), r"--data: .* carries its own inputs; drop --data"),
+        (("check", exported, "--reference", exported), r"--data: required unless --reference is a saved reference"),
+        (("check", digits_cnn_checkpoint, "--reference", exported, *data, "--layers"), r"--layers: needs MODEL as an .onnx"),
+        (("check", exported, "--reference", ref, "--layers"), r"--save-reference/--layers need a reference model"),
+        (("check", exported, "--reference", tmp_path / "broken.npz"), r"broken.npz: is a damaged reference file"),
+        (("check", exported, "--reference", tmp_path / "none.npz"), r"none.npz: no such reference file"),
+    ]
+    for args, expected in cases:
+        result = cli(*args, "--report", tmp_path / "r.json")
+        assert result.code == 2, (args, result.out)
+        assert re.search(expected, result.error_line()), result.error_line()

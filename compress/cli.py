@@ -10,9 +10,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from compress.errors import CompressError, one_line
+
+if TYPE_CHECKING:
+    import torch
+
+    from compress.export.reference import Reference
 
 
 class _UsageError(Exception):
@@ -154,12 +159,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise CompressError("--data: required unless --reference is a saved reference file")
     if args.layers is not None and (Path(args.model).suffix != ".onnx" or args.layers < 1):
         raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
-    batches, inputs = _check_batches(args, saved)
+    saved_ref = load_reference(args.reference) if saved else None
+    batches, inputs = _check_batches(args, saved_ref)
     runner = as_runner(args.model)
-    if saved:
-        ref_file = load_reference(args.reference)
+    if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model])
-        ref = metrics.Outputs(ref_file.outputs, ref_file.labels)
+        ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
         if tuple(out.logits.shape) != tuple(ref.logits.shape):
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
@@ -170,9 +175,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
                      min_cosine=args.min_cosine)
     doc = {"model": args.model, "reference": args.reference, "data": args.data, **result.to_dict()}
     if args.layers is not None:
+        from compress.data import split_batch
         from compress.export.localize import localize
 
-        layers, unmatched = localize(args.model, args.reference, (x for x, _ in batches))
+        layers, unmatched = localize(args.model, args.reference, (split_batch(b)[0] for b in batches))
         doc["layers"] = [e.to_dict() for e in layers]
         doc["unmatched_layers"] = unmatched
     if args.save_reference is not None:
@@ -197,25 +203,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def _check_batches(args: argparse.Namespace, saved: bool) -> tuple[list, object]:
-    """The batches to check on (a list: it is read twice with --layers) and all inputs (for --save-reference)."""
+def _check_batches(args: argparse.Namespace, saved: Reference | None) -> tuple[list[Any], torch.Tensor | None]:
+    """The batches to check on (a list: --layers reads them twice) and all inputs (for --save-reference)."""
     import torch
 
     from compress.data import build_loader, parse_data_arg, split_batch
 
-    if saved:
-        from compress.export.reference import load_reference
-
-        ref = load_reference(args.reference)
-        xs = ref.inputs
-        ys = ref.labels
+    if saved is not None:
         size = max(args.batch_size, 1)
-        batches = [(xs[i : i + size], ys[i : i + size] if ys is not None else torch.zeros(0))
-                   for i in range(0, len(xs), size)]
-        batches = [(x, y) if ys is not None else (x,) for x, y in batches]  # type: ignore[misc]
-        return batches, xs
-    loader = build_loader(parse_data_arg(args.data, args.batch_size), "--data")
-    batches = list(loader)
+        starts = range(0, len(saved.inputs), size)
+        if saved.labels is None:
+            return [(saved.inputs[i : i + size],) for i in starts], saved.inputs
+        return [(saved.inputs[i : i + size], saved.labels[i : i + size]) for i in starts], saved.inputs
+    batches = list(build_loader(parse_data_arg(args.data, args.batch_size), "--data"))
     inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
     return batches, inputs
 

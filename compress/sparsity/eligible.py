@@ -47,9 +47,14 @@ def why_ineligible(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return "no weight tensor"
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-        return f"grouped conv (groups={module.groups})"
-    cin, cout = weight.shape[1], weight.shape[0]
+    groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
+    return shape_ineligible(weight.shape[0], weight.shape[1], groups)
+
+
+def shape_ineligible(cout: int, cin: int, groups: int = 1) -> str | None:
+    """The shape rule alone (a model layer or an ONNX weight ``[out, in, ...]``): why not, or None."""
+    if groups != 1:
+        return f"grouped conv (groups={groups})"
     if cin % IN_MULTIPLE:
         return f"input channels {cin} are not a multiple of {IN_MULTIPLE}"
     if cout % OUT_MULTIPLE:

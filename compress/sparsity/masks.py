@@ -149,14 +149,22 @@ class Sparsifier:
     estimate: dict[str, Any] = field(default_factory=dict)
     permutations: list[dict[str, Any]] = field(default_factory=list)
     _hooks: list[Any] = field(default_factory=list, repr=False)
+    _masks: SparseMasks | None = field(default=None, repr=False)
+
+    @property
+    def masks(self) -> SparseMasks:
+        """The decoded masks, bound to the weights (decoded once, not at every step)."""
+        if self._masks is None:
+            self._masks = SparseMasks(self.model)
+        return self._masks
 
     def apply(self) -> None:
         """Zero the masked weights again (call after ``optimizer.step()`` if no optimizer was hooked)."""
-        SparseMasks(self.model).apply()
+        self.masks.apply()
 
     def callback(self) -> Callback:
         """A ``compress.finetune`` callback (the loop adds one itself for models carrying masks)."""
-        return _MaskCallback(SparseMasks(self.model))
+        return _MaskCallback(self.masks)
 
     def remove(self) -> None:
         """Unhook the optimizer (the masks stay recorded on the model)."""
@@ -240,8 +248,7 @@ def apply_2to4(
             weight.mul_(mask.to(weight.device))
     record(model, masks)
     if optimizer is not None:
-        callback = SparseMasks(model)
-        result._hooks.append(optimizer.register_step_post_hook(lambda *_args: callback.apply()))
+        result._hooks.append(optimizer.register_step_post_hook(lambda *_args: result.apply()))
     return result
 
 

@@ -109,17 +109,12 @@ def verify_onnx(path: str | os.PathLike[str]) -> SparsityCheck:
         if weight is None:
             continue  # an activation x activation MatMul: no weights to check
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        ineligible = None
         if node.op_type == "Gemm" and not attrs.get("transB", 0) or node.op_type == "MatMul":
             weight = weight.T if weight.ndim == 2 else weight  # to [out, in]
         if weight.ndim < 2:
             continue
-        if node.op_type == "Conv" and attrs.get("group", 1) != 1:
-            ineligible = f"grouped conv (group={attrs['group']})"
-        elif weight.shape[1] % eligible.IN_MULTIPLE:
-            ineligible = f"input channels {weight.shape[1]} are not a multiple of {eligible.IN_MULTIPLE}"
-        elif weight.shape[0] % eligible.OUT_MULTIPLE:
-            ineligible = f"output channels {weight.shape[0]} are not a multiple of {eligible.OUT_MULTIPLE}"
+        groups = int(attrs.get("group", 1)) if node.op_type == "Conv" else 1
+        ineligible = eligible.shape_ineligible(weight.shape[0], weight.shape[1], groups)
         result.layers[layer_name(node, _weight_source(graph, node.input[1]))] = _check(node.op_type, weight, ineligible)
     return result
 

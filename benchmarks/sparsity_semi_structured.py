@@ -17,32 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import cuda_ms
 
 from compress.sparsity import mask_2to4, why_unavailable
 
 SHAPES = ["64x4096x4096", "1024x4096x4096", "4096x4096x11008", "8192x8192x8192"]
-
-
-def cuda_ms(fn: Callable[[], object], samples: int, reps: int, warmup: int) -> list[float]:
-    """Per-call GPU ms: ``samples`` CUDA-event-timed runs of ``reps`` back-to-back calls each (the CPU queues
-    ahead, so small shapes are not timed as launch gaps), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) / reps for start, end in events]
 
 
 def bench_shape(tokens: int, cin: int, cout: int, iters: int, reps: int, warmup: int) -> None:

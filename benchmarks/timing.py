@@ -25,3 +25,23 @@ def interleaved_ms(runners: dict[str, Callable[[], object]], iters: int, warmup:
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
     return times
+
+
+def cuda_ms(fn: Callable[[], object], samples: int, reps: int, warmup: int) -> list[float]:
+    """Per-call GPU ms: ``samples`` CUDA-event-timed runs of ``reps`` back-to-back calls each (the CPU queues
+    ahead, so small shapes are not timed as launch gaps), after ``warmup`` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / reps for start, end in events]

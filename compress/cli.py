@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from compress.export.reference import Reference
+    from compress.recipe import Recipe
 
 
 class _UsageError(Exception):
@@ -53,16 +54,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a recipe field, e.g. stages.0.train.finetune.epochs=5")
 
     chk = sub.add_parser("check", parents=[common], help="compare a model/engine with a reference on data")
-    chk.add_argument("model", help="engine or ONNX file (.onnx) or compress checkpoint (.pt)")
+    chk.add_argument("model", help="TensorRT engine (.plan/.engine), ONNX file (.onnx) or compress checkpoint (.pt)")
     chk.add_argument("--reference", required=True,
-                     help="the reference: .onnx, .pt, or a reference file written by --save-reference (.npz)")
-    chk.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN "
-                                    "(not with a saved reference, which carries its inputs)")
+                     help="the reference: .onnx, .plan, .pt, or a reference file written by --save-reference (.npz)")
+    source = chk.add_mutually_exclusive_group()
+    source.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN "
+                                       "(not with a saved reference, which carries its inputs)")
+    source.add_argument("--recipe", type=Path, help="take the data (its eval split) and the metric from this recipe")
     chk.add_argument("--save-reference", type=Path, metavar="FILE.npz",
                      help="also store the inputs and the reference's outputs, to check against later")
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
                      help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most")
-    chk.add_argument("--metric", default="top1", help="top1, agreement, cosine or module:callable")
+    chk.add_argument("--metric", help="top1 (default, or the recipe's), agreement, cosine or module:callable")
     chk.add_argument("--max-drop", type=float, default=0.5, help="largest allowed metric drop in points")
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
@@ -70,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--report", type=Path, default=Path("check_report.json"),
                      help="where to write the drift report (JSON; default check_report.json)")
     bench = sub.add_parser("bench", parents=[common], help="latency p50/p90/p99 and throughput per batch size")
-    bench.add_argument("models", nargs="+", help="ONNX files (ONNX Runtime) and/or compress checkpoints (PyTorch eager)")
+    bench.add_argument("models", nargs="+", help="ONNX files, TensorRT engines (.plan/.engine) and/or compress "
+                                                 "checkpoints (PyTorch eager, the baseline)")
+    bench.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                       help="what runs the .onnx files (tensorrt builds an engine for the run first)")
     shape = bench.add_mutually_exclusive_group(required=True)
     shape.add_argument("--data", help="take the input shape from data: digits[:SPLIT], npz:FILE, ...")
     shape.add_argument("--input-shape", help="one sample's shape, e.g. 1,8,8 (batch left out)")
@@ -101,8 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not dims or any(d <= 0 for d in dims):
             raise CompressError(f"bench --input-shape: '{args.input_shape}' has a dimension <= 0")
         sample = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
-    results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, warmup=args.warmup,
-                            iters=args.iters)
+    results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, backend=args.backend,
+                            warmup=args.warmup, iters=args.iters)
     if args.report is not None:
         from compress import io
 
@@ -146,21 +152,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from compress.export.check import as_runner, compare
     from compress.export.reference import is_reference_file, load_reference, save_reference
 
+    recipe = None
+    if args.recipe is not None:
+        from compress.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+    args.metric = args.metric or (recipe.body.metric if recipe is not None else "top1")
     try:
         metrics.check_metric_name(args.metric)
     except ValueError as exc:
         raise CompressError(f"--metric: {exc}") from None
     saved = is_reference_file(args.reference)
-    if saved and args.data is not None:
-        raise CompressError(f"--data: {args.reference} is a saved reference and carries its own inputs; drop --data")
+    if saved and (args.data is not None or recipe is not None):
+        flag = "--data" if args.data is not None else "--recipe"
+        raise CompressError(f"{flag}: {args.reference} is a saved reference and carries its own inputs; drop {flag}")
     if saved and (args.save_reference is not None or args.layers is not None):
         raise CompressError("--save-reference/--layers need a reference model (.onnx or .pt), not a saved reference")
-    if not saved and args.data is None:
-        raise CompressError("--data: required unless --reference is a saved reference file")
+    if not saved and args.data is None and recipe is None:
+        raise CompressError("--data or --recipe: required unless --reference is a saved reference file")
     if args.layers is not None and (Path(args.model).suffix != ".onnx" or args.layers < 1):
         raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
     saved_ref = load_reference(args.reference) if saved else None
-    batches, inputs = _check_batches(args, saved_ref)
+    batches, inputs = _check_batches(args, saved_ref, recipe)
     runner = as_runner(args.model)
     if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model])
@@ -173,7 +186,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                                         names=[args.model, args.reference])
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, min_agreement=args.min_agreement,
                      min_cosine=args.min_cosine)
-    doc = {"model": args.model, "reference": args.reference, "data": args.data, **result.to_dict()}
+    data = args.data if recipe is None else f"{args.recipe} (data.eval)"
+    doc = {"model": args.model, "reference": args.reference, "data": data, **result.to_dict()}
     if args.layers is not None:
         from compress.data import split_batch
         from compress.export.localize import localize
@@ -185,7 +199,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from compress.report import _versions
 
         save_reference(args.save_reference, inputs, ref.logits, ref.labels,
-                       {"reference": str(args.reference), "data": args.data, "versions": _versions()})
+                       {"reference": str(args.reference), "data": data, "versions": _versions()})
         doc["saved_reference"] = str(args.save_reference)
     io.write_json(args.report, doc)
     io.write_text(args.report.with_suffix(".md"), _check_markdown(doc))
@@ -203,7 +217,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def _check_batches(args: argparse.Namespace, saved: Reference | None) -> tuple[list[Any], torch.Tensor | None]:
+def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Recipe | None
+                   ) -> tuple[list[Any], torch.Tensor | None]:
     """The batches to check on (a list: --layers reads them twice) and all inputs (for --save-reference)."""
     import torch
 
@@ -215,7 +230,10 @@ def _check_batches(args: argparse.Namespace, saved: Reference | None) -> tuple[l
         if saved.labels is None:
             return [(saved.inputs[i : i + size],) for i in starts], saved.inputs
         return [(saved.inputs[i : i + size], saved.labels[i : i + size]) for i in starts], saved.inputs
-    batches = list(build_loader(parse_data_arg(args.data, args.batch_size), "--data"))
+    if recipe is not None:
+        batches = list(build_loader(recipe.body.data.eval, recipe.locate("data", "eval")))
+    else:
+        batches = list(build_loader(parse_data_arg(args.data, args.batch_size), "--data"))
     inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
     return batches, inputs
 

@@ -58,7 +58,8 @@ def provenance(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "input_checkpoint": Path(recipe.body.model.checkpoint) if recipe.body.model.checkpoint else None,
         "model": run_dir / "model.pt",
         "onnx": run_dir / "model.onnx",
-        "engine": run_dir / "engine.onnx",
+        "fp16_onnx": run_dir / "model.fp16.onnx",
+        "engine": next((p for p in (run_dir / "engine.onnx", run_dir / "engine.plan") if p.is_file()), None),
     }
     hashes = {key: {"path": str(path), "sha256": _sha256(path)} for key, path in files.items()
               if path is not None and path.is_file()}
@@ -189,6 +190,12 @@ def markdown(doc: dict[str, Any]) -> str:
         if g.get("int8_ops"):
             ops = ", ".join(f"{k} x{v}" for k, v in g["int8_ops"].items())
             lines += ["", f"INT8 kernels: {ops}; {g['int8_weighted_fraction']:.0%} of weighted ops run in INT8"]
+        if g.get("tensorrt"):
+            t = g["tensorrt"]
+            by = ", ".join(f"{k} {v}" for k, v in t["layers"].get("by_precision", {}).items())
+            lines += ["", f"TensorRT {t['tensorrt']}: built in {t['seconds']} s; {t['layers'].get('layers', 0)} engine "
+                      f"layers ({by}); sparse kernels on {len(t['layers'].get('sparse_layers', []))} layers; "
+                      f"per-layer detail in `{Path(t['layers_json']).name if t.get('layers_json') else '-'}`"]
     if "check" in doc:
         c = doc["check"]
         lines += [

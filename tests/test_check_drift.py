@@ -84,7 +84,10 @@ def test_damaged_files_and_bad_arguments_exit_2_in_one_line(exported, digits_cnn
         (("check", tmp_path / "trunc.onnx", "--reference", exported, *data), r"trunc.onnx: ONNX Runtime cannot load it"),
         (("check", tmp_path / "trunc.onnx", "--reference", exported, *data, "--layers"), r"trunc.onnx"),
         (("check", exported, "--reference", ref, *data), r"--data: .* carries its own inputs; drop --data"),
-        (("check", exported, "--reference", exported), r"--data: required unless --reference is a saved reference"),
+        (("check", exported, "--reference", exported), r"--data or --recipe: required unless --reference is a saved"),
+        (("check", exported, "--reference", exported, *data, "--recipe", tmp_path / "r.yaml"),
+         r"argument --recipe: not allowed with argument --data"),
+        (("check", exported, "--reference", ref, "--recipe", tmp_path / "none.yaml"), r"none.yaml: recipe file not found"),
         (("check", digits_cnn_checkpoint, "--reference", exported, *data, "--layers"), r"--layers: needs MODEL as an .onnx"),
         (("check", exported, "--reference", ref, "--layers"), r"--save-reference/--layers need a reference model"),
         (("check", exported, "--reference", tmp_path / "broken.npz"), r"broken.npz: is a damaged reference file"),
@@ -94,3 +97,17 @@ def test_damaged_files_and_bad_arguments_exit_2_in_one_line(exported, digits_cnn
         result = cli(*args, "--report", tmp_path / "r.json")
         assert result.code == 2, (args, result.out)
         assert re.search(expected, result.error_line()), result.error_line()
+
+
+def test_recipe_gives_the_data_and_the_metric(exported, digits_cnn_checkpoint, write_recipe, cli, tmp_path):
+    from helpers_recipes import stage_recipe
+
+    recipe = stage_recipe(write_recipe, digits_cnn_checkpoint, "  - ptq: {calibrator: max}\n", target=None)
+    recipe.write_text(recipe.read_text().replace("stages:", "metric: agreement\nstages:"))
+    result = cli("check", exported, "--reference", digits_cnn_checkpoint, "--recipe", recipe,
+                 "--report", tmp_path / "r.json")
+    assert result.code == 0, result.err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["samples"] == 360 and doc["metric"] == "agreement"  # data.eval is digits:test
+    assert doc["data"] == f"{recipe} (data.eval)"
+    assert doc["model_metric"] > 0.99 and doc["reference_metric"] == 1.0

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,24 +41,38 @@ def latency(
     return results
 
 
-def runner_for(path: str | os.PathLike[str], threads: int | None = None) -> tuple[str, Callable[[torch.Tensor], object]]:
-    """``(backend, run)`` for an ONNX file (ONNX Runtime, ``threads`` intra-op) or a compress checkpoint (eager).
+def runner_for(
+    path: str | os.PathLike[str], threads: int | None = None, backend: str = "onnxruntime",
+    batch_sizes: Sequence[int] = (1,), workdir: str | os.PathLike[str] | None = None,
+) -> tuple[str, Callable[[torch.Tensor], object]]:
+    """``(backend, run)`` for a model file.
+
+    ``.onnx`` runs in ONNX Runtime (``threads`` intra-op), or with ``backend="tensorrt"`` is first built
+    into an engine in ``workdir`` (profile 1..max(batch_sizes)); ``.plan``/``.engine`` is a TensorRT
+    engine; ``.pt``/``.pth`` a compress checkpoint in PyTorch eager, the baseline. TensorRT runs time
+    host to host: the input is copied to the GPU and the output back, as a server sees it.
 
     Raises:
-        CompressError: a missing file, a TensorRT engine (its backend is not part of this version), an unknown kind.
+        CompressError: a missing file, an unknown kind, TensorRT or a GPU missing for an engine.
     """
     from compress.errors import CompressError
+    from compress.export import tensorrt
 
     file = Path(path)
     if not file.is_file():
         raise CompressError(f"{file}: no such file")
-    if file.suffix in (".plan", ".engine"):
-        raise CompressError(f"{file}: TensorRT engines need the tensorrt backend, which this version does not include")
+    if file.suffix in tensorrt.ENGINE_SUFFIXES:
+        return "tensorrt", tensorrt.TrtEngine(file)
+    if file.suffix == ".onnx" and backend == "tensorrt":
+        if workdir is None:
+            raise CompressError(f"{file}: building a TensorRT engine needs a work directory")
+        top = max(batch_sizes)
+        built, _ = tensorrt.build_engine(file, Path(workdir) / f"{file.stem}.plan", profile=tensorrt.Profile(1, top, top))
+        return "tensorrt", built
     if file.suffix == ".onnx":
         from compress.export.onnxruntime import Optimization, OrtEngine
 
-        engine = OrtEngine(file, threads, Optimization.extended)
-        return "onnxruntime", engine
+        return "onnxruntime", OrtEngine(file, threads, Optimization.extended)
     if file.suffix in (".pt", ".pth"):
         from compress.models import load_model
 
@@ -74,7 +89,7 @@ def runner_for(path: str | os.PathLike[str], threads: int | None = None) -> tupl
                 torch.set_num_threads(before)
 
         return "torch", eager
-    raise CompressError(f"{file}: unknown model kind '{file.suffix}' (expected .onnx, .pt or .pth)")
+    raise CompressError(f"{file}: unknown model kind '{file.suffix}' (expected .onnx, .plan, .engine, .pt or .pth)")
 
 
 def compare(
@@ -83,35 +98,43 @@ def compare(
     batch_sizes: Sequence[int],
     *,
     threads: int | None = None,
+    backend: str = "onnxruntime",
     warmup: int = 5,
     iters: int = 20,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Latency of each model at each batch size, and the batch size with the best throughput per model.
+
+    Args:
+        backend: what runs ``.onnx`` files: ``onnxruntime`` or ``tensorrt`` (built for the run).
 
     Raises:
         CompressError: a model cannot be loaded or fails on the sample input.
     """
+    import tempfile
+
     from compress.errors import CompressError, first_line
 
-    results: dict[str, object] = {"batch_sizes": list(batch_sizes), "models": []}
-    for path in paths:
-        backend, run = runner_for(path, threads)
-        try:
-            timings = latency(run, sample, batch_sizes, warmup=warmup, iters=iters)
-        except CompressError:
-            raise
-        except Exception as exc:  # the model cannot take this input
-            raise CompressError(f"{path}: fails on an input of shape {list(sample.shape[1:])}: {first_line(exc)}") from None
-        best = max(timings, key=lambda bs: timings[bs]["throughput"])
-        results["models"].append({"path": str(path), "backend": backend, "threads": threads,  # type: ignore[union-attr]
-                                  "latency": timings, "best_batch_size": int(best)})
-    return results
+    models: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as workdir:
+        for path in paths:
+            used, run = runner_for(path, threads, backend, batch_sizes, workdir)
+            try:
+                timings = latency(run, sample, batch_sizes, warmup=warmup, iters=iters)
+            except CompressError:
+                raise
+            except Exception as exc:  # the model cannot take this input
+                raise CompressError(f"{path}: fails on an input of shape {list(sample.shape[1:])}: "
+                                    f"{first_line(exc)}") from None
+            best = max(timings, key=lambda bs: timings[bs]["throughput"])
+            models.append({"path": str(path), "backend": used, "threads": threads if used != "tensorrt" else None,
+                           "latency": timings, "best_batch_size": int(best)})
+    return {"batch_sizes": list(batch_sizes), "models": models}
 
 
-def table(results: dict[str, object]) -> list[str]:
+def table(results: dict[str, Any]) -> list[str]:
     """The printed form of :func:`compare`'s results."""
     lines = [f"{'model':<40} {'backend':<12} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>10}"]
-    for entry in results["models"]:  # type: ignore[union-attr]
+    for entry in results["models"]:
         for bs, t in entry["latency"].items():
             mark = "  <- best" if int(bs) == entry["best_batch_size"] else ""
             lines.append(f"{entry['path'][-40:]:<40} {entry['backend']:<12} {bs:>5} {t['p50_ms']:>9.3f} "

@@ -60,11 +60,15 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
             from compress.export.onnxruntime import OrtEngine
 
             return OrtEngine(path)
+        if path.suffix in (".plan", ".engine"):
+            from compress.export.tensorrt import TrtEngine
+
+            return TrtEngine(path)
         if path.suffix in (".pt", ".pth"):
             from compress.models import load_model
 
             return load_model(path).to(device)
-        raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .pt or .pth)")
+        raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .plan, .engine, .pt or .pth)")
     if callable(obj):
         return obj
     raise CompressError(f"cannot run a {type(obj).__name__} as a model")

@@ -11,10 +11,12 @@ from torch import nn
 
 from compress import metrics, quant
 from compress.errors import CompressError
-from compress.export import bench
+from compress.export import bench, tensorrt
 from compress.export.check import compare
+from compress.export.fp16 import to_fp16
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary
+from compress.export.tensorrt_rules import check_tensorrt
 from compress.export.triton import write_repository
 from compress.quant.spec import Target
 from compress.recipe import Strict
@@ -34,12 +36,32 @@ class OnnxOptions(Strict):
     dynamic_batch: bool = True
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"  # the non-quantized parts in float16, through casts written into DIR/model.fp16.onnx
+
+
+class BatchProfile(Strict):
+    """TensorRT's optimization profile for the dynamic batch: tuned for ``opt``, accepts ``min..max``."""
+
+    min: Annotated[int, Field(gt=0)] = 1
+    opt: Annotated[int, Field(gt=0)] | None = None  # default: the largest of batch_sizes
+    max: Annotated[int, Field(gt=0)] | None = None  # default: the largest of batch_sizes and triton.max_batch_size
+
+
 class EngineOptions(Strict):
     backend: Backend = Backend.onnxruntime
-    threads: Annotated[int, Field(gt=0)] | None = None
-    optimization: Optimization = Optimization.extended
+    precision: Precision = Precision.fp32
+    keep_fp32: list[str] = Field(default_factory=list)  # op types or node names left in float32 by fp16
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8, 32])
     bench_iters: Annotated[int, Field(ge=0)] = 20
+    # onnxruntime only
+    threads: Annotated[int, Field(gt=0)] | None = None
+    optimization: Optimization = Optimization.extended
+    # tensorrt only
+    profile: BatchProfile = Field(default_factory=BatchProfile)
+    workspace_mb: Annotated[int, Field(gt=0)] | None = None
+    timing_cache: str | None = None  # default DIR/timing.cache; point several runs at one file to share it
 
 
 class CheckOptions(Strict):
@@ -61,12 +83,59 @@ class ExportConfig(Strict):
     triton: TritonOptions | None = None  # also write DIR/triton/NAME (config.pbtxt + 1/model.onnx)
 
 
+_ORT_ONLY, _TRT_ONLY = ("threads", "optimization"), ("profile", "workspace_mb", "timing_cache")
+
+
+def _quantized_by_export(model: nn.Module, ctx: StageContext) -> bool:
+    """Whether the model reaching this stage is quantized (already, or by an earlier ptq/qat stage)."""
+    return quant.is_quantized(model) or any(s.type in ("ptq", "qat") for s in ctx.recipe.stages[: ctx.spec.index])
+
+
+def _profile(engine: EngineOptions, config: ExportConfig) -> tensorrt.Profile:
+    triton = config.triton.max_batch_size if config.triton is not None else 0
+    top = max(engine.batch_sizes)
+    return tensorrt.Profile(engine.profile.min, engine.profile.opt or top,
+                            engine.profile.max or max(top, triton, engine.profile.opt or 0))
+
+
+def _check_engine(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
+    engine = config.engine
+    if engine is None:
+        return
+    where = f"{ctx.where}.engine"
+    unused = _TRT_ONLY if engine.backend is Backend.onnxruntime else _ORT_ONLY
+    for key in unused:
+        if key in engine.model_fields_set:
+            raise CompressError(f"{where}.{key}: applies to backend {'tensorrt' if key in _TRT_ONLY else 'onnxruntime'}, "
+                                f"not {engine.backend.value}")
+    if engine.keep_fp32 and engine.precision is not Precision.fp16:
+        raise CompressError(f"{where}.keep_fp32: only means something with precision: fp16")
+    if engine.precision is Precision.fp16 and config.onnx.opset < 19 and _quantized_by_export(model, ctx):
+        raise CompressError(f"{where}.precision: fp16 on a quantized model needs onnx.opset >= 19, where "
+                            "QuantizeLinear/DequantizeLinear take float16 scales; set onnx.opset: 19")
+    if (engine.backend is Backend.onnxruntime and engine.precision is Precision.fp16
+            and engine.optimization is not Optimization.disabled and _quantized_by_export(model, ctx)):
+        raise CompressError(f"{where}.optimization: ONNX Runtime's CPU graph optimizations miscompute float16 Q/DQ "
+                            "graphs (measured: resnet18 top1 94.7 -> 87.2); set optimization: disabled, or keep "
+                            "precision: fp32 for onnxruntime (float16 + INT8 is for backend tensorrt)")
+    if engine.backend is Backend.tensorrt:
+        reason = tensorrt.why_unavailable()
+        if reason is not None:
+            raise CompressError(f"{where}.backend: tensorrt cannot run here: {reason}; use backend: onnxruntime")
+        if config.onnx.dynamic_batch:
+            try:
+                profile = _profile(engine, config)
+            except CompressError as exc:
+                raise CompressError(f"{where}.profile: {str(exc).removeprefix('tensorrt profile: ')}") from None
+            outside = [b for b in engine.batch_sizes if not profile.min <= b <= profile.max]
+            if outside:
+                raise CompressError(f"{where}.batch_sizes: {outside} outside the profile's {profile.min}..{profile.max}")
+        elif "profile" in engine.model_fields_set:
+            raise CompressError(f"{where}.profile: the ONNX has a fixed batch (onnx.dynamic_batch: false)")
+
+
 def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
-    if config.engine is not None and config.engine.backend is Backend.tensorrt:
-        raise CompressError(
-            f"{ctx.where}.engine.backend: tensorrt needs the TensorRT backend, which this version of compress "
-            "does not include yet; use backend: onnxruntime"
-        )
+    _check_engine(model, config, ctx)
     own = quant.target_of(model)  # no stage changes a quantized model's target, so this holds for the run
     if own is not None and own is not config.onnx.target:
         raise CompressError(
@@ -93,6 +162,42 @@ def _sparsity(model: nn.Module, onnx_path: Path) -> dict[str, Any]:
     return summary
 
 
+def _fp16(onnx_path: Path, engine: EngineOptions, report: dict[str, Any], failures: list[str], rules: bool) -> Path:
+    """Write DIR/model.fp16.onnx (float16 with casts) and note what the conversion did."""
+    import onnx
+
+    from compress import io
+
+    path = onnx_path.with_name("model.fp16.onnx")
+    converted, info = to_fp16(onnx.load(str(onnx_path)), keep_fp32=engine.keep_fp32)
+    with io.atomic_path(path) as tmp:
+        onnx.save(converted, str(tmp))
+    report["fp16"] = {"onnx": path.name, **info.to_dict()}
+    if rules:  # the file TensorRT builds from must follow the Q/DQ rules too
+        check = check_tensorrt(converted)
+        report["fp16"]["tensorrt_rules"] = check.to_dict()
+        if not check.passed:
+            failures.append(f"{len(check.violations)} TensorRT Q/DQ rule violation(s) in {path.name}, first: "
+                            f"{check.violations[0] if check.violations else '?'}")
+    return path
+
+
+def _build(source: Path, engine: EngineOptions, config: ExportConfig, sparse_weights: bool, ctx: StageContext
+           ) -> tuple[Any, Path, dict[str, Any]]:
+    """The engine (a callable on tensors), its file, and backend-specific report fields."""
+    if engine.backend is Backend.tensorrt:
+        cache = Path(engine.timing_cache) if engine.timing_cache else ctx.run_dir / "timing.cache"
+        runner, info = tensorrt.build_engine(
+            source, ctx.run_dir / "engine.plan", profile=_profile(engine, config) if config.onnx.dynamic_batch else None,
+            workspace_mb=engine.workspace_mb, sparse_weights=sparse_weights, timing_cache=cache,
+            layers_json=ctx.run_dir / "engine.layers.json",
+        )
+        return runner, ctx.run_dir / "engine.plan", {"tensorrt": info.to_dict()}
+    path = ctx.run_dir / "engine.onnx"
+    runner = build_engine(source, path, threads=engine.threads, level=engine.optimization)
+    return runner, path, int8_summary(path)
+
+
 @register("export", ExportConfig, check=_check, changes_model=False)
 def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
     _check(model, config, ctx)
@@ -116,11 +221,7 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
             "nodes": info.nodes,
         }
     }
-    failures = []
-    sparse = _sparsity(model, onnx_path)
-    report["export"]["sparsity"] = sparse
-    if sparse.get("missing"):  # the model's masks did not survive into the file: engines would run it dense
-        failures.append(f"the exported weights of {', '.join(sparse['missing'])} are not 2:4")
+    failures: list[str] = []
     if info.int32_biases:
         report["export"]["int32_biases"] = info.int32_biases
     if info.rules is not None:
@@ -128,32 +229,38 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
         if not info.rules.passed:
             failures.append(f"{len(info.rules.violations)} TensorRT Q/DQ rule violation(s), first: "
                             f"{info.rules.violations[0] if info.rules.violations else '?'}")
-    if config.triton is not None:
-        folder = write_repository(ctx.run_dir / "triton", onnx_path, onnx_path, name=config.triton.name,
-                                  max_batch_size=config.triton.max_batch_size)
-        report["export"]["triton"] = {"repository": "triton", "model": config.triton.name,
-                                      "files": [str(p.relative_to(ctx.run_dir)) for p in sorted(folder.rglob("*"))
-                                                if p.is_file()],
-                                      "max_batch_size": config.triton.max_batch_size}
+    engine = config.engine
+    source = onnx_path  # what the engine (and Triton) is built from
+    if engine is not None and engine.precision is Precision.fp16:
+        try:
+            source = _fp16(onnx_path, engine, report["export"], failures, rules=info.rules is not None)
+        except CompressError as exc:
+            raise CompressError(f"{ctx.where}.engine.precision: {exc}") from None
+    sparse = _sparsity(model, source)
+    report["export"]["sparsity"] = sparse
+    if sparse.get("missing"):  # the model's masks did not survive into the file: engines would run it dense
+        failures.insert(0, f"the exported weights of {', '.join(sparse['missing'])} are not 2:4")
     report["export"]["failures"] = failures
     passed = not failures
-    if config.engine is not None:
-        engine_path = ctx.run_dir / "engine.onnx"
-        engine = build_engine(onnx_path, engine_path, threads=config.engine.threads, level=config.engine.optimization)
-        runners, names = [engine], [f"engine {engine_path}"]
+    engine_path = None
+    if engine is not None:
+        runner, engine_path, extra = _build(source, engine, config, bool(sparse["sparse_weights"]), ctx)
+        runners, names = [runner], [f"engine {engine_path}"]
         if quantized:  # the ONNX as written (Q/DQ as float ops) must agree with the fake-quant model too
-            runners.append(OrtEngine(onnx_path, config.engine.threads, Optimization.disabled))
+            runners.append(OrtEngine(onnx_path, engine.threads, Optimization.disabled))
             names.append(f"onnx {onnx_path}")
         outs = metrics.collect_many(runners, ctx.splits.loader("eval"), names=names)
         engine_out = outs[0]
-        timings = bench.latency(engine, ctx.example_input, config.engine.batch_sizes, iters=config.engine.bench_iters) if config.engine.bench_iters else {}
+        timings = bench.latency(runner, ctx.example_input, engine.batch_sizes, iters=engine.bench_iters) if engine.bench_iters else {}
         report["engine"] = {
-            "backend": config.engine.backend.value,
+            "backend": engine.backend.value,
             "path": engine_path.name,
+            "precision": engine.precision.value,
+            "source": source.name,
             "metrics": metrics.score(ctx.metric, engine_out, ctx.baseline_outputs),
             "latency_ms": {bs: t["p50_ms"] for bs, t in timings.items()},
             "bench": timings,
-            **int8_summary(engine_path),
+            **extra,
         }
         if config.check is not None:
             model_out = ctx.input_model_outputs(model)  # one eval pass: reference and onnx_vs_model share it
@@ -171,4 +278,13 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
                 report["check"]["onnx_vs_model"] = metrics.fidelity(outs[1].logits, model_out.logits)
                 report["check"]["engine_vs_onnx"] = metrics.fidelity(engine_out.logits, outs[1].logits)
             passed = passed and result.passed
+    if config.triton is not None:
+        backend = engine.backend.value if engine is not None else "onnxruntime"
+        model_file = engine_path if backend == "tensorrt" and engine_path is not None else source
+        folder = write_repository(ctx.run_dir / "triton", model_file, source, name=config.triton.name,
+                                  max_batch_size=config.triton.max_batch_size, backend=backend)
+        report["export"]["triton"] = {"repository": "triton", "model": config.triton.name, "platform": backend,
+                                      "files": [str(p.relative_to(ctx.run_dir)) for p in sorted(folder.rglob("*"))
+                                                if p.is_file()],
+                                      "max_batch_size": config.triton.max_batch_size}
     return StageResult(model, report=report, passed=passed)

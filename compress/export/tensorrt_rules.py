@@ -37,13 +37,16 @@ class RulesReport:
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
-def _source_dq(graph: Graph, name: str) -> tuple[onnx.NodeProto | None, bool]:
-    """The DequantizeLinear feeding ``name`` and whether it feeds it directly, looking through
-    layout ops (a Linear on 3-D input exports as DQ(weight) -> Transpose -> MatMul)."""
-    node, direct = graph.producer.get(name), True
-    while node is not None and node.op_type in _LAYOUT_OPS:
-        node, direct = graph.producer.get(node.input[0]), False
-    return (node, direct) if node is not None and node.op_type == "DequantizeLinear" else (None, True)
+def _source_dq(graph: Graph, name: str) -> tuple[onnx.NodeProto | None, bool, bool]:
+    """The DequantizeLinear feeding ``name``, whether it feeds it without a layout op between, and
+    whether a Cast stands between. Layout ops are looked through (a Linear on 3-D input exports as
+    DQ(weight) -> Transpose -> MatMul), and so are Casts (a float16 graph below opset 19)."""
+    node, direct, cast = graph.producer.get(name), True, False
+    while node is not None and node.op_type in (*_LAYOUT_OPS, "Cast"):
+        direct = direct and node.op_type == "Cast"
+        cast = cast or node.op_type == "Cast"
+        node = graph.producer.get(node.input[0])
+    return (node, direct, cast) if node is not None and node.op_type == "DequantizeLinear" else (None, True, False)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -77,7 +80,7 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
         if node.op_type not in WEIGHTED_OPS:
             continue
         found = [_source_dq(graph, node.input[k]) for k in (0, 1)]
-        sources = [src for src, _ in found]
+        sources = [src for src, _, _ in found]
         if not any(sources):
             floats += 1  # left in float on purpose: TensorRT runs it in float
             continue
@@ -93,6 +96,10 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
                 and graph.producer[src.input[0]].op_type == "QuantizeLinear"
                 and graph.producer[src.input[0]].input[0] in graph.initializers
             )
+            if found[k][2]:
+                problems.append(f"{label}: a Cast stands between its input '{node.input[k]}' and the DequantizeLinear; "
+                                "TensorRT fuses Q/DQ into INT8 kernels when DQ feeds the op: for float16, "
+                                "export with opset >= 19 (float16 scales)")
             if is_weight:  # through a Transpose the output-channel axis moved: not checked then
                 weight_dq[src.output[0]] = _weight_axis(node, k) if found[k][1] else None
 

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-drop", type=float, default=0.5, help="largest allowed metric drop in points")
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
-    chk.add_argument("--batch-size", type=int, default=64)
+    chk.add_argument("--batch-size", type=int, help="default 64, or the recipe's data.eval batch_size")
     chk.add_argument("--report", type=Path, default=Path("check_report.json"),
                      help="where to write the drift report (JSON; default check_report.json)")
     bench = sub.add_parser("bench", parents=[common], help="latency p50/p90/p99 and throughput per batch size")
@@ -152,6 +152,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from compress.export.check import as_runner, compare
     from compress.export.reference import is_reference_file, load_reference, save_reference
 
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise CompressError(f"--batch-size: must be positive, not {args.batch_size}")
     recipe = None
     if args.recipe is not None:
         from compress.recipe import load_recipe
@@ -225,15 +227,18 @@ def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Re
     from compress.data import build_loader, parse_data_arg, split_batch
 
     if saved is not None:
-        size = max(args.batch_size, 1)
+        size = max(args.batch_size or 64, 1)
         starts = range(0, len(saved.inputs), size)
         if saved.labels is None:
             return [(saved.inputs[i : i + size],) for i in starts], saved.inputs
         return [(saved.inputs[i : i + size], saved.labels[i : i + size]) for i in starts], saved.inputs
     if recipe is not None:
-        batches = list(build_loader(recipe.body.data.eval, recipe.locate("data", "eval")))
+        spec = recipe.body.data.eval
+        if args.batch_size is not None:
+            spec = spec.model_copy(update={"batch_size": args.batch_size})
+        batches = list(build_loader(spec, recipe.locate("data", "eval")))
     else:
-        batches = list(build_loader(parse_data_arg(args.data, args.batch_size), "--data"))
+        batches = list(build_loader(parse_data_arg(args.data, args.batch_size or 64), "--data"))
     inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
     return batches, inputs
 

@@ -16,6 +16,7 @@ graph itself, like ModelOpt's AutoCast:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,8 +31,7 @@ _FP16_MAX = 65504.0
 _FP16_TINY = 6.104e-05  # smallest normal float16: smaller Q/DQ scales lose precision as subnormals
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
-# Inputs ONNX only accepts in float32 whatever the other inputs are: (op type) -> input indices.
-_FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops whose float output type comes from an attribute, not from their inputs.
 _ATTR_TYPED = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Bernoulli")
 
@@ -108,17 +108,11 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Iterable[str] = ()) -> tuple[o
         elif node.op_type == "Identity" and node.input[0] in consts:  # the exporter's shared-initializer alias
             consts[node.output[0]] = consts[node.input[0]]
 
-    # Which nodes stay float32.
-    pinned: dict[str, str] = {}
-    for i, node in enumerate(graph.node):
-        key = node.name or f"#{i}:{node.op_type}"
-        if node.op_type in keep or node.name in keep:
-            pinned[key] = "keep_fp32"
-        elif node.op_type in _QDQ and opset < 19:
-            pinned[key] = f"opset {opset} < 19: Q/DQ scales must be float32"
-        elif node.op_type in _QDQ and not _qdq_scale_fits(node, consts):
-            pinned[key] = "scale outside float16's normal range"
     keys = [node.name or f"#{i}:{node.op_type}" for i, node in enumerate(graph.node)]
+    unknown = sorted(keep - {n.op_type for n in graph.node} - {n.name for n in graph.node})
+    if unknown:
+        raise CompressError(f"fp16: keep_fp32 {unknown} match no op type or node name in the graph")
+    pinned = _pinned(graph, keys, types, consts, keep, opset)
     info.fp32_nodes = {k: pinned[k] for k in keys if k in pinned}
 
     def is_float(name: str) -> bool:
@@ -127,7 +121,7 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Iterable[str] = ()) -> tuple[o
         return types[name] == _F32
 
     def wants(node_index: int, node: onnx.NodeProto, k: int) -> int:
-        if keys[node_index] in pinned or k in _FLOAT32_INPUTS.get(node.op_type, ()):
+        if keys[node_index] in pinned or k in _float32_inputs(node, opset):
             return _F32
         return _F16
 
@@ -149,7 +143,7 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Iterable[str] = ()) -> tuple[o
         for name in node.output:
             if not name or types.get(name) != _F32:
                 continue
-            if node.op_type == "Constant":
+            if node.op_type == "Constant" and keys[i] not in pinned:
                 storage[name] = _F16 if uses.get(name, {_F16}) == {_F16} else _F32
             else:
                 storage[name] = _F32 if keys[i] in pinned else _F16
@@ -187,10 +181,12 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Iterable[str] = ()) -> tuple[o
                 to = next(a for a in node.attribute if a.name == "to")
                 if to.i == _F32:
                     to.i = _F16
-            elif node.op_type == "ConstantOfShape":
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.t.data_type == _F32:
-                        attr.t.CopyFrom(_to_fp16_tensor(numpy_helper.to_array(attr.t), attr.t.name, info))
+            elif node.op_type == "ConstantOfShape" and storage.get(node.output[0]) == _F16:
+                value = next((a for a in node.attribute if a.name == "value"), None)
+                if value is None:  # the default value is a float32 zero
+                    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
+                elif value.t.data_type == _F32:
+                    value.t.CopyFrom(_to_fp16_tensor(numpy_helper.to_array(value.t), value.t.name, info))
         new_nodes.append(node)
 
     # Graph outputs keep float32: the producer writes NAME__fp16, a Cast writes NAME.
@@ -214,6 +210,109 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Iterable[str] = ()) -> tuple[o
 
 
 def _to_fp16_tensor(array: np.ndarray, name: str, info: Fp16Info) -> TensorProto:
-    over = np.abs(array) > _FP16_MAX
-    info.clamped += int(np.count_nonzero(over & np.isfinite(array)))
+    info.clamped += int(np.count_nonzero(np.abs(array) > _FP16_MAX))  # infinities included
     return numpy_helper.from_array(np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16), name)
+
+
+@functools.cache
+def _schema(op_type: str, opset: int, domain: str) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:  # a custom op: no schema to consult
+        return None
+
+
+def _formal(schema: onnx.defs.OpSchema, k: int) -> onnx.defs.OpSchema.FormalParameter | None:
+    inputs = schema.inputs
+    if k < len(inputs):
+        return inputs[k]
+    last = inputs[-1] if inputs else None
+    return last if last is not None and last.option == onnx.defs.OpSchema.FormalParameterOption.Variadic else None
+
+
+def _float32_inputs(node: onnx.NodeProto, opset: int) -> set[int]:
+    """Inputs whose ONNX type is float32 alone, whatever the other inputs are (Resize's scales)."""
+    schema = _schema(node.op_type, opset, node.domain)
+    if schema is None:
+        return set()
+    return {k for k in range(len(node.input)) if (f := _formal(schema, k)) is not None and f.type_str == "tensor(float)"}
+
+
+def _no_float16(node: onnx.NodeProto, opset: int) -> bool:
+    """Whether the op has no float16 type where it takes float32 (Range; CumSum below opset 14; ...)."""
+    schema = _schema(node.op_type, opset, node.domain)
+    if schema is None:
+        return False
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    return any("tensor(float)" in allowed.get(f.type_str, ()) and "tensor(float16)" not in allowed.get(f.type_str, ())
+               for f in [*schema.inputs, *schema.outputs])
+
+
+def _pinned(graph: onnx.GraphProto, keys: list[str], types: dict[str, int], consts: dict[str, np.ndarray],
+            keep: set[str], opset: int) -> dict[str, str]:
+    """The nodes that stay float32, with the reason."""
+    pinned: dict[str, str] = {}
+    derived: set[str] = set()  # float tensors computed from tensor shapes (or other integers) alone
+    for key, node in zip(keys, graph.node, strict=True):
+        floats_in = [x for x in node.input if x and types.get(x) == _F32]
+        floats_out = [y for y in node.output if y and types.get(y) == _F32]
+        if node.op_type == "Cast" and floats_out and types.get(node.input[0]) not in (_F32, _F16):
+            derived.update(floats_out)
+        elif (floats_out and any(x in derived for x in floats_in)
+              and all(x in derived or x in consts for x in floats_in)):
+            derived.update(floats_out)
+        if node.op_type in keep or node.name in keep:
+            pinned[key] = "keep_fp32"
+        elif any(x in derived for x in floats_in) or (floats_out and all(y in derived for y in floats_out)):
+            pinned[key] = "uses values computed from tensor shapes, which float16 may not hold exactly"
+        elif node.op_type in _QDQ and opset < 19:
+            pinned[key] = f"opset {opset} < 19: Q/DQ scales must be float32"
+        elif node.op_type in _QDQ and not _qdq_scale_fits(node, consts):
+            pinned[key] = "scale outside float16's normal range"
+        elif (floats_in or floats_out) and _no_float16(node, opset):
+            pinned[key] = f"{node.op_type} has no float16 type in opset {opset}"
+    # A quantized op and its Q/DQ stay together, so no Cast comes between a DQ and the op it feeds:
+    # TensorRT fuses DQ -> op -> Q into an INT8 kernel only when they are adjacent.
+    producer = {y: (k, n) for k, n in zip(keys, graph.node, strict=True) for y in n.output}
+    consumers: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
+    for k, n in zip(keys, graph.node, strict=True):
+        for x in n.input:
+            consumers.setdefault(x, []).append((k, n))
+
+    def scale_path(name: str) -> list[tuple[str, onnx.NodeProto]]:
+        """The Identity nodes between a Q/DQ scale input and its initializer (the exporter's shared alias)."""
+        chain = []
+        while (p := producer.get(name)) is not None and p[1].op_type == "Identity":
+            chain.append(p)
+            name = p[1].input[0]
+        return chain
+
+    def scale_source(node: onnx.NodeProto) -> str:
+        chain = scale_path(node.input[1])
+        return str(chain[-1][1].input[0] if chain else node.input[1])
+
+    sharing: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
+    for k, n in zip(keys, graph.node, strict=True):
+        if n.op_type in _QDQ:
+            sharing.setdefault(scale_source(n), []).append((k, n))
+    changed = True
+    while changed:
+        changed = False
+        for key, node in zip(keys, graph.node, strict=True):
+            if key not in pinned:
+                continue
+            related: list[tuple[str, onnx.NodeProto]] = []
+            if node.op_type in _QDQ:  # Q/DQ sharing one scale tensor share its type, and so its precision
+                related += sharing.get(scale_source(node), []) + scale_path(node.input[1])
+            if node.op_type == "DequantizeLinear":
+                related += [p for p in [producer.get(node.input[0])] if p and p[1].op_type == "QuantizeLinear"]
+                related += [c for c in consumers.get(node.output[0], []) if c[1].op_type in _WEIGHTED]
+            elif node.op_type == "QuantizeLinear":
+                related += [c for c in consumers.get(node.output[0], []) if c[1].op_type == "DequantizeLinear"]
+            elif node.op_type in _WEIGHTED:
+                related += [p for x in node.input if (p := producer.get(x)) and p[1].op_type == "DequantizeLinear"]
+            for other, _ in related:
+                if other not in pinned:
+                    pinned[other] = f"runs with {key} ({pinned[key]})"
+                    changed = True
+    return pinned

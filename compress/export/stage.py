@@ -118,6 +118,10 @@ def _check_engine(model: nn.Module, config: ExportConfig, ctx: StageContext) -> 
         raise CompressError(f"{where}.optimization: ONNX Runtime's CPU graph optimizations miscompute float16 Q/DQ "
                             "graphs (measured: resnet18 top1 94.7 -> 87.2); set optimization: disabled, or keep "
                             "precision: fp32 for onnxruntime (float16 + INT8 is for backend tensorrt)")
+    if (engine.backend is Backend.onnxruntime and engine.precision is Precision.fp16 and config.triton is not None
+            and _quantized_by_export(model, ctx)):
+        raise CompressError(f"{ctx.where}.triton: Triton's ONNX Runtime backend would serve the float16 Q/DQ graph with "
+                            "graph optimizations on, which miscompute it; drop triton or use precision: fp32")
     if engine.backend is Backend.tensorrt:
         reason = tensorrt.why_unavailable()
         if reason is not None:
@@ -130,6 +134,9 @@ def _check_engine(model: nn.Module, config: ExportConfig, ctx: StageContext) -> 
             outside = [b for b in engine.batch_sizes if not profile.min <= b <= profile.max]
             if outside:
                 raise CompressError(f"{where}.batch_sizes: {outside} outside the profile's {profile.min}..{profile.max}")
+            if config.triton is not None and config.triton.max_batch_size > profile.max:
+                raise CompressError(f"{ctx.where}.triton.max_batch_size: {config.triton.max_batch_size} is above the "
+                                    f"engine profile's max batch {profile.max}; raise engine.profile.max")
         elif "profile" in engine.model_fields_set:
             raise CompressError(f"{where}.profile: the ONNX has a fixed batch (onnx.dynamic_batch: false)")
 

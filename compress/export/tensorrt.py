@@ -297,7 +297,11 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    notes: list[str] = []
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made by another TensorRT version or GPU
+        notes.append(f"timing cache {cache_path} was made by another TensorRT version or GPU; started a new one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -309,13 +313,13 @@ def build_engine(
         tmp.write_bytes(bytes(plan))
     if cache_path is not None:
         with io.atomic_path(cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+            tmp.write_bytes(bytes(cache.serialize()))  # the builder added this build's timings to it
     engine = TrtEngine(engine_path)
     info = BuildInfo(
         engine=str(engine_path), tensorrt=str(trt.__version__), seconds=round(seconds, 2),
-        strongly_typed=typed_flag is not None, sparse_weights=sparse_weights, profile=shapes,
+        strongly_typed=typed_flag is not None or int(str(trt.__version__).split(".")[0]) >= 11, sparse_weights=sparse_weights, profile=shapes,
         workspace_mb=workspace_mb, timing_cache=str(cache_path) if cache_path is not None else None,
-        warnings=logger.problems[:20],
+        warnings=notes + logger.problems[:20],
     )
     layers = engine.layer_information()
     if layers_json is not None:
@@ -337,6 +341,19 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     if dtype not in table:
         raise CompressError(f"tensorrt: engine tensor type {dtype} has no torch equivalent")
     return table[dtype]
+
+
+def split_batch(x: torch.Tensor, min_batch: int, max_batch: int) -> list[tuple[torch.Tensor, int]]:
+    """``x`` cut into pieces of at most ``max_batch`` rows, each ``(piece, rows that are real)``: a piece
+    shorter than ``min_batch`` is padded with zeros up to it (its padded outputs are dropped)."""
+    pieces = []
+    for start in range(0, x.shape[0], max_batch):
+        piece = x[start : start + max_batch]
+        n = piece.shape[0]
+        if n < min_batch:
+            piece = torch.cat([piece, piece.new_zeros(min_batch - n, *piece.shape[1:])])
+        pieces.append((piece, n))
+    return pieces
 
 
 class TrtEngine:
@@ -367,9 +384,21 @@ class TrtEngine:
             raise CompressError(f"engine {self.path}: has inputs {self.inputs} and outputs {self.outputs}; compress "
                                 "runs engines with one input and at least one output")
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)  # not the legacy default stream, which makes TensorRT sync more
+        batch = int(self.engine.get_tensor_shape(self.inputs[0])[0])
+        if batch > 0:  # built without a dynamic batch: every call takes exactly this batch
+            self.min_batch = self.max_batch = batch
+        else:
+            low, _, high = self.engine.get_tensor_profile_shape(self.inputs[0], 0)
+            self.min_batch, self.max_batch = int(low[0]), int(high[0])
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Run one batch; the first output, on the GPU, after the stream has finished."""
+        """Run a batch of any size (split into pieces of the profile's largest batch, a piece below its
+        smallest padded with zeros); the first output, on the GPU, after the stream has finished."""
+        pieces = [self._run(piece)[:n] for piece, n in split_batch(x, self.min_batch, self.max_batch)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         name = self.inputs[0]
         x = x.to(self.device, _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))).contiguous()
         if not self.context.set_input_shape(name, tuple(x.shape)):
@@ -381,10 +410,10 @@ class TrtEngine:
             buf = torch.empty(shape, dtype=_torch_dtype(self._trt, self.engine.get_tensor_dtype(out)), device=self.device)
             self.context.set_tensor_address(out, buf.data_ptr())
             outs.append(buf)
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the input copy and allocations first
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise CompressError(f"engine {self.path}: TensorRT failed to run the batch")
-        stream.synchronize()
+        self.stream.synchronize()
         return outs[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

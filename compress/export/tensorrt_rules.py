@@ -97,9 +97,10 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
                 and graph.producer[src.input[0]].input[0] in graph.initializers
             )
             if found[k][2]:
+                hint = ("export with opset >= 19 (float16 scales)" if opset < 19
+                        else "keep the DequantizeLinear and the op in one precision")
                 problems.append(f"{label}: a Cast stands between its input '{node.input[k]}' and the DequantizeLinear; "
-                                "TensorRT fuses Q/DQ into INT8 kernels when DQ feeds the op: for float16, "
-                                "export with opset >= 19 (float16 scales)")
+                                f"TensorRT fuses Q/DQ into INT8 kernels when DQ feeds the op: {hint}")
             if is_weight:  # through a Transpose the output-channel axis moved: not checked then
                 weight_dq[src.output[0]] = _weight_axis(node, k) if found[k][1] else None
 

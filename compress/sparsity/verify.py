@@ -138,11 +138,11 @@ def layer_name(node: onnx.NodeProto, weight: str = "") -> str:
 
 
 def _weight_source(graph: Any, name: str) -> str:
-    """The initializer a weight input comes from (through Identity, Transpose, DequantizeLinear, QuantizeLinear)."""
+    """The initializer a weight input comes from (through Identity, Cast, Transpose, DequantizeLinear, QuantizeLinear)."""
     name = graph._resolve(name)
-    for _ in range(3):
+    for _ in range(4):
         node = graph.producer.get(name)
-        if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear", "Transpose"):
+        if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear", "Transpose", "Cast"):
             break
         name = graph._resolve(node.input[0])
     return name
@@ -155,6 +155,8 @@ def _dequantized(graph: Any, name: str) -> np.ndarray | None:
     if value is not None:
         return value.astype(np.float32)
     node = graph.producer.get(graph._resolve(name))
+    if node is not None and node.op_type == "Cast":  # a float16 graph casts a float32 DQ's output
+        return _dequantized(graph, node.input[0])
     if node is not None and node.op_type == "Transpose":
         inner = _dequantized(graph, node.input[0])
         perm = next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)

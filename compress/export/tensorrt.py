@@ -58,15 +58,6 @@ def why_unavailable() -> str | None:
     return None
 
 
-def version() -> str | None:
-    """The installed TensorRT version, or None."""
-    try:
-        import tensorrt as trt
-    except Exception:
-        return None
-    return str(getattr(trt, "__version__", None))
-
-
 def _tensorrt(what: str) -> Any:
     reason = why_unavailable()
     if reason is not None:

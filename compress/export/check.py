@@ -60,9 +60,9 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
             from compress.export.onnxruntime import OrtEngine
 
             return OrtEngine(path)
-        if path.suffix in (".plan", ".engine"):
-            from compress.export.tensorrt import TrtEngine
+        from compress.export.tensorrt import ENGINE_SUFFIXES, TrtEngine
 
+        if path.suffix in ENGINE_SUFFIXES:
             return TrtEngine(path)
         if path.suffix in (".pt", ".pth"):
             from compress.models import load_model

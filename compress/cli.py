@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
                      help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most")
     chk.add_argument("--metric", help="top1 (default, or the recipe's), agreement, cosine or module:callable")
-    chk.add_argument("--max-drop", type=float, default=0.5, help="largest allowed metric drop in points")
+    chk.add_argument("--max-drop", type=float, help="largest allowed metric drop in points (default 0.5 unless "
+                                                    "--max-drop-samples is given)")
+    chk.add_argument("--max-drop-samples", type=int, metavar="N",
+                     help="largest allowed drop in samples, lost minus gained (top1 or agreement)")
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
     chk.add_argument("--batch-size", type=int, help="default 64, or the recipe's data.eval batch_size")
@@ -154,6 +157,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size <= 0:
         raise CompressError(f"--batch-size: must be positive, not {args.batch_size}")
+    _check_thresholds(args)
     recipe = None
     if args.recipe is not None:
         from compress.recipe import load_recipe
@@ -186,8 +190,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     else:
         out, ref = metrics.collect_many([runner, as_runner(args.reference)], batches,
                                         names=[args.model, args.reference])
-    result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, min_agreement=args.min_agreement,
-                     min_cosine=args.min_cosine)
+    result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
+                     min_agreement=args.min_agreement, min_cosine=args.min_cosine)
     data = args.data if recipe is None else f"{args.recipe} (data.eval)"
     doc = {"model": args.model, "reference": args.reference, "data": data, **result.to_dict()}
     if args.layers is not None:
@@ -210,13 +214,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
     else:
         print(
             f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
-            f"drop {result.drop:.3f} pt | agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
+            f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} samples)'} "
+            f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
             f"max abs {result.max_abs:.3g} | {result.samples} samples"
         )
         for entry in doc.get("layers", [])[: args.layers]:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
         print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
     return 0 if result.passed else 1
+
+
+def _check_thresholds(args: argparse.Namespace) -> None:
+    """Refuse thresholds no result can be measured against (NaN, out of range); default --max-drop to 0.5."""
+    import math
+
+    bounds = {"max_drop": (0.0, math.inf), "min_agreement": (0.0, 1.0), "min_cosine": (-1.0, 1.0)}
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:  # NaN fails every comparison
+            raise CompressError(f"--{name.replace('_', '-')}: {value} is outside [{low:g}, {high:g}]")
+    if args.max_drop_samples is not None and args.max_drop_samples < 0:
+        raise CompressError(f"--max-drop-samples: must be >= 0, not {args.max_drop_samples}")
+    if args.max_drop is None and args.max_drop_samples is None:
+        args.max_drop = 0.5
 
 
 def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Recipe | None

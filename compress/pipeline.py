@@ -284,11 +284,19 @@ def run(
         report.write(run_dir, full)
     barrier()  # no rank exits (and gets torchrun to stop the others) before rank 0 has written everything
     if "check" in sections:
-        verdict = "passed" if sections["check"]["passed"] else "FAILED: " + "; ".join(sections["check"]["failures"])
-        say(f"check {verdict}")
+        say(check_summary(sections["check"]))
     if sections.get("export", {}).get("failures"):
         say("export FAILED: " + "; ".join(sections["export"]["failures"]))
     return Outcome(run_dir, full, 0 if passed else 1)
+
+
+def check_summary(check: dict[str, Any]) -> str:
+    """The terminal line for the export check: the verdict, the drop in points and samples, and its reference."""
+    reference = {"baseline": "the input model (baseline)", "model": "the model exported"}.get(check.get("reference", ""),
+                                                                                          "the reference")
+    moved = f" = {check['drop_samples']} of {check['samples']} samples" if check.get("drop_samples") is not None else ""
+    head = f"{check['metric']} drop {check['drop']:.3f} pt{moved} against {reference}"
+    return f"check passed: {head}" if check["passed"] else f"check FAILED ({head}): " + "; ".join(check["failures"])
 
 
 def _fmt_metrics(values: dict[str, float]) -> str:

@@ -111,3 +111,48 @@ def test_recipe_gives_the_data_and_the_metric(exported, digits_cnn_checkpoint, w
     assert doc["samples"] == 360 and doc["metric"] == "agreement"  # data.eval is digits:test
     assert doc["data"] == f"{recipe} (data.eval)"
     assert doc["model_metric"] > 0.99 and doc["reference_metric"] == 1.0
+
+
+def _outputs(pred: list[int], labels: list[int]) -> compress.metrics.Outputs:
+    return compress.metrics.Outputs(torch.nn.functional.one_hot(torch.tensor(pred), 4).float(), torch.tensor(labels))
+
+
+def test_drop_in_samples_counts_lost_minus_gained_and_says_so() -> None:
+    from compress.export.check import compare
+
+    labels = [0, 1, 2, 3, 0, 1, 2, 3]
+    reference = _outputs([0, 1, 2, 3, 0, 1, 2, 0], labels)  # 7 of 8 right
+    model = _outputs([1, 2, 2, 3, 0, 1, 2, 3], labels)  # loses samples 0 and 1, gains sample 7: 6 of 8 right
+    result = compare(model, reference, max_drop_samples=0)
+    assert result.drop_samples == 1 and result.changed == 3 and result.drop == pytest.approx(12.5)
+    assert not result.passed and result.thresholds["max_drop"] is None
+    assert result.failures == ["top1 drop 1 of 8 samples (2 lost, 1 gained) > max_drop_samples 0"]
+    assert compare(model, reference, max_drop_samples=1).passed
+    points = compare(model, reference, max_drop=10.0)  # 12.5 pt: the message names the samples too
+    assert points.failures == ["top1 drop 12.500 pt (1 of 8 samples (2 lost, 1 gained)) > max_drop 10.0 pt"]
+    assert compare(model, reference, metric="agreement", max_drop_samples=2).failures[0].startswith(
+        "agreement drop 3 of 8 samples changed their arg-max > max_drop_samples 2")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-drop", "nan"], "--max-drop: nan is outside [0, inf]"),
+    (["--min-agreement", "2"], "--min-agreement: 2.0 is outside [0, 1]"),
+    (["--min-cosine", "nan"], "--min-cosine: nan is outside [-1, 1]"),
+    (["--max-drop-samples", "-1"], "--max-drop-samples: must be >= 0, not -1"),
+    (["--max-drop-samples", "2", "--metric", "cosine"], "max_drop_samples: counts samples, so it needs metric"),
+])
+def test_thresholds_no_result_can_meet_are_refused(exported, cli, tmp_path, flags, message) -> None:
+    result = cli("check", exported, "--reference", exported, "--data", "digits:test", "--report",
+                 tmp_path / "c.json", *flags)
+    assert result.code == 2 and result.err.count("\n") == 1 and message in result.err, result.err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_check_in_samples_from_the_command_line(exported, digits_cnn_checkpoint, cli, tmp_path) -> None:
+    _perturb(exported, tmp_path / "bad.onnx", "layer2.conv1", 1.4)
+    result = cli("check", tmp_path / "bad.onnx", "--reference", exported, "--data", "digits:test",
+                 "--max-drop-samples", "0", "--report", tmp_path / "c.json")
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert result.code == 1 and doc["drop_samples"] > 0 and doc["thresholds"]["max_drop"] is None
+    assert f"({doc['drop_samples']} samples)" in result.out.splitlines()[0]
+    assert "> max_drop_samples 0" in result.out

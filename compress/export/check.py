@@ -31,6 +31,8 @@ class CheckResult:
     model_metric: float
     reference_metric: float
     drop: float  # percentage points: (reference - model) * 100
+    drop_samples: int | None  # top1/agreement: samples lost net (lost - gained); None for other metrics
+    changed: int  # samples whose arg-max differs from the reference's
     agreement: float
     cosine: float
     max_abs: float
@@ -78,17 +80,47 @@ def _label(obj: object, default: str) -> str:
     return str(obj) if isinstance(obj, (str, os.PathLike)) else default
 
 
+SAMPLE_METRICS = ("top1", "agreement")  # per-sample 0/1 scores: a drop is a whole number of samples
+
+
+def _moved(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) -> tuple[int | None, int, str]:
+    """``(net samples lost, samples whose arg-max changed, a phrase for messages)``."""
+    pred = outputs.logits.reshape(len(outputs.logits), -1).argmax(1)
+    ref = reference.logits.reshape(len(reference.logits), -1).argmax(1)
+    changed = int((pred != ref).sum())
+    n = len(pred)
+    if metric == "top1" and outputs.labels is not None and reference.labels is not None:
+        lost = int(((ref == reference.labels) & (pred != outputs.labels)).sum())
+        gained = int(((ref != reference.labels) & (pred == outputs.labels)).sum())
+        return lost - gained, changed, f"{lost - gained} of {n} samples ({lost} lost, {gained} gained)"
+    if metric == "agreement":
+        return changed, changed, f"{changed} of {n} samples changed their arg-max"
+    return None, changed, f"{changed} of {n} samples changed their arg-max"
+
+
 def compare(
     outputs: metrics.Outputs,
     reference: metrics.Outputs,
     *,
     metric: str = "top1",
     max_drop: float | None = None,
+    max_drop_samples: int | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     worst: int = 5,
 ) -> CheckResult:
-    """Compare outputs with reference outputs of the same inputs and apply the thresholds."""
+    """Compare outputs with reference outputs of the same inputs and apply the thresholds.
+
+    Args:
+        max_drop: the largest metric drop in points.
+        max_drop_samples: the largest drop in samples (net: lost minus gained); top1 and agreement only.
+
+    Raises:
+        CompressError: ``max_drop_samples`` with a metric that is not a per-sample count.
+    """
+    if max_drop_samples is not None and metric not in SAMPLE_METRICS:
+        raise CompressError(f"max_drop_samples: counts samples, so it needs metric {' or '.join(SAMPLE_METRICS)}, "
+                            f"not {metric}; use max_drop (points)")
     fid = metrics.fidelity(outputs.logits, reference.logits)
     if metric in metrics.LABEL_FREE:
         model_metric, reference_metric = fid[metric], 1.0
@@ -96,9 +128,12 @@ def compare(
         model_metric = metrics.score(metric, outputs)[metric]
         reference_metric = metrics.score(metric, reference)[metric]
     drop = (reference_metric - model_metric) * 100.0
+    drop_samples, changed, moved = _moved(outputs, reference, metric)
     failures = []
     if max_drop is not None and drop > max_drop:
-        failures.append(f"{metric} drop {drop:.3f} pt > max_drop {max_drop}")
+        failures.append(f"{metric} drop {drop:.3f} pt ({moved}) > max_drop {max_drop} pt")
+    if max_drop_samples is not None and drop_samples is not None and drop_samples > max_drop_samples:
+        failures.append(f"{metric} drop {moved} > max_drop_samples {max_drop_samples}")
     if min_agreement is not None and fid["agreement"] < min_agreement:
         failures.append(f"agreement {fid['agreement']:.4f} < min_agreement {min_agreement}")
     if min_cosine is not None and fid["cosine"] < min_cosine:
@@ -121,12 +156,15 @@ def compare(
         model_metric=model_metric,
         reference_metric=reference_metric,
         drop=drop,
+        drop_samples=drop_samples,
+        changed=changed,
         agreement=fid["agreement"],
         cosine=fid["cosine"],
         max_abs=fid["max_abs"],
         mean_abs=fid["mean_abs"],
         samples=len(outputs.logits),
-        thresholds={"max_drop": max_drop, "min_agreement": min_agreement, "min_cosine": min_cosine},
+        thresholds={"max_drop": max_drop, "max_drop_samples": max_drop_samples, "min_agreement": min_agreement,
+                    "min_cosine": min_cosine},
         failures=failures,
         worst=worst_rows,
     )
@@ -139,6 +177,7 @@ def check(
     *,
     metric: str = "top1",
     max_drop: float | None = 0.5,
+    max_drop_samples: int | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     device: torch.device | str = "cpu",
@@ -159,4 +198,5 @@ def check(
         [as_runner(model, device), as_runner(reference, device)], data,
         names=[_label(model, "model"), _label(reference, "reference")],
     )
-    return compare(out, ref, metric=metric, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine)
+    return compare(out, ref, metric=metric, max_drop=max_drop, max_drop_samples=max_drop_samples,
+                   min_agreement=min_agreement, min_cosine=min_cosine)

@@ -12,7 +12,7 @@ from torch import nn
 from compress import metrics, quant
 from compress.errors import CompressError
 from compress.export import bench, tensorrt
-from compress.export.check import compare
+from compress.export.check import SAMPLE_METRICS, compare
 from compress.export.fp16 import to_fp16
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary
@@ -65,7 +65,8 @@ class EngineOptions(Strict):
 
 
 class CheckOptions(Strict):
-    max_drop: Annotated[float, Field(ge=0)] | None = 0.5
+    max_drop: Annotated[float, Field(ge=0)] | None = 0.5  # points; off by default when max_drop_samples is set
+    max_drop_samples: Annotated[int, Field(ge=0)] | None = None  # samples lost net; top1/agreement metrics
     min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
     min_cosine: Annotated[float, Field(ge=-1, le=1)] | None = None
     reference: Literal["model", "baseline"] = "model"
@@ -154,6 +155,16 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
                             "set onnx.dynamic_batch: true or max_batch_size: 0")
     if config.check is not None and config.engine is None:
         raise CompressError(f"{ctx.where}.check: needs an engine to check; add an engine block or set check: null")
+    if config.check is not None and config.check.max_drop_samples is not None and ctx.metric not in SAMPLE_METRICS:
+        raise CompressError(f"{ctx.where}.check.max_drop_samples: counts samples, so it needs metric "
+                            f"{' or '.join(SAMPLE_METRICS)}, not {ctx.metric}; use max_drop (points)")
+
+
+def _max_drop(check: CheckOptions) -> float | None:
+    """``max_drop`` as set, or off when only ``max_drop_samples`` was given."""
+    if check.max_drop_samples is not None and "max_drop" not in check.model_fields_set:
+        return None
+    return check.max_drop
 
 
 def _sparsity(model: nn.Module, onnx_path: Path) -> dict[str, Any]:
@@ -276,7 +287,8 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
                 engine_out,
                 reference,
                 metric=ctx.metric,
-                max_drop=config.check.max_drop,
+                max_drop=_max_drop(config.check),
+                max_drop_samples=config.check.max_drop_samples,
                 min_agreement=config.check.min_agreement,
                 min_cosine=config.check.min_cosine,
             )

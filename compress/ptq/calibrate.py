@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from compress.data import split_batch
 from compress.errors import CompressError, DataError, first_line
@@ -93,7 +93,9 @@ def calibrate(
         for name, q in acts:
             q.calibrator = calibrators[name] = make(method)
             q.calib_enabled = True
-        bar = tqdm(data, desc=where, disable=not progress, leave=False)
+        # disable=None: off when stderr is not a terminal (CI logs); the label stays short, the location
+        # (`where`) belongs in error messages
+        bar = tqdm(data, desc="calibrate", disable=None if progress else True, leave=False)
         for batch in bar:
             inputs, _ = split_batch(batch)
             if limit is not None and samples >= limit:

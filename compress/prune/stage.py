@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -123,7 +124,7 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
         select_names(weighted_layers(model), config.include, config.exclude, where=ctx.where,
                      what="Conv/Linear layer to prune")
     else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
-        example = ctx.example_input.to(next(model.parameters()).device)
+        example = ctx.example_input.to(next(model.parameters(), torch.empty(0)).device)
         achieved = count_macs(model, example) / max(count_macs(dry_run(model, config, ctx), example), 1)
         rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
         note = f"dry run: MACs / {achieved:.2f}, {rounding}"

@@ -213,6 +213,7 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     log: Log | None = log_stderr,
+    warn: Log | None = log_stderr,
 ) -> Outcome:
     """Run every stage of ``recipe`` into ``out`` (default ``runs/<name>``).
 
@@ -223,6 +224,7 @@ def run(
         CompressError: bad recipe, checkpoint, data or run directory (exit code 2).
     """
     say = log or (lambda _msg: None)
+    caution = warn or (lambda _msg: None)  # stage warnings: shown even when log lines are off (--quiet)
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
     registry = stage_types()
     init_distributed(pick_device(recipe.body.device))  # under torchrun: every rank decides before rank 0 writes
@@ -261,18 +263,24 @@ def run(
                 record.update(size_stats(model, prep.example.to(prep.device)))
                 record["checkpoint"] = spec.checkpoint
                 record.update(result.info, report=result.report, passed=result.passed)
+                if result.warnings:
+                    record["warnings"] = result.warnings
                 if main:
                     models.save(model, run_dir / spec.checkpoint, metadata={"recipe": recipe.name, "stage": spec.dirname})
             else:  # file-producing stages (export) run on rank 0; the others get its record
                 if main:
                     result = stage.run(model, spec.config, ctx)
                     record.update(result.info, report=result.report, passed=result.passed)
+                    if result.warnings:
+                        record["warnings"] = result.warnings
                 record = broadcast_object(record)
             record["seconds"] = round(time.perf_counter() - start, 3)
             if main:
                 io.write_json(ctx.stage_dir / "metrics.json", record)
             say(f"{step} done in {record['seconds']:.1f}s"
                 + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
+            for warning in record.get("warnings", []):
+                caution(f"{step} WARNING: {warning}")
         sections.update(record.get("report", {}))
         passed = passed and record.get("passed", True)
         if stage.changes_model:

@@ -115,7 +115,7 @@ def test_global_scope_prunes_layers_unevenly_to_the_overall_ratio(digits_cnn_che
     with torch.no_grad():  # 24 of layer1.conv1's 32 filters become negligible (importance is group-normalised)
         model.layer1.conv1.weight[:24].mul_(0.001)
         model.layer1.bn1.weight[:24].mul_(0.001)
-    compress.prune.channels(model, torch.randn(2, 1, 8, 8), ratio=0.5, scope="global")
+    compress.prune.channels(model, torch.randn(2, 1, 8, 8), ratio=0.5, scope="global", round_to=1)
     roots = [model.stem[0], model.layer1.conv1, model.layer2.conv1, model.layer2.conv2]
     assert sum(m.out_channels for m in roots) == 96  # half of 32 + 32 + 64 + 64, overall
     assert model.layer1.conv1.out_channels <= 8 and model.stem[0].out_channels > 16
@@ -203,25 +203,26 @@ def test_a_hard_coded_reshape_names_the_layer_and_restores_the_model() -> None:
     model = HardReshape()
     x = torch.randn(2, 1, 8, 8)
     expected = model(x)
-    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5)
+    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5, round_to=1)
     assert "layer 'conv1' breaks the model's forward" in msg
     assert model.conv1.out_channels == 8 and torch.equal(model(x), expected)
-    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5, exclude=["conv1"])
+    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5, round_to=1, exclude=["conv1"])
     assert "no channel group can be pruned (fc: feeds the model's output" in msg and "conv1: left out by" in msg
 
 
 def test_a_forward_the_tracer_cannot_follow_names_the_layer() -> None:
     model = Detached()
     x = torch.randn(2, 1, 8, 8)
-    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5)
+    msg = one_line_error(CompressError, compress.prune.channels, model, x, ratio=0.5, round_to=1)
     assert "cannot follow the model past layer 'conv1'" in msg
-    compress.prune.channels(model, x, ratio=0.5, exclude=["conv1"])
+    compress.prune.channels(model, x, ratio=0.5, round_to=1, exclude=["conv1"])
     assert model.conv1.out_channels == 8 and model.conv2.out_channels == 4 and model(x).shape == (2, 10)
 
 
 def test_a_hard_coded_reshape_is_named_under_a_macs_target_too() -> None:
     model = HardReshape()
-    msg = one_line_error(CompressError, compress.prune.channels, model, torch.randn(2, 1, 8, 8), macs_reduction=1.5)
+    msg = one_line_error(CompressError, compress.prune.channels, model, torch.randn(2, 1, 8, 8), macs_reduction=1.5,
+                         round_to=1)
     assert "layer 'conv1' breaks the model's forward" in msg and model.conv1.out_channels == 8
 
 
@@ -229,7 +230,7 @@ def test_an_output_computed_from_the_head_keeps_the_head_and_the_plan_survives_s
     x = torch.randn(2, 1, 8, 8)
     for _ in range(3):  # output layers are found by the graph, not by tensor ids that may be reused
         model = ScaledHead()
-        compress.prune.channels(model, x, ratio=0.5)
+        compress.prune.channels(model, x, ratio=0.5, round_to=1)
         assert model.fc.out_features == 10 and model.c3.out_channels == 4
     # a model compress did not build still carries its plan into a checkpoint saved with its factory
     compress.save(model, tmp_path / "m.pt", factory="helpers_prune:scaled_head")
@@ -239,7 +240,7 @@ def test_an_output_computed_from_the_head_keeps_the_head_and_the_plan_survives_s
 def test_frozen_parameters_and_no_grad_callers_still_trace() -> None:
     model = ScaledHead().requires_grad_(False)
     with torch.no_grad():
-        compress.prune.channels(model, torch.randn(2, 1, 8, 8), ratio=0.5)
+        compress.prune.channels(model, torch.randn(2, 1, 8, 8), ratio=0.5, round_to=1)
     assert model.c1.out_channels == 4 and not any(p.requires_grad for p in model.parameters())
 
 

@@ -90,7 +90,7 @@ def test_a_model_whose_forward_hard_codes_channels_names_the_layer(write_recipe,
     recipe = write_recipe(
         "name: r\nmodel: {factory: 'helpers_prune:hard_reshape'}\n"
         "data:\n  eval: {source: digits, split: test}\nmetric: agreement\n"
-        "stages:\n  - prune: {method: channel, ratio: 0.5, finetune: {epochs: 0}}\n"
+        "stages:\n  - prune: {method: channel, ratio: 0.5, round_to: 1, finetune: {epochs: 0}}\n"
     )
     msg = cli("validate", recipe).error_line()
     assert "recipe.yaml:7 stages.0.prune: pruning the output channels of layer 'conv1' breaks" in msg

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from compress.errors import CompressError
 from compress.models import count_params
 from compress.profile import count_macs
-from compress.prune.channel import ChannelOptions, ChannelPruner, Importance
+from compress.prune import latency
+from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
 from compress.ptq.stage import quantized_before
@@ -21,7 +25,7 @@ from compress.select import select_names
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
 from compress.stages.train import stage_finetune
-from compress.train import FinetuneConfig
+from compress.train import FinetuneConfig, is_main_process
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]
 
@@ -39,7 +43,15 @@ class ScheduleConfig(Strict):
     end_at: Annotated[float, Field(gt=0, le=1)] = 0.75  # fraction of the fine-tune by which end_ratio is reached
 
 
-_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps")
+class LatencyCheck(Strict):
+    """Time the model before and after pruning in ONNX Runtime (CPU, level ``all``), interleaved."""
+
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8], min_length=1)
+    threads: Annotated[int, Field(ge=1)] | None = None  # intra-op threads; None: ONNX Runtime's default
+    seconds: Annotated[float, Field(gt=0)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
+
+
+_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check")
 _L1_ONLY = ("schedule",)
 
 
@@ -50,7 +62,8 @@ class PruneConfig(Strict):
     schedule: ScheduleConfig | None = None  # l1: gradual pruning across the fine-tune, instead of ratio
     importance: Importance = Importance.l1
     scope: Scope = Scope.local
-    round_to: Annotated[int, Field(ge=1)] | None = None
+    round_to: Annotated[int, Field(ge=1)] | None = None  # channel: None = DEFAULT_ROUND_TO (8); 1 = no rounding
+    latency_check: bool | LatencyCheck = True  # channel: engine latency before/after (false: skip, faster)
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
@@ -71,9 +84,18 @@ class PruneConfig(Strict):
         return self
 
 
+def _round_to(config: PruneConfig) -> int:
+    return DEFAULT_ROUND_TO if config.round_to is None else config.round_to
+
+
 def _options(config: PruneConfig) -> ChannelOptions:
-    return ChannelOptions(config.importance, config.scope, config.round_to, tuple(config.include),
+    return ChannelOptions(config.importance, config.scope, _round_to(config), tuple(config.include),
                           tuple(config.exclude))
+
+
+def _latency_check(config: PruneConfig) -> LatencyCheck | None:
+    check = config.latency_check
+    return (LatencyCheck() if check else None) if isinstance(check, bool) else check
 
 
 def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Module:
@@ -90,26 +112,54 @@ def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Modu
     return pruner.model
 
 
-def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> None:
+def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | None:
     from compress.sparsity.stage import refuse_after_sparsity
 
     refuse_after_sparsity(model, ctx, "prune")
     if quantized_before(model, ctx):
         raise CompressError(f"{ctx.where}: prune must come before quantization (ptq/qat): "
                             "the quantizers' ranges would not match the pruned weights")
+    note = None
     if config.method is Method.l1_unstructured:
         select_names(weighted_layers(model), config.include, config.exclude, where=ctx.where,
                      what="Conv/Linear layer to prune")
     else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
-        dry_run(model, config, ctx)
+        example = ctx.example_input.to(next(model.parameters(), torch.empty(0)).device)
+        achieved = count_macs(model, example) / max(count_macs(dry_run(model, config, ctx), example), 1)
+        rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
+        note = f"dry run: MACs / {achieved:.2f}, {rounding}"
+        if config.macs_reduction is not None:
+            note += f"; {overshoot(config.macs_reduction, achieved, _round_to(config)) or 'on target'}"
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
+    return note
 
 
 @register("prune", PruneConfig, check=_check)
 def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> StageResult:
-    run = _run_l1 if config.method is Method.l1_unstructured else _run_channel
-    return StageResult(model, info=run(model, config, ctx))
+    if config.method is Method.l1_unstructured:
+        return StageResult(model, info=_run_l1(model, config, ctx))
+    check = _latency_check(config) if is_main_process() else None  # one timing, not one per DDP rank
+    figures: list[latency.EngineLatency] = []
+    if check is None:
+        info = _run_channel(model, config, ctx)
+    else:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=ctx.stage_dir, prefix="latency-") as tmp:
+            before = latency.export_for_timing(model, ctx.example_input, Path(tmp) / "before.onnx")
+            info = _run_channel(model, config, ctx)
+            after = latency.export_for_timing(model, ctx.example_input, Path(tmp) / "after.onnx")
+            figures = latency.measure(before, after, ctx.example_input, check.batch_sizes, threads=check.threads,
+                                      seconds=check.seconds)
+        info["prune"]["engine_latency_ms"] = [f.to_report() for f in figures]
+    return StageResult(model, info=info, warnings=_warnings(info["prune"], config, figures))
+
+
+def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.EngineLatency]) -> list[str]:
+    """Overshoot of a MACs target and measured slowdowns, one line each."""
+    found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"]) \
+        if config.macs_reduction is not None else None
+    return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"])
 
 
 def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
@@ -142,6 +192,8 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
     resized = pruner.finish()
     return {"prune": {
         "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
-        "round_to": config.round_to, "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
+        "round_to": _round_to(config), "round_to_default": config.round_to is None,
+        "macs_reduction_requested": config.macs_reduction,
+        "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
         "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
     }}

@@ -93,9 +93,12 @@ class StageResult:
         info: stage-specific figures for its report entry (e.g. fine-tune history).
         report: top-level report.json sections (``export``, ``engine``, ``check``).
         passed: False when a check failed (the run then exits with code 1).
+        warnings: one line each for what the user should know but that does not fail the run; the
+            pipeline prints them and keeps them in the stage's report entry (``warnings``).
     """
 
     model: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     passed: bool = True
+    warnings: list[str] = field(default_factory=list)

@@ -1,0 +1,129 @@
+"""Engine latency before and after pruning: both models in ONNX Runtime (CPU, level ``all``), interleaved.
+
+Fewer MACs do not always mean a faster engine: channel counts that are not multiples of 8 fall off
+ONNX Runtime's NCHWc-blocked convolutions at level ``all`` (a MobileNetV2 pruned to half its MACs ran
+3.4x *slower*). So the prune stage times what a user deploys, and says so when pruning made it slower.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.errors import CompressError, first_line
+from compress.export.onnx import export_onnx
+from compress.export.onnxruntime import Optimization
+
+LEVEL = Optimization.all  # ONNX Runtime's own default, what users deploy with
+SLOWDOWN = 0.95  # speedup below this is a slowdown beyond the noise of an interleaved median
+
+
+@dataclass(frozen=True)
+class EngineLatency:
+    """Median ms per batch of the unpruned (``before``) and pruned (``after``) engines at one batch size."""
+
+    batch_size: int
+    before: float
+    after: float
+    iters: int
+    threads: int | None = None
+    level: Optimization = LEVEL
+
+    @property
+    def speedup(self) -> float:
+        return self.before / self.after if self.after > 0 else float("inf")
+
+    def to_report(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "before": round(self.before, 4), "after": round(self.after, 4),
+                "speedup": round(self.speedup, 3), "level": self.level.value, "threads": self.threads,
+                "iters": self.iters}
+
+
+def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # LEVEL
+    so.log_severity_level = 3
+    # two sessions take turns: a spinning idle pool would steal the cores of the one being timed
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise CompressError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
+
+
+def time_interleaved(runs: Sequence[Any], *, seconds: float, min_iters: int = 10, max_iters: int = 2000,
+                     warmup: int = 3) -> list[list[float]]:
+    """Wall-clock ms of each callable in ``runs``, taking turns (the first to go alternates every round).
+
+    Runs for about ``seconds`` of wall time, at least ``min_iters`` and at most ``max_iters`` rounds.
+    """
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    deadline = time.perf_counter() + seconds
+    for i in range(max_iters):
+        if i >= min_iters and time.perf_counter() > deadline:
+            break
+        order = range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))
+        for k in order:
+            start = time.perf_counter()
+            runs[k]()
+            times[k].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def export_for_timing(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``model`` as a dynamic-batch FP32 ONNX file at ``path`` (the model is left as it was)."""
+    export_onnx(model, example[:1], path, opset=13)
+    return path
+
+
+def measure(before: Path, after: Path, example: torch.Tensor, batch_sizes: Sequence[int], *,
+            threads: int | None = None, seconds: float = 1.0) -> list[EngineLatency]:
+    """Median latency of the ``before`` and ``after`` ONNX files, interleaved, at each batch size.
+
+    ``seconds`` of timing in all, split evenly across the batch sizes.
+    """
+    sessions = [_session(before, threads), _session(after, threads)]
+    name = sessions[0].get_inputs()[0].name
+    generator = torch.Generator().manual_seed(0)
+    figures = []
+    for bs in batch_sizes:
+        x = torch.randn((bs, *example.shape[1:]), generator=generator).numpy().astype(np.float32)
+        runs = [lambda s=s, feed={name: x}: s.run(None, feed) for s in sessions]
+        ms = time_interleaved(runs, seconds=seconds / len(batch_sizes))
+        figures.append(EngineLatency(bs, statistics.median(ms[0]), statistics.median(ms[1]), len(ms[0]), threads))
+    return figures
+
+
+def engine_latency(before: torch.nn.Module, after: torch.nn.Module, example: torch.Tensor,
+                   batch_sizes: Sequence[int], workdir: Path, *, threads: int | None = None,
+                   seconds: float = 1.0) -> list[EngineLatency]:
+    """Export ``before`` and ``after`` into a temporary folder inside ``workdir`` (removed afterwards) and time both."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="latency-") as tmp:
+        paths = [export_for_timing(m, example, Path(tmp) / f"{name}.onnx")
+                 for name, m in (("before", before), ("after", after))]
+        return measure(*paths, example, batch_sizes, threads=threads, seconds=seconds)
+
+
+def slowdown_warnings(figures: Sequence[EngineLatency], round_to: int, threshold: float = SLOWDOWN) -> list[str]:
+    """One line per batch size at which the pruned engine is slower than the unpruned one beyond noise."""
+    hint = (f"; channel counts that are not multiples of 8 (round_to: {round_to}) are a likely cause"
+            if round_to % 8 else "")
+    return [f"pruning made the engine slower: ONNX Runtime ({f.level.value}) batch {f.batch_size} runs "
+            f"{f.after:.3f} ms vs {f.before:.3f} ms unpruned ({f.speedup:.2f}x){hint}"
+            for f in figures if f.speedup < threshold]

@@ -59,6 +59,10 @@ def test_slowdown_warnings_follow_the_measured_figures() -> None:
                      "(0.29x); channel counts that are not multiples of 8 (round_to: 1) are a likely cause"]
     assert slowdown_warnings(figures[1:], round_to=1) == []  # 0.976x is within noise; 2x faster is no warning
     assert "likely cause" not in slowdown_warnings(figures, round_to=16)[0]
+    # Paired rounds: a slow median that came from a few loaded rounds (pruned slower in 40 % of them) is noise.
+    noisy = EngineLatency(1, before=0.05, after=0.08, iters=100, paired_speedup=0.6, slower_share=0.4)
+    steady = EngineLatency(1, before=0.05, after=0.08, iters=100, paired_speedup=0.6, slower_share=0.9)
+    assert slowdown_warnings([noisy], round_to=8) == [] and len(slowdown_warnings([steady], round_to=8)) == 1
 
 
 def test_prune_stage_reports_engine_latency_round_to_and_the_overshoot(write_recipe, cli, digits_cnn_checkpoint,
@@ -77,7 +81,7 @@ def test_prune_stage_reports_engine_latency_round_to_and_the_overshoot(write_rec
     assert [f["batch_size"] for f in info["engine_latency_ms"]] == [1, 4]
     for f in info["engine_latency_ms"]:
         assert f["level"] == "all" and f["before"] > 0 and f["after"] > 0 and f["iters"] >= 10
-        assert f["speedup"] == pytest.approx(f["before"] / f["after"], rel=0.01)
+        assert f["speedup"] > 0 and 0 <= f["slower_share"] <= 1  # the median of per-round (paired) ratios
     assert entry["warnings"][0].startswith("macs_reduction: asked 2x, got 3.96x")
     assert "[1/1] prune WARNING: macs_reduction: asked 2x, got 3.96x" in result.err  # shown despite --quiet
     assert not any(p.name.startswith("latency-") for p in (out / "stages").rglob("*"))  # temporary files removed

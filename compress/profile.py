@@ -71,6 +71,8 @@ def _extra_formulas() -> dict[Any, Any]:
 
 
 _FORMULAS = {**flop_registry, **_extra_formulas()}
+# their first argument is the term added (a bias), not a factor of the product
+_ADDED_FIRST = {getattr(_aten, n) for n in ("addmm", "addmv", "baddbmm", "addbmm") if hasattr(_aten, n)}
 
 
 class _Counter(TorchDispatchMode):
@@ -97,13 +99,13 @@ class _Counter(TorchDispatchMode):
         out = func(*args, **kwargs)
         macs = int(formula(*args, **kwargs, out_val=out)) // 2
         if macs:
-            self._add(macs, args)
+            self._add(macs, args[1:] if func._overloadpacket in _ADDED_FIRST else args)
         return out
 
-    def _add(self, macs: int, args: tuple[Any, ...]) -> None:
+    def _add(self, macs: int, factors: tuple[Any, ...]) -> None:
         here = self.stack[-1] if self.stack else ""
         module, param = here, None
-        for a in args:
+        for a in factors:
             if isinstance(a, torch.Tensor) and a.device.type != "meta":
                 found = self.owners.get(a.untyped_storage().data_ptr())
                 if found:  # the running module's own parameter first (tied weights), else its owner

@@ -87,7 +87,8 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        formula = _FORMULAS.get(func._overloadpacket)
+        packet = getattr(func, "_overloadpacket", func)
+        formula = _FORMULAS.get(packet)
         if formula is None:
             if func not in self.whole and func is not torch.ops.prim.device.default:
                 with self:  # a composite op that reaches us whole: count what it decomposes into
@@ -99,23 +100,32 @@ class _Counter(TorchDispatchMode):
         out = func(*args, **kwargs)
         macs = int(formula(*args, **kwargs, out_val=out)) // 2
         if macs:
-            self._add(macs, args[1:] if func._overloadpacket in _ADDED_FIRST else args)
+            self._add(macs, args[1:] if packet in _ADDED_FIRST else args)
         return out
 
     def _add(self, macs: int, factors: tuple[Any, ...]) -> None:
         here = self.stack[-1] if self.stack else ""
         module, param = here, None
         for a in factors:
-            if isinstance(a, torch.Tensor) and a.device.type != "meta":
-                found = self.owners.get(a.untyped_storage().data_ptr())
-                if found:  # the running module's own parameter first (tied weights), else its owner
-                    module, param = next(((m, p) for m, p in found if m == here), found[0])
-                    break
+            found = self.owners.get(_address(a)) if isinstance(a, torch.Tensor) else None
+            if found:  # the running module's own parameter first (tied weights), else its owner
+                module, param = next(((m, p) for m, p in found if m == here), found[0])
+                break
         p = self.profile
         p.total += macs
         p.modules[module] = p.modules.get(module, 0) + macs
         if param is not None:
             p.params[param] = p.params.get(param, 0) + macs
+
+
+def _address(t: torch.Tensor) -> int | None:
+    """Where a tensor's memory starts (views of a parameter share it), or None for one without plain storage."""
+    if not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse layouts, wrapper subclasses
+        return None
 
 
 @contextmanager
@@ -163,8 +173,9 @@ def profile_macs(model: nn.Module, example: torch.Tensor) -> MacsProfile:
     handles = []
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(prefix=name, recurse=False):
-            if p.numel():
-                owners.setdefault(p.untyped_storage().data_ptr(), []).append((name, pname))
+            address = _address(p)
+            if address:
+                owners.setdefault(address, []).append((name, pname))
         handles.append(mod.register_forward_pre_hook(_enter(stack, name)))
         handles.append(mod.register_forward_hook(_leave(stack), always_call=True))
     was_training = model.training

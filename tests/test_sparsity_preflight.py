@@ -7,6 +7,7 @@ import torchvision
 from helpers_vit import MLP_MACS, OUT, SCORES, VIT_MACS, tiny_vit
 from torch import nn
 
+import compress
 from compress import sparsity
 from compress.sparsity.masks import Sparsifier, plan
 
@@ -71,3 +72,11 @@ def test_densenet_permute_names_the_concatenation_readers_it_could_not_reorder()
     assert all("concatenation" in why for why in result.unpermuted.values())
     assert "permute_reason" not in result.report()
     assert not torch.allclose(model(x), before)  # the masks changed weights (the permutation alone would not)
+
+
+def test_vit_2to4_layers_verify_in_the_exported_onnx(tmp_path) -> None:
+    vit, x = tiny_vit().eval(), torch.randn(1, 3, 32, 32)
+    sparse = sparsity.apply_2to4(vit, example_input=x)
+    compress.export.onnx(vit, x, tmp_path / "vit.onnx", target="onnxruntime", opset=17)  # SDPA needs opset 14+
+    check = sparsity.verify_onnx(tmp_path / "vit.onnx")
+    assert f"{ATTN.format(0)}.out_proj" in check.sparse_layers and check.missing(list(sparse.layers)) == []

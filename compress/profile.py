@@ -1,52 +1,208 @@
-"""Model size and cost: parameters, nonzero parameters, multiply-accumulates (MACs)."""
+"""Model size and cost: parameters, nonzero parameters, multiply-accumulates (MACs).
+
+MACs are counted on the operators forward actually runs, with the FLOP formulas of torch's own
+counter (``torch.utils.flop_counter``; MACs = FLOPs / 2): convolutions (transposed and grouped
+too), ``mm``/``addmm``/``bmm``/``baddbmm`` (so ``nn.Linear``, ``F.linear``, ``matmul``, ``einsum``
+and attention's Q·Kᵀ and A·V) and fused attention kernels. Three gaps of torch's counter are
+closed here: CPU's fused ``scaled_dot_product_attention`` kernel has no formula there (it would
+count 0), ``mv``/``addmv``/``dot`` have none either, and ``nn.MultiheadAttention``'s inference
+fast path runs one opaque kernel, so it is switched off while counting (the same maths then runs
+as the matmuls above). Elementwise work (activations, normalisation, fake quantization) is not
+MACs and not counted, so a fake-quant model counts as its float model.
+
+Per module, a matmul or convolution goes to the module whose parameter it reads (so
+``nn.MultiheadAttention.out_proj``, whose weight the attention's forward uses through
+``F.linear`` without calling it, still gets its MACs); one that reads no parameter (attention
+scores) or a computed weight (a fake-quantized copy) goes to the innermost module running.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from compress.models import count_nonzero_params, count_params
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_aten = torch.ops.aten
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """MACs of one sample through Conv*/ConvTranspose*/Linear layers (the layers that dominate cost)."""
-    return sum(layer_macs(model, example).values())
+@dataclass
+class MacsProfile:
+    """MACs of one sample: the total, per module name, and per parameter name (matmuls that read it)."""
+
+    total: int = 0
+    modules: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def unweighted(self) -> int:
+        """MACs of matmuls that read no parameter (attention's Q·Kᵀ and A·V, activation products)."""
+        return self.total - sum(self.params.values())
+
+
+def _shape_formula(fn: Any) -> Any:
+    """A raw-argument formula (as ``flop_registry`` holds them) from one on shapes."""
+    def formula(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        shapes = [a.shape if isinstance(a, torch.Tensor) else a for a in args]
+        return int(fn(*shapes))
+    return formula
+
+
+def _extra_formulas() -> dict[Any, Any]:
+    """FLOP formulas torch's counter lacks, for operators eager forward runs (``getattr``: older torch lacks some)."""
+    sdpa = _shape_formula(lambda q, k, v, *_: sdpa_flop_count(q, k, v))
+    extra = {
+        "_scaled_dot_product_flash_attention_for_cpu": sdpa,  # CPU's fused SDPA kernel
+        "mv": _shape_formula(lambda a, b, *_: 2 * a[0] * a[1]),
+        "addmv": _shape_formula(lambda _c, a, b, *_: 2 * a[0] * a[1]),
+        "dot": _shape_formula(lambda a, b, *_: 2 * a[0]),
+        "vdot": _shape_formula(lambda a, b, *_: 2 * a[0]),
+        "addbmm": _shape_formula(lambda _c, a, b, *_: 2 * prod(a) * b[-1]),
+    }
+    return {getattr(_aten, name): fn for name, fn in extra.items() if hasattr(_aten, name)}
+
+
+_FORMULAS = {**flop_registry, **_extra_formulas()}
+# their first argument is the term added (a bias), not a factor of the product
+_ADDED_FIRST = {getattr(_aten, n) for n in ("addmm", "addmv", "baddbmm", "addbmm") if hasattr(_aten, n)}
+
+
+class _Counter(TorchDispatchMode):
+    """Adds up the formulas of the operators that run, attributed to a module and a parameter name."""
+
+    def __init__(self, owners: dict[int, list[tuple[str, str]]], stack: list[str]) -> None:
+        super().__init__()
+        self.owners = owners  # storage address -> [(module name, parameter name)]
+        self.stack = stack  # names of the modules running, innermost last
+        self.profile = MacsProfile()
+        self.whole: set[Any] = set()  # operators that do not decompose (most of them): skip asking again
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        packet = getattr(func, "_overloadpacket", func)
+        formula = _FORMULAS.get(packet)
+        if formula is None:
+            if func not in self.whole and func is not torch.ops.prim.device.default:
+                with self:  # a composite op that reaches us whole: count what it decomposes into
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+                self.whole.add(func)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        macs = int(formula(*args, **kwargs, out_val=out)) // 2
+        if macs:
+            self._add(macs, args[1:] if packet in _ADDED_FIRST else args)
+        return out
+
+    def _add(self, macs: int, factors: tuple[Any, ...]) -> None:
+        here = self.stack[-1] if self.stack else ""
+        module, param = here, None
+        for a in factors:
+            found = self.owners.get(_address(a)) if isinstance(a, torch.Tensor) else None
+            if found:  # the running module's own parameter first (tied weights), else its owner
+                module, param = next(((m, p) for m, p in found if m == here), found[0])
+                break
+        p = self.profile
+        p.total += macs
+        p.modules[module] = p.modules.get(module, 0) + macs
+        if param is not None:
+            p.params[param] = p.params.get(param, 0) + macs
+
+
+def _address(t: torch.Tensor) -> int | None:
+    """Where a tensor's memory starts (views of a parameter share it), or None for one without plain storage."""
+    if not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse layouts, wrapper subclasses
+        return None
+
+
+@contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention``/``TransformerEncoderLayer`` through their matmuls, not one fused kernel."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _enter(stack: list[str], name: str) -> Any:
+    def hook(_module: nn.Module, _inputs: Any) -> None:
+        stack.append(name)
+    return hook
+
+
+def _leave(stack: list[str]) -> Any:
+    def hook(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        if stack:
+            stack.pop()
+    return hook
 
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """MACs of one sample per Conv*/ConvTranspose*/Linear module name (summed if forward calls it twice)."""
-    macs: dict[str, int] = {}
+def profile_macs(model: nn.Module, example: torch.Tensor) -> MacsProfile:
+    """MACs of one sample (``example[:1]``) through ``model`` in eval mode, per module and per parameter.
 
-    def conv_hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor, name: str) -> None:
-        w = mod.weight
-        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            # each input element scatters into out_channels/groups * kernel outputs
-            n = inputs[0][0].numel() * w.shape[1] * w[0, 0].numel()
-        else:
-            n = out[0].numel() * w.shape[1] * w[0, 0].numel()
-        macs[name] = macs.get(name, 0) + int(n)
+    Args:
+        model: any module; quantized (fake-quant) models count their float matmuls.
+        example: a batch the model accepts; only its first sample runs.
 
-    def linear_hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor, name: str) -> None:
-        macs[name] = macs.get(name, 0) + int(out[0].numel() * mod.in_features)
-
+    Returns:
+        The total, the per-module attribution (keys are ``named_modules`` names, ``""`` for the
+        model itself) and the MACs of the matmuls/convolutions reading each parameter.
+    """
+    owners: dict[int, list[tuple[str, str]]] = {}
+    stack: list[str] = []
     handles = []
     for name, mod in model.named_modules():
-        hook = conv_hook if isinstance(mod, _CONV) else linear_hook if isinstance(mod, nn.Linear) else None
-        if hook is not None:
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, name=name, hook=hook: hook(m, i, o, name)))  # type: ignore[misc]
+        for pname, p in mod.named_parameters(prefix=name, recurse=False):
+            address = _address(p)
+            if address:
+                owners.setdefault(address, []).append((name, pname))
+        handles.append(mod.register_forward_pre_hook(_enter(stack, name)))
+        handles.append(mod.register_forward_hook(_leave(stack), always_call=True))
     was_training = model.training
     model.eval()
+    counter = _Counter(owners, stack)
     try:
-        model(example[:1])
+        with _no_mha_fastpath(), counter:
+            model(example[:1])
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return macs
+    return counter.profile
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of one sample through ``model``: every convolution and matmul (see :func:`profile_macs`)."""
+    return profile_macs(model, example).total
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs of one sample per module name (summed if forward calls it twice); see :func:`profile_macs`.
+
+    A layer's own matmuls go to it, matmuls a parent runs functionally (attention scores) to the
+    parent; a layer whose parameter is read without calling it (``MultiheadAttention.out_proj``) gets them.
+    """
+    return profile_macs(model, example).modules
 
 
 def size_stats(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

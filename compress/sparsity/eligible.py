@@ -4,6 +4,14 @@ The rules follow what sparse tensor-core kernels (TensorRT, cuSPARSELt) and NVID
 an ungrouped Conv or a Linear whose input channels are a multiple of 16 and output channels a
 multiple of 8. Engines may still run a small eligible layer dense when that is faster; the
 estimate below is the ceiling, not a promise.
+
+MAC shares are of the model's true total (every convolution and matmul, :mod:`compress.profile`),
+so attention's Q·Kᵀ and A·V, which have no weight to sparsify, lower the share honestly. A layer
+whose weight forward reads without calling the layer (``nn.MultiheadAttention.out_proj``, used by
+``F.multi_head_attention_forward``) is a layer like any other: its mask zeroes the weight that read
+uses. Other parameters read by a matmul are listed too, dense: ``MultiheadAttention.in_proj_weight``
+is a Linear-shaped ``[3E, E]`` weight, but 2:4 masks are kept per Conv/Linear module (its weight),
+so the packed q/k/v projection stays dense and is reported so with its MACs.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.profile import layer_macs
+from compress.profile import profile_macs
 from compress.select import select_names
 
 IN_MULTIPLE = 16
@@ -25,12 +33,12 @@ _WEIGHTED = (*SPARSE_TYPES, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTrans
 
 @dataclass
 class LayerSurvey:
-    """One Conv/Linear layer: its weight shape, MACs per sample, and why it is skipped (None: eligible)."""
+    """One Conv/Linear layer (or other matmul weight): its shape, MACs per sample, why it is skipped (None: eligible)."""
 
     name: str
     shape: list[int]
     macs: int
-    share: float  # of the model's Conv/Linear MACs
+    share: float  # of the model's MACs (every convolution and matmul)
     skipped: str | None = None
 
     def to_dict(self) -> dict[str, object]:
@@ -71,15 +79,18 @@ def survey(
 ) -> list[LayerSurvey]:
     """Every Conv/ConvTranspose/Linear layer of ``model`` with its MAC share and eligibility.
 
-    Without ``example`` only shapes are judged (MACs are 0 and layers forward never calls are kept).
+    With ``example``, other parameters forward reads in a matmul (``MultiheadAttention.in_proj_weight``)
+    follow, skipped with the reason. Without it only shapes are judged (MACs are 0 and layers
+    forward never uses are kept).
 
     Raises:
         CompressError: an include/exclude pattern matches no layer.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n]
     chosen = set(select_names(names, include, exclude, where=where, what="Conv/Linear layer to sparsify"))
-    macs = layer_macs(model, example) if example is not None else {}
-    total = max(sum(macs.values()), 1)
+    profile = profile_macs(model, example) if example is not None else None
+    macs = profile.modules if profile is not None else {}
+    total = max(profile.total if profile is not None else 0, 1)
     shared = _shared_weights(model, names)
     found = []
     for name in names:
@@ -88,10 +99,29 @@ def survey(
         if why is None and name not in chosen:
             why = "left out by include/exclude"
         if why is None and example is not None and name not in macs:
-            why = "forward does not call it"
+            why = "forward does not use it"
         if why is None and name in shared:
             why = f"shares its weight with '{shared[name]}'"
         found.append(LayerSurvey(name, list(module.weight.shape), macs.get(name, 0), macs.get(name, 0) / total, why))
+    if profile is not None:
+        found += _other_weights(model, profile.params, {f"{n}.weight" if n else "weight" for n in names}, total)
+    return found
+
+
+def _other_weights(model: nn.Module, params: dict[str, int], layer_weights: set[str], total: int) -> list[LayerSurvey]:
+    """Parameters a matmul reads that are no Conv/Linear layer's weight: dense, with why."""
+    found = []
+    for name, macs in params.items():
+        if name in layer_weights:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module, weight = model.get_submodule(owner), model.get_parameter(name)
+        if isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
+            why = ("MultiheadAttention's packed q/k/v weight, read through F.linear: 2:4 masks cover Conv/Linear "
+                   "layers, so it stays dense (its out_proj is a Linear)")
+        else:
+            why = f"a {type(module).__name__} parameter a functional matmul reads, not a Conv/Linear layer: stays dense"
+        found.append(LayerSurvey(name, list(weight.shape), macs, macs / total, why))
     return found
 
 
@@ -111,12 +141,14 @@ def estimate(layers: list[LayerSurvey]) -> dict[str, object]:
     """The pre-flight summary: eligible MAC share and the best-case speedup if those layers ran 2x faster.
 
     The bound is Amdahl's: ``1 / (1 - share / 2)``; memory-bound layers and non-Conv/Linear ops make
-    real speedups smaller.
+    real speedups smaller. ``weightless_macs_share`` is what no weight feeds (attention's Q·Kᵀ and
+    A·V): it always runs dense.
     """
     share = sum(layer.share for layer in layers if layer.skipped is None)
     return {
         "eligible_layers": sum(layer.skipped is None for layer in layers),
         "skipped_layers": sum(layer.skipped is not None for layer in layers),
         "eligible_macs_share": round(share, 4),
+        "weightless_macs_share": round(max(1.0 - sum(layer.share for layer in layers), 0.0), 4),
         "best_case_speedup": round(1 / (1 - share / 2), 3),
     }

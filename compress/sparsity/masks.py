@@ -141,6 +141,8 @@ class Sparsifier:
         skipped: per Conv/Linear layer left dense, why.
         estimate: the pre-flight MACs summary (needs ``example_input``).
         permutations: per permuted channel group, what the search did.
+        unpermuted: per sparse layer whose input channels ``permute`` did not reorder, why.
+        permute_reason: why ``permute`` reordered nothing at all (None when it reordered some, or did not run).
     """
 
     model: nn.Module
@@ -148,6 +150,8 @@ class Sparsifier:
     skipped: dict[str, str] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
     permutations: list[dict[str, Any]] = field(default_factory=list)
+    unpermuted: dict[str, str] = field(default_factory=dict)
+    permute_reason: str | None = None
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _masks: SparseMasks | None = field(default=None, repr=False)
 
@@ -173,8 +177,9 @@ class Sparsifier:
         self._hooks.clear()
 
     def report(self) -> dict[str, Any]:
-        return {"pattern": PATTERN, "layers": self.layers, "skipped": self.skipped, "estimate": self.estimate,
-                "permutations": self.permutations}
+        found = {"pattern": PATTERN, "layers": self.layers, "skipped": self.skipped, "estimate": self.estimate,
+                 "permutations": self.permutations, "unpermuted": self.unpermuted}
+        return found | ({"permute_reason": self.permute_reason} if self.permute_reason else {})
 
 
 def apply_2to4(
@@ -230,6 +235,7 @@ def apply_2to4(
         assert example_input is not None
         device = next(model.parameters()).device
         groups = permute_groups(model, example_input.to(device), set(chosen), where)
+        result.unpermuted, result.permute_reason = groups.unpermuted, groups.reason
         if optimizer is not None:
             _reorder_state(optimizer, groups)
         for p in groups:

@@ -13,6 +13,11 @@ accepted swap strictly raises the retained magnitude of the channel group's spar
 permutation; one of its layers may lose a little where the others gain more. The search is
 deterministic (every DDP process finds the same order) and makes at most as many swaps as there
 are channels.
+
+A sparse layer whose input channels no group maps one to one cannot be reordered: one that reads a
+concatenation (DenseNet: every dense layer's 1x1 conv), channels flattened into several inputs
+each, or the model's input. :class:`Permutations` names those layers and why, and says why nothing
+was reordered when nothing was.
 """
 
 from __future__ import annotations
@@ -47,6 +52,27 @@ class PermutationResult:
     skipped: str | None = None
     layers: dict[str, dict[str, float]] = field(default_factory=dict)  # consumer -> retained before/after
     reorders: list[tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=list, repr=False)
+
+
+class Permutations(list[PermutationResult]):
+    """The per-group results, plus ``unpermuted``: each sparse layer no reordering reached, and why."""
+
+    def __init__(self, results: list[PermutationResult], unpermuted: dict[str, str]) -> None:
+        super().__init__(results)
+        self.unpermuted = unpermuted
+
+    @property
+    def reason(self) -> str | None:
+        """Why no channel was reordered at all, or None when some were."""
+        if any(r.swaps for r in self):
+            return None
+        if not self:
+            shown = "; ".join(f"{n}: {why}" for n, why in list(self.unpermuted.items())[:3])
+            return f"no channel group feeds a 2:4 layer one to one ({shown})" if shown else "no 2:4 layer to reorder"
+        skipped = sorted({r.skipped for r in self if r.skipped})
+        if skipped:
+            return "every group that feeds a 2:4 layer was left as it is: " + "; ".join(skipped[:3])
+        return "no swap keeps more magnitude than the order the channels already have"
 
 
 def search(mags: torch.Tensor, max_swaps: int | None = None) -> tuple[torch.Tensor, int]:
@@ -97,11 +123,12 @@ def _gains(a: torch.Tensor, order: torch.Tensor, cols: torch.Tensor) -> torch.Te
     return result
 
 
-def permute_groups(model: nn.Module, example: torch.Tensor, sparse: set[str], where: str) -> list[PermutationResult]:
+def permute_groups(model: nn.Module, example: torch.Tensor, sparse: set[str], where: str) -> Permutations:
     """Permute the channels of every coupled group feeding a layer in ``sparse``, in place.
 
     Groups the permutation cannot follow (grouped convs, layers with parameters other than Conv/Linear/
-    BatchNorm, or a forward whose output would change) are left as they are and reported skipped.
+    BatchNorm, or a forward whose output would change) are left as they are and reported skipped;
+    sparse layers no group feeds one to one are named in the result's ``unpermuted``.
 
     Raises:
         CompressError: the dependency tracer cannot follow the model.
@@ -109,13 +136,14 @@ def permute_groups(model: nn.Module, example: torch.Tensor, sparse: set[str], wh
     traced = graph.trace(model, example, where)
     names = {m: n for n, m in model.named_modules()}
     results = []
+    partial: dict[str, str] = {}  # sparse layer -> why a group that feeds it cannot reorder it alone
     with torch.no_grad():
         was_training = model.training
         model.eval()
         try:
             reference = model(example)
             for g in graph.groups(traced.dg, model):
-                result = _permute_group(model, g, names, sparse, traced.dg)
+                result = _permute_group(model, g, names, sparse, traced.dg, partial)
                 if result is None:
                     continue
                 if result.swaps and not _same(model(example), reference):
@@ -126,12 +154,35 @@ def permute_groups(model: nn.Module, example: torch.Tensor, sparse: set[str], wh
             model.train(was_training)
     for r in results:
         r.__dict__.pop("_undo", None)
-    return results
+    return Permutations(results, _unpermuted(results, sparse, partial))
+
+
+def _unpermuted(results: list[PermutationResult], sparse: set[str], partial: dict[str, str]) -> dict[str, str]:
+    """Each sparse layer whose input channels no group reordered, and why."""
+    why: dict[str, str] = {}
+    for r in results:
+        for name in r.consumers:
+            if r.skipped:
+                why.setdefault(name, r.skipped)
+            elif r.swaps:
+                why[name] = ""
+    found = {}
+    for name in sorted(sparse):
+        reason = why.get(name)
+        if reason == "":
+            continue
+        if reason is None:
+            reason = partial.get(name, "no channel group feeds it one to one (it reads the model's input, or "
+                                       "channels made inside a module, e.g. attention's output)")
+            if any(name in r.consumers for r in results):
+                reason = "no swap keeps more magnitude than the channels' present order"
+        found[name] = reason
+    return found
 
 
 def _permute_group(model: nn.Module, g: graph.Group, names: dict[nn.Module, str], sparse: set[str],
-                   dg: Any) -> PermutationResult | None:
-    slices, consumers, why = _slices(g, names, sparse, dg)
+                   dg: Any, partial: dict[str, str]) -> PermutationResult | None:
+    slices, consumers, why = _slices(g, names, sparse, dg, partial)
     if not consumers:
         return None  # no sparse layer reads these channels: nothing to gain
     result = PermutationResult(g.root, g.channels, consumers)
@@ -172,9 +223,12 @@ def _index(s: _Slice, order: torch.Tensor, device: torch.device) -> torch.Tensor
     return index.to(device)
 
 
-def _slices(g: graph.Group, names: dict[nn.Module, str], sparse: set[str],
-            dg: Any) -> tuple[list[_Slice], list[str], str | None]:
-    """The tensor slices that follow group ``g``'s channels, its sparse consumers, and why it cannot be permuted."""
+def _slices(g: graph.Group, names: dict[nn.Module, str], sparse: set[str], dg: Any,
+            partial: dict[str, str]) -> tuple[list[_Slice], list[str], str | None]:
+    """The tensor slices that follow group ``g``'s channels, its sparse consumers, and why it cannot be permuted.
+
+    Sparse layers reading these channels among others (a concatenation) or flattened land in ``partial``.
+    """
     slices: list[_Slice] = []
     consumers: list[str] = []
     why = None
@@ -200,9 +254,15 @@ def _slices(g: graph.Group, names: dict[nn.Module, str], sparse: set[str],
             slices.append(_Slice(module.weight, dim, positions))
             if out and module.bias is not None:
                 slices.append(_Slice(module.bias, 0, positions))
-            if not out and name in sparse and name not in consumers and not transposed \
-                    and all(len(p) == 1 for p in positions) and module.weight.shape[1] == g.channels:
-                consumers.append(name)
+            if not out and name in sparse and name not in consumers and not transposed:
+                cin = module.weight.shape[1]
+                if any(len(p) != 1 for p in positions):
+                    partial[name] = f"it reads the channels of '{g.root}' flattened, several inputs each"
+                elif cin != g.channels:
+                    partial[name] = (f"it reads a concatenation: {g.channels} of its {cin} input channels come "
+                                     f"from '{g.root}', the rest from other layers")
+                else:
+                    consumers.append(name)
         elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             why = why or f"{type(module).__name__} '{name}' would need reordering too"
     return slices, consumers, why

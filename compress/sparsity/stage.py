@@ -1,5 +1,9 @@
 """``sparsity``: 2:4 masks on the eligible Conv/Linear layers (channels permuted first), then a fine-tune.
 
+The report's ``permutations`` lists what each channel group's search did, ``unpermuted`` each 2:4
+layer no reordering reached (and why: a concatenation feeds it, ...), and ``permute_reason`` why
+``permute: true`` reordered nothing, when it did not.
+
 The masks are recorded on the model, so every later fine-tune (distill, qat) re-applies them and
 the stage's checkpoint keeps them. Channel pruning after this stage is refused (it would break
 the masks); quantization after it keeps the pattern (a zero weight quantizes to zero).
@@ -108,8 +112,11 @@ def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
         ctx.splits.loader("train", needed_by=ctx.where)
     est = survey.estimate
     earlier = any(s.type in ("prune", "distill") for s in ctx.recipe.stages[: ctx.spec.index])
+    weightless = est.get("weightless_macs_share", 0.0)
     return (f"2:4 on {est['eligible_layers']} layers, {est['eligible_macs_share']:.0%} of the MACs: best case "
             f"{est['best_case_speedup']:.2f}x" + (f" (estimated on {judged})" if earlier else "")
+            + (f"; {weightless:.0%} of the MACs multiply activations (attention's Q·Kᵀ, A·V): always dense"
+               if weightless >= 0.005 else "")
             + "".join(f"; {name} dense ({why})" for name, why in list(survey.skipped.items())[:6]))
 
 

@@ -28,7 +28,9 @@ def test_bench_times_every_batch_size_for_onnxruntime_and_eager(write_recipe, cl
     result = cli("bench", onnx_file, checkpoint, "--data", "digits:test", "--batch-sizes", "1", "8", "32",
                  "--threads", "1", "--iters", "5", "--report", tmp_path / "bench.json")
     assert result.code == 0, result.err
-    rows = [line.split() for line in result.out.splitlines()[1:]]
+    *table, footer = result.out.splitlines()
+    assert footer == "(models timed round-robin; onnxruntime optimization all, thread spinning off)"
+    rows = [line.split() for line in table[1:]]
     assert [(r[1], r[2]) for r in rows] == [("onnxruntime", "1"), ("onnxruntime", "8"), ("onnxruntime", "32"),
                                            ("torch", "1"), ("torch", "8"), ("torch", "32")]
     report = json.loads((tmp_path / "bench.json").read_text())

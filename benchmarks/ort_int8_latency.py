@@ -1,16 +1,20 @@
 """ONNX Runtime CPU: our onnxruntime-target INT8 export against FP32 and against ORT's own quantize_static.
 
-usage: python benchmarks/ort_int8_latency.py [--level extended|all] [--threads 2] [--iters 60]
+usage: python benchmarks/ort_int8_latency.py [--levels extended,all] [--models resnet18,mobilenet_v2]
+                                            [--threads 2] [--iters 60] [--skip-accuracy]
 
-Latency: torchvision resnet18 (num_classes 10; the digits-32 weights, latency does not depend on
-them) at 224x224, batch 8, p50 over ``--iters`` runs after 5 warm-up runs; the three engines take
-turns run by run, so background load hits all alike.
+Latency: torchvision resnet18 and mobilenet_v2 (num_classes 10, random init with seed 0: latency
+does not depend on the weights) at 224x224, batch 8, p50 over ``--iters`` runs after 5 warm-up runs.
   (1) FP32: the float model through ``export_onnx``.
   (2) ours: ``quant.prepare(.., "onnxruntime")`` + ``ptq.calibrate(.., "max")`` on 256 digits images
       upscaled to 224 RGB, ``export_onnx(.., target="onnxruntime")``.
   (3) theirs: ``quant_pre_process`` then ``quantize_static`` on (1): QDQ, per_channel, QUInt8
       activations, QInt8 weights, MinMax, the same 256 images through a CalibrationDataReader.
-All three are built by ``build_engine`` with the same session options (threads, optimisation level).
+Each is saved by ``build_engine`` at the portable level (at most ``extended``), as the export stage
+does, and timed in a session at each of ``--levels`` (default ``extended`` and ``all``, ONNX Runtime's
+own default and what the export stage times at). All sessions of a model (3 engines x levels) are
+timed round-robin, in a rotating order, with thread spinning off, so neither background load nor the
+order nor an idle session's spinning threads favour one.
 Targets: ours / FP32 <= 0.22, ours / quantize_static <= 1.1.
 
 Accuracy at the models' real resolution (resnet18 digits 32x32 RGB, digits_cnn 8x8): top1 on the
@@ -36,6 +40,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torchvision
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -54,7 +59,7 @@ from timing import interleaved_ms  # noqa: E402
 
 from compress import ptq, quant  # noqa: E402
 from compress.export.onnx import export_onnx  # noqa: E402
-from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary  # noqa: E402
+from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary, portable  # noqa: E402
 
 ORT_METHODS = {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
 
@@ -82,8 +87,14 @@ class Builder:
     def __init__(self, folder: Path, threads: int, level: Optimization) -> None:
         self.folder, self.threads, self.level = folder, threads, level
 
-    def engine(self, onnx_path: Path) -> OrtEngine:
-        return build_engine(onnx_path, onnx_path.with_suffix(".engine.onnx"), threads=self.threads, level=self.level)
+    def engine(self, onnx_path: Path, level: Optimization | None = None) -> OrtEngine:
+        """The engine file saved at the portable level, in a session at ``level`` (default the builder's)
+        with thread spinning off (sessions are timed side by side)."""
+        level = level or self.level
+        path = onnx_path.with_suffix(f".engine-{portable(level).value}.onnx")
+        if not path.exists():
+            build_engine(onnx_path, path, threads=self.threads, level=portable(level))
+        return OrtEngine(path, self.threads, level, spinning=False)
 
     def fp32(self, model: nn.Module, example: torch.Tensor, tag: str) -> Path:
         path = self.folder / f"{tag}_fp32.onnx"
@@ -133,33 +144,41 @@ def print_op_diff(ours: Path, theirs: Path) -> None:
 
 def p50_ms(engines: dict[str, OrtEngine], sample: torch.Tensor, iters: int) -> dict[str, float]:
     """p50 latency at batch 8 (``sample`` repeated, as compress.export.bench.latency builds it) after 5
-    warm-up runs; the engines take turns run by run so background load hits all alike."""
+    warm-up runs; the engines take turns run by run, in a rotating order."""
     x = sample[:1].expand(8, *sample.shape[1:]).contiguous()
     times = interleaved_ms({name: (lambda e=engine: e(x)) for name, engine in engines.items()}, iters)
     return {name: float(np.percentile(ts, 50)) for name, ts in times.items()}
 
 
-def latency_section(build: Builder, iters: int) -> tuple[Path, Path]:
-    model, _, _ = bench_models.resnet18()
+def latency_section(build: Builder, name: str, levels: list[Optimization], iters: int) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
     example = torch.zeros(1, 3, 224, 224)
     calib = bench_models.digits("train", size=224, channels=3, batch_size=32, limit=256)
-    fp32 = build.fp32(model, example, "r224")
-    paths = {"FP32": fp32, "ours INT8": build.ours(model, example, calib, "max", "r224"),
-             "quantize_static INT8": build.theirs(fp32, calib, "max", "r224")}
-    engines = {name: build.engine(path) for name, path in paths.items()}
+    fp32 = build.fp32(model, example, name)
+    paths = {"FP32": fp32, "ours INT8": build.ours(model, example, calib, "max", name),
+             "quantize_static INT8": build.theirs(fp32, calib, "max", name)}
+    engines = {(kind, level): build.engine(path, level) for kind, path in paths.items() for level in levels}
     sample = next(iter(calib))[0][:1]
-    p50 = p50_ms(engines, sample, iters)
-    print(f"resnet18 224x224 batch 8, p50 latency over {iters} iters (engines interleaved):")
-    for name, ms in p50.items():
-        print(f"  {name:22s}: {ms:8.2f} ms")
-    ours_engine, theirs_engine = (engines[k].path for k in ("ours INT8", "quantize_static INT8"))
-    print(f"int8_summary ours           : {int8_summary(ours_engine)}")
-    print(f"int8_summary quantize_static: {int8_summary(theirs_engine)}")
+    p50 = p50_ms({f"{kind} @{level.value}": e for (kind, level), e in engines.items()}, sample, iters)
+    print(f"{name} 224x224 batch 8, p50 latency over {iters} iters (all {len(engines)} sessions round-robin, "
+          "spinning off):")
+    for key, ms in p50.items():
+        print(f"  {key:30s}: {ms:8.2f} ms")
+    at = p50
+    for level in levels:
+        v = level.value
+        print(f"  @{v}: ours INT8 / FP32 = {at[f'ours INT8 @{v}'] / at[f'FP32 @{v}']:.3f} (target <= 0.22); "
+              f"ours / quantize_static = {at[f'ours INT8 @{v}'] / at[f'quantize_static INT8 @{v}']:.3f} "
+              f"(target <= 1.1); quantize_static / FP32 = {at[f'quantize_static INT8 @{v}'] / at[f'FP32 @{v}']:.3f}")
+    if len(levels) > 1:
+        lo, hi = levels[0].value, levels[-1].value
+        print(f"  ours INT8 @{lo} / FP32 @{hi} = {at[f'ours INT8 @{lo}'] / at[f'FP32 @{hi}']:.3f}; "
+              f"FP32 @{lo} / FP32 @{hi} = {at[f'FP32 @{lo}'] / at[f'FP32 @{hi}']:.3f}")
+    ours_engine, theirs_engine = (engines[(k, levels[-1])].path for k in ("ours INT8", "quantize_static INT8"))
+    print(f"  int8_summary ours           : {int8_summary(ours_engine)}")
+    print(f"  int8_summary quantize_static: {int8_summary(theirs_engine)}")
     print_op_diff(ours_engine, theirs_engine)
-    print(f"ours INT8 / FP32 latency = {p50['ours INT8'] / p50['FP32']:.3f} (target <= 0.22)")
-    print(f"ours / quantize_static latency = {p50['ours INT8'] / p50['quantize_static INT8']:.3f} (target <= 1.1)")
-    print(f"quantize_static INT8 / FP32 latency = {p50['quantize_static INT8'] / p50['FP32']:.3f}")
-    return ours_engine, theirs_engine
 
 
 def accuracy_section(build: Builder, name: str, model: nn.Module, size: int, channels: int) -> None:
@@ -179,20 +198,25 @@ def accuracy_section(build: Builder, name: str, model: nn.Module, size: int, cha
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--level", choices=[o.value for o in Optimization], default="extended")
+    parser.add_argument("--levels", default="extended,all", help="session levels to time, lowest first")
+    parser.add_argument("--models", default="resnet18,mobilenet_v2", help="torchvision models to time")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--skip-accuracy", action="store_true", help="latency only")
     args = parser.parse_args()
+    levels = sorted((Optimization(v) for v in args.levels.split(",")), key=list(Optimization).index)
     torch.manual_seed(0)
     start = time.perf_counter()
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, intra_op threads {args.threads}, "
-          f"graph optimisation {args.level}, load average at start {os.getloadavg()[0]:.2f}")
+          f"session levels {[lv.value for lv in levels]}, load average at start {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        build = Builder(Path(tmp), args.threads, Optimization(args.level))
-        latency_section(build, args.iters)
-        print()
-        accuracy_section(build, "resnet18_32", *bench_models.resnet18())
-        accuracy_section(build, "digits_cnn_8", *bench_models.digits_cnn())
+        build = Builder(Path(tmp), args.threads, levels[-1])  # accuracy at the highest level asked
+        for name in args.models.split(","):
+            latency_section(build, name, levels, args.iters)
+            print()
+        if not args.skip_accuracy:
+            accuracy_section(build, "resnet18_32", *bench_models.resnet18())
+            accuracy_section(build, "digits_cnn_8", *bench_models.digits_cnn())
     print(f"(benchmark wall time {time.perf_counter() - start:.0f} s)")
 
 

@@ -16,12 +16,16 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def interleaved_ms(runners: dict[str, Callable[[], object]], iters: int, warmup: int = 5) -> dict[str, list[float]]:
     """Wall-clock ms of each runner over ``iters`` runs after ``warmup``; the runners take turns run by run,
-    so background load hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    starting one further along each round (round-robin), so background load and the order itself hit all
+    alike. Time ONNX Runtime sessions side by side with thread spinning off (``OrtEngine(.., spinning=False)``):
+    a session's threads spin on after its run and take the cores from the next one."""
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + iters):
-        for name, run in runners.items():
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
             start = time.perf_counter()
-            run()
+            runners[name]()
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
     return times

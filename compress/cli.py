@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from compress.errors import CompressError, one_line
+from compress.export.onnxruntime import Optimization
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
     chk.add_argument("--batch-size", type=int, help="default 64, or the recipe's data.eval batch_size")
+    chk.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
+                     help="ONNX Runtime graph optimisation level for .onnx files (default all, as a deployed session)")
     chk.add_argument("--report", type=Path, default=Path("check_report.json"),
                      help="where to write the drift report (JSON; default check_report.json)")
     bench = sub.add_parser("bench", parents=[common], help="latency p50/p90/p99 and throughput per batch size")
@@ -85,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     shape.add_argument("--input-shape", help="one sample's shape, e.g. 1,8,8 (batch left out)")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     bench.add_argument("--threads", type=int, help="intra-op threads (ONNX Runtime and torch)")
+    bench.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
+                       help="ONNX Runtime graph optimisation level (default all, as a deployed session)")
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--iters", type=int, default=20)
     bench.add_argument("--report", type=Path, help="also write the results as JSON here")
@@ -111,7 +116,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise CompressError(f"bench --input-shape: '{args.input_shape}' has a dimension <= 0")
         sample = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
     results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, backend=args.backend,
-                            warmup=args.warmup, iters=args.iters)
+                            warmup=args.warmup, iters=args.iters, optimization=Optimization(args.optimization))
     if args.report is not None:
         from compress import io
 
@@ -180,7 +185,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
     saved_ref = load_reference(args.reference) if saved else None
     batches, inputs = _check_batches(args, saved_ref, recipe)
-    runner = as_runner(args.model)
+    level = Optimization(args.optimization)
+    runner = as_runner(args.model, optimization=level)
     if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model])
         ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
@@ -188,12 +194,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
     else:
-        out, ref = metrics.collect_many([runner, as_runner(args.reference)], batches,
+        out, ref = metrics.collect_many([runner, as_runner(args.reference, optimization=level)], batches,
                                         names=[args.model, args.reference])
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
                      min_agreement=args.min_agreement, min_cosine=args.min_cosine)
     data = args.data if recipe is None else f"{args.recipe} (data.eval)"
-    doc = {"model": args.model, "reference": args.reference, "data": data, **result.to_dict()}
+    doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
+           **result.to_dict()}
     if args.layers is not None:
         from compress.data import split_batch
         from compress.export.localize import localize

@@ -291,6 +291,8 @@ def run(
         full["provenance"] = report.provenance(recipe, run_dir)
         report.write(run_dir, full)
     barrier()  # no rank exits (and gets torchrun to stop the others) before rank 0 has written everything
+    for line in report.engine_summary(sections):
+        say(line)
     if "check" in sections:
         say(check_summary(sections["check"]))
     if sections.get("export", {}).get("failures"):

@@ -146,6 +146,34 @@ def _sparsity(stages: list[dict[str, Any]], metric: str) -> list[str]:
     return ["", "## Sparsity", "", *lines] if lines else []
 
 
+def _not_int8(g: dict[str, Any], most: int) -> str:
+    """``INT8 kernels run 88% of the MACs; in float: `conv2` (excluded, 42%), ...`` for a quantized engine."""
+    total = g.get("weighted_macs") or 0
+    parts = [f"`{f['layer'] or f['node']}` ({f['reason']}"
+             + (f", {f['macs'] / total:.0%} of MACs)" if total else ")") for f in g["not_int8"][:most]]
+    more = len(g["not_int8"]) - most
+    listed = ", ".join(parts) + (f", ... ({more} more)" if more > 0 else "")
+    return (f"INT8 kernels run {g['int8_macs_fraction']:.1%} of the weighted-op MACs; "
+            + (f"{len(g['not_int8'])} weighted op(s) in float: {listed}" if g["not_int8"] else "no weighted op in float"))
+
+
+def engine_summary(sections: dict[str, Any]) -> list[str]:
+    """The engine's lines for the terminal: the levels it was timed at, what is not INT8, simulated INT8."""
+    g = sections.get("engine")
+    if not g:
+        return []
+    lines = []
+    if g.get("optimization"):
+        o = g["optimization"]
+        lines.append(f"engine: {g['path']} saved at optimization {o['file']}; checked at {o['checked']}"
+                     + (f", timed at {o['timed']}" if o["timed"] else ""))
+    if "not_int8" in g:
+        lines.append(f"engine: {_not_int8(g, 3)}")
+    if g.get("int8_execution") == "simulated":
+        lines.append(f"engine: WARNING {g['int8_note']}")
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     metric = doc["metric"]
     rows = [("baseline", doc["baseline"], None)] + [
@@ -187,9 +215,21 @@ def markdown(doc: dict[str, Any]) -> str:
         lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in g["latency_ms"].items())
         lines += ["", "## Engine", "", f"`{g['path']}` ({g['backend']}): {metric} {_fmt(g['metrics'].get(metric))}"
                   + (f"; p50 latency {lat}" if lat else "")]
+        if g.get("optimization"):
+            o = g["optimization"]
+            lines += ["", f"ONNX Runtime optimization: file saved at `{o['file']}` (portable); accuracy checked at "
+                      f"`{o['checked']}`" + (f", latency timed at `{o['timed']}`" if o["timed"] else "")]
         if g.get("int8_ops"):
             ops = ", ".join(f"{k} x{v}" for k, v in g["int8_ops"].items())
             lines += ["", f"INT8 kernels: {ops}; {g['int8_weighted_fraction']:.0%} of weighted ops run in INT8"]
+        if "not_int8" in g:
+            lines += ["", _not_int8(g, 10)]
+            if g["not_int8"]:
+                lines += ["", "| layer | node | op | reason | MACs | why |", "|---|---|---|---|---:|---|"]
+                lines += [f"| `{f['layer']}` | `{f['node']}` | {f['op']} | {f['reason']} | {f['macs']:,} | {f['detail']} |"
+                          for f in g["not_int8"]]
+        if g.get("int8_execution") == "simulated":
+            lines += ["", f"**Note:** {g['int8_note']}."]
         if g.get("tensorrt"):
             t = g["tensorrt"]
             by = ", ".join(f"{k} {v}" for k, v in t["layers"].get("by_precision", {}).items())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from helpers_recipes import read_report, stage_recipe
 
 
@@ -28,7 +29,9 @@ def test_bench_times_every_batch_size_for_onnxruntime_and_eager(write_recipe, cl
     result = cli("bench", onnx_file, checkpoint, "--data", "digits:test", "--batch-sizes", "1", "8", "32",
                  "--threads", "1", "--iters", "5", "--report", tmp_path / "bench.json")
     assert result.code == 0, result.err
-    rows = [line.split() for line in result.out.splitlines()[1:]]
+    *table, footer = result.out.splitlines()
+    assert footer == "(models timed round-robin; onnxruntime optimization all, thread spinning off)"
+    rows = [line.split() for line in table[1:]]
     assert [(r[1], r[2]) for r in rows] == [("onnxruntime", "1"), ("onnxruntime", "8"), ("onnxruntime", "32"),
                                            ("torch", "1"), ("torch", "8"), ("torch", "32")]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -95,3 +98,41 @@ def test_report_records_versions_and_sha256_of_inputs_and_outputs(write_recipe, 
     assert files["input_checkpoint"]["path"] == str(digits_cnn_checkpoint)
     for entry in files.values():
         assert hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_bench_times_models_round_robin_in_a_rotating_order():
+    from compress.export.bench import latency_interleaved
+
+    calls: list[tuple[str, int]] = []
+    runs = [lambda x, n=n: calls.append((n, len(x))) for n in "abc"]
+    timings = latency_interleaved(runs, torch.zeros(1, 4), (2,), warmup=1, iters=3)
+    timed = calls[3:]  # after one warm-up call each
+    assert [n for n, _ in timed] == list("abc" "bca" "cab") and {bs for _, bs in calls} == {2}
+    assert [set(t) for t in timings] == [{"2"}] * 3
+
+
+def test_bench_and_check_run_onnx_at_the_optimization_level_asked(cli, digits_cnn_checkpoint, tmp_path):
+    import compress
+    from compress.export.onnx import export_onnx
+
+    model = compress.load(digits_cnn_checkpoint).eval()
+    paths = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for path in paths:
+        export_onnx(model, torch.zeros(1, 1, 8, 8), path)
+    result = cli("bench", *paths, "--input-shape", "1,8,8", "--batch-sizes", "1", "--iters", "3",
+                 "--optimization", "basic", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert (report["optimization"], report["spinning"], report["interleaved"]) == ("basic", False, True)
+    assert [(m["optimization"], m["spinning"]) for m in report["models"]] == [("basic", False)] * 2
+    assert all(m["latency"]["1"]["p50_ms"] > 0 for m in report["models"])
+    single = cli("bench", paths[0], "--input-shape", "1,8,8", "--batch-sizes", "1", "--iters", "3")
+    assert single.out.splitlines()[-1] == "(onnxruntime optimization all, thread spinning on)"  # one model: as deployed
+    for level in ("all", "disabled"):
+        checked = cli("check", paths[0], "--reference", digits_cnn_checkpoint, "--data", "digits:test",
+                      "--optimization", level, "--report", tmp_path / f"check_{level}.json")
+        doc = json.loads((tmp_path / f"check_{level}.json").read_text())
+        assert checked.code == 0 and doc["optimization"] == level
+        # the float graph at any level predicts as torch does; one of 360 samples may flip on a float near-tie
+        assert doc["samples"] == 360 and doc["agreement"] >= 359 / 360
+    assert cli("bench", paths[0], "--input-shape", "1,8,8", "--optimization", "max").code == 2

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from compress import metrics
 from compress.errors import CompressError
+from compress.export.onnxruntime import Optimization, OrtEngine
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,10 +47,12 @@ class CheckResult:
         return asdict(self)
 
 
-def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.device | str = "cpu") -> Runner:
+def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.device | str = "cpu",
+              optimization: Optimization = Optimization.all) -> Runner:
     """A tensor -> tensor callable for a module, an ONNX/engine file, or a compress checkpoint.
 
-    A module is used as it is (on its own device, its train/eval mode restored after use).
+    A module is used as it is (on its own device, its train/eval mode restored after use). An ONNX
+    file runs in ONNX Runtime at graph ``optimization`` (default ``all``, as a deployed session).
 
     Raises:
         CompressError: the file is missing, of an unknown kind, or cannot be loaded.
@@ -59,9 +62,7 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         if path.suffix == ".onnx":
-            from compress.export.onnxruntime import OrtEngine
-
-            return OrtEngine(path)
+            return OrtEngine(path, level=optimization)
         from compress.export.tensorrt import ENGINE_SUFFIXES, TrtEngine
 
         if path.suffix in ENGINE_SUFFIXES:
@@ -181,6 +182,7 @@ def check(
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     device: torch.device | str = "cpu",
+    optimization: Optimization = Optimization.all,
 ) -> CheckResult:
     """Run ``model`` and ``reference`` over ``data`` and compare them (see :func:`compare`).
 
@@ -189,13 +191,14 @@ def check(
             checkpoint ``.pt`` (loaded onto ``device``), or any tensor -> tensor callable.
             A module is not moved and keeps its train/eval mode.
         data: batches of ``(inputs, labels)`` or inputs alone (then use a label-free ``metric``).
+        optimization: ONNX Runtime's graph optimisation level for ``.onnx`` files (default ``all``).
     """
     try:
         metrics.check_metric_name(metric)
     except ValueError as exc:
         raise CompressError(f"--metric: {exc}") from None
     out, ref = metrics.collect_many(
-        [as_runner(model, device), as_runner(reference, device)], data,
+        [as_runner(model, device, optimization), as_runner(reference, device, optimization)], data,
         names=[_label(model, "model"), _label(reference, "reference")],
     )
     return compare(out, ref, metric=metric, max_drop=max_drop, max_drop_samples=max_drop_samples,

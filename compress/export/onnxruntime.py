@@ -14,15 +14,26 @@ from compress.errors import CompressError, first_line
 
 
 class Optimization(str, Enum):
+    """ONNX Runtime's graph optimisation levels, lowest first."""
+
     disabled = "disabled"  # the ONNX file as written (Q/DQ run as float ops)
     basic = "basic"
     # 'extended' is the highest level whose saved model stays portable across CPUs; 'all' adds
     # layout transforms tied to this machine's instruction set.
     extended = "extended"
-    all = "all"
+    all = "all"  # ONNX Runtime's own default: what a user's InferenceSession runs at
 
 
-def _session_options(threads: int | None, level: Optimization):  # noqa: ANN202 - ort type
+_ORDER = list(Optimization)
+
+
+def portable(level: Optimization) -> Optimization:
+    """The level an engine file is saved at for a session run at ``level``: at most ``extended``, since
+    ONNX Runtime documents that a model saved after ``all`` carries layout transforms tied to the machine."""
+    return min(level, Optimization.extended, key=_ORDER.index)
+
+
+def _session_options(threads: int | None, level: Optimization, spinning: bool = True):  # noqa: ANN202 - ort type
     import onnxruntime as ort
 
     levels = {
@@ -36,23 +47,32 @@ def _session_options(threads: int | None, level: Optimization):  # noqa: ANN202 
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:  # idle sessions' spinning threads would take the cores from the one being timed
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 class OrtEngine:
-    """An ONNX (or engine) file in an ONNX Runtime CPU session, callable on torch tensors."""
+    """An ONNX (or engine) file in an ONNX Runtime CPU session, callable on torch tensors.
+
+    Args:
+        level: the graph optimisation the session applies on load (default ``all``, ONNX Runtime's own).
+        spinning: let idle intra-op threads spin (ONNX Runtime's default); turn it off for sessions
+            timed side by side, whose spinning threads would otherwise take the cores.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], threads: int | None = None, level: Optimization = Optimization.extended
+        self, path: str | os.PathLike[str], threads: int | None = None, level: Optimization = Optimization.all,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
-        self.path = Path(path)
+        self.path, self.level, self.spinning = Path(path), level, spinning
         if not self.path.is_file():
             raise CompressError(f"engine {self.path}: file not found")
         try:
             self.session = ort.InferenceSession(
-                str(self.path), _session_options(threads, level), providers=["CPUExecutionProvider"]
+                str(self.path), _session_options(threads, level, spinning), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own exception types for corrupt models
             raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
@@ -72,7 +92,8 @@ def build_engine(
     threads: int | None = None,
     level: Optimization = Optimization.extended,
 ) -> OrtEngine:
-    """Optimise ``onnx_path`` with ONNX Runtime, save the optimised graph atomically as ``engine_path``."""
+    """Optimise ``onnx_path`` at ``level``, save the optimised graph atomically as ``engine_path``, and
+    return it in a session at the same level (open it at another level with :class:`OrtEngine`)."""
     import onnxruntime as ort
 
     so = _session_options(threads, level)
@@ -91,9 +112,9 @@ INT8_OPS = frozenset({
     "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
 })
-_INT8_WEIGHTED = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+INT8_WEIGHTED = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                             "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
-_FLOAT_WEIGHTED = frozenset({"Conv", "FusedConv", "NchwcConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul",
+FLOAT_WEIGHTED = frozenset({"Conv", "FusedConv", "NchwcConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul",
                              "FusedMatMul"})
 
 
@@ -111,8 +132,8 @@ def int8_summary(path: str | os.PathLike[str]) -> dict[str, object]:
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     int8 = {k: v for k, v in sorted(counts.items()) if k in INT8_OPS}
-    flt = {k: v for k, v in sorted(counts.items()) if k in _FLOAT_WEIGHTED}
-    n_int8 = sum(v for k, v in int8.items() if k in _INT8_WEIGHTED)
+    flt = {k: v for k, v in sorted(counts.items()) if k in FLOAT_WEIGHTED}
+    n_int8 = sum(v for k, v in int8.items() if k in INT8_WEIGHTED)
     total = n_int8 + sum(flt.values())
     return {
         "int8_ops": int8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -47,13 +48,23 @@ class QuantConfig:
                    bool(payload.get("graph", True)))
 
 
+class Skip(str, Enum):
+    """Why a quantizable layer was left in float."""
+
+    excluded = "excluded"  # matches an exclude pattern
+    not_included = "not_included"  # include patterns were given and none matches
+    never_called = "never_called"  # absent from the fx trace: forward never calls it as a module
+
+
 @dataclass
 class Plan:
-    """What :func:`prepare` did: quantized layers, graph quantizers, and why fx was not used (if not)."""
+    """What :func:`prepare` did: quantized layers, graph quantizers, why fx was not used (if not), and
+    the quantizable layers left in float with ``(reason, detail)``."""
 
     layers: list[str] = field(default_factory=list)
     graph_quantizers: list[str] = field(default_factory=list)
     graph_skipped: str | None = None
+    skipped: dict[str, tuple[Skip, str]] = field(default_factory=dict)
 
 
 def to_target(value: Target | str) -> Target:
@@ -138,7 +149,10 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
         finally:
             model.train(was_training)
     traced = isinstance(work, fx.GraphModule) and work is not model
+    plan.skipped = _unselected(model, chosen, config)
     if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
+        plan.skipped.update((n, (Skip.never_called, "forward never calls it as a module (not in the torch.fx trace)"))
+                            for n in chosen if not _has_module(work, n))
         chosen = [n for n in chosen if _has_module(work, n)]
     # ONNX Runtime: quantize each tensor once at its producer (graph pass), not per consumer layer.
     layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
@@ -164,6 +178,21 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
             structure.set_origin(work, copy.deepcopy(origin))
         structure.record(work, "quant", config.to_payload())
     return work
+
+
+def _unselected(model: nn.Module, chosen: list[str], config: QuantConfig) -> dict[str, tuple[Skip, str]]:
+    """The quantizable layers include/exclude left out, each with the pattern that decided it."""
+    wanted = [p for p in config.include if not p.startswith(graph.CONTAINER + ".")]
+    out: dict[str, tuple[Skip, str]] = {}
+    for name in quantizable_layers(model):
+        if name in chosen:
+            continue
+        if wanted and not matches(name, wanted):
+            out[name] = (Skip.not_included, f"matches no include pattern ({', '.join(wanted)})")
+        else:
+            pattern = next((p for p in config.exclude if matches(name, [p])), "?")
+            out[name] = (Skip.excluded, f"matches exclude pattern '{pattern}'")
+    return out
 
 
 def _has_module(root: nn.Module, name: str) -> bool:

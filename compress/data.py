@@ -246,9 +246,17 @@ def make_loader(
     )
 
 
-def build_loader(spec: DataSpec, name: str = "data", *, train: bool = False, seed: int = 0) -> DataLoader:
-    """The checked DataLoader for a recipe data spec (``shuffle`` defaults to ``train``)."""
-    dataset = build_dataset(spec, name)
+def build_loader(
+    spec: DataSpec, name: str = "data", *, train: bool = False, seed: int = 0, dataset: Dataset | None = None
+) -> DataLoader:
+    """The checked DataLoader for a recipe data spec (``shuffle`` defaults to ``train``).
+
+    Args:
+        dataset: the samples, when already built from ``spec`` (a part of it: a holdout); default:
+            :func:`build_dataset`. ``spec`` then gives the batch size, shuffle and workers only.
+    """
+    if dataset is None:
+        dataset = build_dataset(spec, name)
     shuffle = train if spec.shuffle is None else spec.shuffle
     return make_loader(dataset, name, batch_size=spec.batch_size, shuffle=shuffle, workers=spec.workers, seed=seed)
 

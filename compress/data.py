@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from compress.data_arg import check_factory_kwargs, describe_spec, parse_data_arg
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, describe_error
+from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,6 +186,7 @@ def _imagefolder(spec: ImageFolderData, name: str) -> Dataset:
 
 def _python(spec: PythonData, name: str) -> Dataset:
     fn = resolve(spec.factory, what=f"{name}.factory")
+    check_factory_kwargs(spec, name)
     try:
         dataset = fn(**spec.kwargs)
     except CompressError:
@@ -280,30 +281,12 @@ def stack_inputs(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.cat(xs), labels
 
 
-def parse_data_arg(text: str, batch_size: int = 64) -> DataSpec:
-    """CLI shorthand: ``digits:test``, ``npz:path.npz``, ``imagefolder:DIR`` or ``python:mod:fn``."""
-    source, _, rest = text.partition(":")
-    specs: dict[str, Any] = {
-        "digits": lambda: DigitsData(source="digits", split=rest or "test", batch_size=batch_size),
-        "npz": lambda: NpzData(source="npz", path=rest, batch_size=batch_size),
-        "imagefolder": lambda: ImageFolderData(source="imagefolder", root=rest, batch_size=batch_size),
-        "python": lambda: PythonData(source="python", factory=rest, batch_size=batch_size),
-    }
-    if source not in specs or (source != "digits" and not rest):
-        raise DataError(f"--data {text}: expected digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN")
-    try:
-        return specs[source]()
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise DataError(f"--data {text}: {field}: {describe_error(err)}") from None
-
-
 __all__: Sequence[str] = [
     "build_dataset",
     "build_loader",
     "example_input",
     "make_loader",
+    "describe_spec",
     "parse_data_arg",
     "split_batch",
     "stack_inputs",

@@ -230,12 +230,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        if "data_used" in doc:
-            print(f"data: {doc['data_used']}")
+        of = f" of {doc['data_used']}" if "data_used" in doc else ""  # what was read: a default train split shows
         print(
             f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
             f"drop {result.drop:.3f} pt | agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
-            f"max abs {result.max_abs:.3g} | {result.samples} samples"
+            f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
         )
         for entry in doc.get("layers", [])[: args.layers]:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")

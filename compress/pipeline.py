@@ -313,7 +313,7 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
     for split in ("train", "val", "calibration", "eval"):
         if prep.splits.has(split):
             loader = prep.splits.loader(split)
-            role = {"val": " (selects: keep_best)", "eval": " (reported)"}.get(split, "")
+            role = " (selects: keep_best)" if split == "val" else ""
             lines.append(f"data    {split}: {prep.splits.origin(split)}, {len(loader.dataset)} samples, "  # type: ignore[arg-type]
                          f"batch {loader.batch_size}{role}")
     lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")

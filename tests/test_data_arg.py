@@ -11,8 +11,8 @@ def test_check_names_the_factory_default_split_it_read(cli, mlp_checkpoint: Path
     result = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "python:helpers_splits:digits",
                  "--report", report)
     assert result.code == 0
-    assert "data: python:helpers_splits:digits?split=train&size=8" in result.out  # the default: the train split
-    assert "| 1437 samples" in result.out
+    # the factory's default, the train split, is named where the result is
+    assert "| 1437 samples of python:helpers_splits:digits?split=train&size=8\n" in result.out
     doc = json.loads(report.read_text())
     assert doc["data_used"] == "python:helpers_splits:digits?split=train&size=8" and doc["samples"] == 1437
     assert doc["data_spec"]["factory"] == "helpers_splits:digits" and doc["data_spec"]["kwargs"] == {}

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from compress.export.reference import Reference
-    from compress.recipe import Recipe
+    from compress.recipe import DataSpec, Recipe
 
 
 class _UsageError(Exception):
@@ -59,9 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--reference", required=True,
                      help="the reference: .onnx, .plan, .pt, or a reference file written by --save-reference (.npz)")
     source = chk.add_mutually_exclusive_group()
-    source.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN "
+    source.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN, options after '?': "
+                                       "python:pkg.mod:fn?split=test&n=32, digits:test?size=32 "
                                        "(not with a saved reference, which carries its inputs)")
     source.add_argument("--recipe", type=Path, help="take the data (its eval split) and the metric from this recipe")
+    chk.add_argument("--data-kwargs", metavar="MAPPING",
+                     help="options for --data as JSON/YAML, e.g. '{\"split\": \"test\"}' (a python factory's keyword arguments)")
     chk.add_argument("--save-reference", type=Path, metavar="FILE.npz",
                      help="also store the inputs and the reference's outputs, to check against later")
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
@@ -86,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     shape = bench.add_mutually_exclusive_group(required=True)
     shape.add_argument("--data", help="take the input shape from data: digits[:SPLIT], npz:FILE, ...")
     shape.add_argument("--input-shape", help="one sample's shape, e.g. 1,8,8 (batch left out)")
+    bench.add_argument("--data-kwargs", metavar="MAPPING", help="options for --data as JSON/YAML, e.g. '{\"split\": \"test\"}'")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     bench.add_argument("--threads", type=int, help="intra-op threads (ONNX Runtime and torch)")
     bench.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
@@ -103,10 +107,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads or 1) <= 0:
         raise CompressError("bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0")
+    if args.data is None and args.data_kwargs is not None:
+        raise CompressError("--data-kwargs: needs --data")
     if args.data is not None:
         from compress.data import build_loader, example_input, parse_data_arg
 
-        sample = example_input(build_loader(parse_data_arg(args.data, 1), "--data"))[:1]
+        sample = example_input(build_loader(parse_data_arg(args.data, 1, args.data_kwargs), f"--data {args.data}"))[:1]
     else:
         try:
             dims = [int(d) for d in args.input_shape.split(",")]
@@ -181,10 +187,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise CompressError("--save-reference/--layers need a reference model (.onnx or .pt), not a saved reference")
     if not saved and args.data is None and recipe is None:
         raise CompressError("--data or --recipe: required unless --reference is a saved reference file")
+    if args.data_kwargs is not None and args.data is None:
+        raise CompressError("--data-kwargs: needs --data")
+    spec = None
+    if args.data is not None:
+        from compress.data import parse_data_arg
+
+        spec = parse_data_arg(args.data, args.batch_size or 64, args.data_kwargs)  # bad --data: before any model loads
+    elif recipe is not None:
+        spec = recipe.body.data.eval
+        if args.batch_size is not None:
+            spec = spec.model_copy(update={"batch_size": args.batch_size})
     if args.layers is not None and (Path(args.model).suffix != ".onnx" or args.layers < 1):
         raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
     saved_ref = load_reference(args.reference) if saved else None
-    batches, inputs = _check_batches(args, saved_ref, recipe)
+    batches, inputs = _check_batches(args, saved_ref, recipe, spec)
     level = Optimization(args.optimization)
     runner = as_runner(args.model, optimization=level)
     if saved_ref is not None:
@@ -201,6 +218,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     data = args.data if recipe is None else f"{args.recipe} (data.eval)"
     doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
            **result.to_dict()}
+    if spec is not None:  # what was read, every option in effect: a factory's default split shows here
+        from compress.data import describe_spec
+
+        doc["data_used"] = describe_spec(spec)
+        doc["data_spec"] = spec.model_dump(mode="json")
     if args.layers is not None:
         from compress.data import split_batch
         from compress.export.localize import localize
@@ -219,11 +241,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
+        of = f" of {doc['data_used']}" if "data_used" in doc else ""  # what was read: a default train split shows
         print(
             f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
             f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} samples)'} "
             f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
-            f"max abs {result.max_abs:.3g} | {result.samples} samples"
+            f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
         )
         for entry in doc.get("layers", [])[: args.layers]:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
@@ -246,12 +269,12 @@ def _check_thresholds(args: argparse.Namespace) -> None:
         args.max_drop = 0.5
 
 
-def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Recipe | None
+def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Recipe | None, spec: DataSpec | None
                    ) -> tuple[list[Any], torch.Tensor | None]:
     """The batches to check on (a list: --layers reads them twice) and all inputs (for --save-reference)."""
     import torch
 
-    from compress.data import build_loader, parse_data_arg, split_batch
+    from compress.data import build_loader, split_batch
 
     if saved is not None:
         size = max(args.batch_size or 64, 1)
@@ -259,13 +282,10 @@ def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Re
         if saved.labels is None:
             return [(saved.inputs[i : i + size],) for i in starts], saved.inputs
         return [(saved.inputs[i : i + size], saved.labels[i : i + size]) for i in starts], saved.inputs
-    if recipe is not None:
-        spec = recipe.body.data.eval
-        if args.batch_size is not None:
-            spec = spec.model_copy(update={"batch_size": args.batch_size})
-        batches = list(build_loader(spec, recipe.locate("data", "eval")))
-    else:
-        batches = list(build_loader(parse_data_arg(args.data, args.batch_size or 64), "--data"))
+    if spec is None:
+        raise CompressError("--data or --recipe: required unless --reference is a saved reference file")
+    name = recipe.locate("data", "eval") if recipe is not None else f"--data {args.data}"
+    batches = list(build_loader(spec, name))
     inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
     return batches, inputs
 

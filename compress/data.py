@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from compress.data_arg import check_factory_kwargs, describe_spec, parse_data_arg
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, describe_error
+from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,6 +186,7 @@ def _imagefolder(spec: ImageFolderData, name: str) -> Dataset:
 
 def _python(spec: PythonData, name: str) -> Dataset:
     fn = resolve(spec.factory, what=f"{name}.factory")
+    check_factory_kwargs(spec, name)
     try:
         dataset = fn(**spec.kwargs)
     except CompressError:
@@ -246,9 +247,17 @@ def make_loader(
     )
 
 
-def build_loader(spec: DataSpec, name: str = "data", *, train: bool = False, seed: int = 0) -> DataLoader:
-    """The checked DataLoader for a recipe data spec (``shuffle`` defaults to ``train``)."""
-    dataset = build_dataset(spec, name)
+def build_loader(
+    spec: DataSpec, name: str = "data", *, train: bool = False, seed: int = 0, dataset: Dataset | None = None
+) -> DataLoader:
+    """The checked DataLoader for a recipe data spec (``shuffle`` defaults to ``train``).
+
+    Args:
+        dataset: the samples, when already built from ``spec`` (a part of it: a holdout); default:
+            :func:`build_dataset`. ``spec`` then gives the batch size, shuffle and workers only.
+    """
+    if dataset is None:
+        dataset = build_dataset(spec, name)
     shuffle = train if spec.shuffle is None else spec.shuffle
     return make_loader(dataset, name, batch_size=spec.batch_size, shuffle=shuffle, workers=spec.workers, seed=seed)
 
@@ -272,30 +281,12 @@ def stack_inputs(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.cat(xs), labels
 
 
-def parse_data_arg(text: str, batch_size: int = 64) -> DataSpec:
-    """CLI shorthand: ``digits:test``, ``npz:path.npz``, ``imagefolder:DIR`` or ``python:mod:fn``."""
-    source, _, rest = text.partition(":")
-    specs: dict[str, Any] = {
-        "digits": lambda: DigitsData(source="digits", split=rest or "test", batch_size=batch_size),
-        "npz": lambda: NpzData(source="npz", path=rest, batch_size=batch_size),
-        "imagefolder": lambda: ImageFolderData(source="imagefolder", root=rest, batch_size=batch_size),
-        "python": lambda: PythonData(source="python", factory=rest, batch_size=batch_size),
-    }
-    if source not in specs or (source != "digits" and not rest):
-        raise DataError(f"--data {text}: expected digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN")
-    try:
-        return specs[source]()
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise DataError(f"--data {text}: {field}: {describe_error(err)}") from None
-
-
 __all__: Sequence[str] = [
     "build_dataset",
     "build_loader",
     "example_input",
     "make_loader",
+    "describe_spec",
     "parse_data_arg",
     "split_batch",
     "stack_inputs",

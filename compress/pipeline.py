@@ -29,13 +29,13 @@ import yaml
 from torch import nn
 
 from compress import io, metrics, models, report, structure
-from compress.data import example_input
+from compress.data import example_input, split_batch
 from compress.errors import CompressError, DataError, RecipeError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext
 from compress.stages.registry import stage_types
-from compress.stages.train import check_finetune
+from compress.stages.train import check_finetune, keep_best_notice
 from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
@@ -77,11 +77,13 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
     eval_loader = splits.loader("eval")
     example = example_input(eval_loader)
     shape = list(example.shape[1:])
-    for split in ("train", "calibration"):
+    for split in ("train", "val", "calibration"):
         if splits.has(split):  # build now: fail before an hour of training, not after
             other = list(example_input(splits.loader(split)).shape[1:])
             if other != shape:
                 raise CompressError(f"{recipe.locate('data', split)}: inputs have shape {other} but data.eval has {shape}")
+    if splits.has("val") and body.metric == "top1" and split_batch(next(iter(splits.loader("val"))))[1] is None:
+        raise DataError(f"{recipe.locate('data', 'val')}: metric top1 selects on labels, but data.val has none")
     if body.model.input_shape is not None and shape != body.model.input_shape:
         raise CompressError(f"{recipe.locate('model', 'input_shape')}: is {body.model.input_shape} but data.eval inputs have {shape}")
     where_eval = recipe.locate("data", "eval")
@@ -236,6 +238,9 @@ def run(
     baseline_model = prep.baseline_model
     model, current = prep.model, prep.baseline_outputs
     say(f"baseline: {_fmt_metrics(prep.baseline['metrics'])}, {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs")
+    notice = keep_best_notice(recipe)
+    if notice is not None:
+        say(notice)
     done = _finished(run_dir, recipe) if can_reuse else []
     last_ckpt = next((run_dir / d["checkpoint"] for d in reversed(done) if d.get("checkpoint")), None)
     if last_ckpt is not None:
@@ -323,14 +328,18 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
         f"model   {factory.factory if factory else body.model.factory} {factory.kwargs if factory else body.model.kwargs} "
         f"from {source}: {prep.baseline['params']:,} params, {prep.baseline['macs']:,} MACs",
     ]
-    for split in ("train", "calibration", "eval"):
+    for split in ("train", "val", "calibration", "eval"):
         if prep.splits.has(split):
             loader = prep.splits.loader(split)
-            spec = getattr(body.data, split)
-            lines.append(f"data    {split}: {spec.source}, {len(loader.dataset)} samples, batch {spec.batch_size}")  # type: ignore[arg-type]
+            role = " (selects: keep_best)" if split == "val" else ""
+            lines.append(f"data    {split}: {prep.splits.origin(split)}, {len(loader.dataset)} samples, "  # type: ignore[arg-type]
+                         f"batch {loader.batch_size}{role}")
     lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
     for spec in recipe.stages:
         lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(spec.config.model_dump(mode='json'))}")
         if spec.index in prep.notes:
             lines.append(f"        {prep.notes[spec.index]}")
+    notice = keep_best_notice(recipe)
+    if notice is not None:
+        lines.append(f"note    {notice}")
     return lines

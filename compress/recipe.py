@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from compress.errors import RecipeError
@@ -148,8 +148,36 @@ class PythonData(_LoaderOptions):
 DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]
 
 
+class Holdout(Strict):
+    """``val: {holdout: F}``: a fraction F of the train split, held out of training to select on.
+
+    The samples are drawn once, seeded by the recipe's ``seed`` (stratified by label where the
+    labels can be read without loading the samples), and removed from ``train``.
+    """
+
+    holdout: Annotated[float, Field(gt=0, lt=1)]
+
+
+def _val_kind(value: Any) -> str | None:
+    """Which form a ``data.val`` entry takes: a holdout of train, a split of its own, or neither (None)."""
+    if isinstance(value, Holdout) or (isinstance(value, dict) and "holdout" in value):
+        return _HOLDOUT_TAG
+    return _SPLIT_TAG if isinstance(value, dict | BaseModel) else None
+
+
+_HOLDOUT_TAG, _SPLIT_TAG = "val-holdout", "val-split"
+ValSpec = Annotated[
+    Annotated[Holdout, Tag(_HOLDOUT_TAG)] | Annotated[DataSpec, Tag(_SPLIT_TAG)],
+    Discriminator(_val_kind, custom_error_type="val_form",
+                  custom_error_message="expected {holdout: F} (a fraction of data.train) or a split (source: ...)"),
+]
+
+
 class DataSection(Strict):
+    """The splits: ``train`` trains, ``val`` selects (keep_best, searches), ``eval`` is reported on."""
+
     train: DataSpec | None = None
+    val: ValSpec | None = None
     calibration: DataSpec | None = None
     eval: DataSpec
 
@@ -436,7 +464,7 @@ class _Locator:
 
 
 # pydantic inserts the discriminator tag of a union member into error locations.
-_TAGS = {"digits", "npz", "imagefolder", "python"}
+_TAGS = {"digits", "npz", "imagefolder", "python", _HOLDOUT_TAG, _SPLIT_TAG}
 
 
 def describe_error(err: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers_errors import one_line_error
 
-from compress.data import build_dataset, build_loader, parse_data_arg, stack_inputs
+from compress.data import build_dataset, build_loader, describe_spec, parse_data_arg, stack_inputs
 from compress.errors import CompressError, DataError
 from compress.recipe import DigitsData, ImageFolderData, NpzData, PythonData
 
@@ -251,3 +251,52 @@ def test_parse_data_arg_valid_forms() -> None:
 )
 def test_parse_data_arg_errors(text: str, expected: str) -> None:
     assert one_line_error(DataError, parse_data_arg, text).startswith(expected)
+
+
+def test_parse_data_arg_options_are_spec_fields_or_factory_kwargs() -> None:
+    spec = parse_data_arg("digits:test?size=32&channels=3&limit=10")
+    assert (spec.split, spec.size, spec.channels, spec.limit) == ("test", 32, 3, 10)
+    assert parse_data_arg("digits?split=train").split == "train"
+    assert parse_data_arg("npz:a.npz?y=").y is None  # an empty value is YAML null: unlabeled
+    spec = parse_data_arg("python:helpers_data:digits_like?n=20&size=12")
+    assert spec.kwargs == {"n": 20, "size": 12}  # YAML scalars: ints stay ints
+    spec = parse_data_arg("python:helpers_data:digits_like?n=20", kwargs='{"size": 12}')
+    assert spec.kwargs == {"n": 20, "size": 12}
+    assert parse_data_arg("python:helpers_splits:digits", kwargs="{split: test}").kwargs == {"split": "test"}
+
+
+def test_describe_spec_names_every_option_in_effect() -> None:
+    assert describe_spec(parse_data_arg("digits:test")) == "digits:test"
+    assert describe_spec(parse_data_arg("digits:test?size=32&limit=10")) == "digits:test?size=32&limit=10"
+    # a factory's defaults are what ran: they are named, so a default train split cannot hide
+    assert describe_spec(parse_data_arg("python:helpers_splits:digits")) == "python:helpers_splits:digits?split=train&size=8"
+    assert describe_spec(parse_data_arg("python:helpers_splits:digits?split=test")) == (
+        "python:helpers_splits:digits?split=test&size=8")
+
+
+@pytest.mark.parametrize(
+    ("text", "kwargs", "expected"),
+    [
+        ("python:helpers_data:digits_like?n", None, "--data python:helpers_data:digits_like?n: option 'n' is not key=value"),
+        ("python:helpers_data:digits_like?n=[1,", None,
+         "--data python:helpers_data:digits_like?n=[1,: option n=[1, does not parse as a YAML value"),
+        ("python:helpers_data:digits_like?n=1&n=2", None, "--data python:helpers_data:digits_like?n=1&n=2: option 'n' given twice"),
+        ("python:helpers_data:digits_like", "{n: 3", "--data python:helpers_data:digits_like: --data-kwargs '{n: 3' does not parse"),
+        ("python:helpers_data:digits_like", "[1]", "--data python:helpers_data:digits_like: --data-kwargs '[1]' is not a mapping"),
+        ("python:helpers_data:digits_like?n=3", '{"n": 4}',
+         "--data python:helpers_data:digits_like?n=3: option 'n' given both after '?' and in --data-kwargs"),
+        ("python:helpers_data:digits_like?sise=3", None, "--data python:helpers_data:digits_like?sise=3: "
+         "helpers_data:digits_like takes no argument 'sise'; did you mean 'size'? (takes n, size)"),
+        ("digits:test?sise=32", None, "--data digits:test?sise=32: sise: unknown key 'sise'; did you mean 'size'?"),
+        ("digits:test?split=train", None, "--data digits:test?split=train: option 'split' given both after ':' and as an option"),
+        ("digits:test?size=7", None, "--data digits:test?size=7: size: Input should be greater than or equal to 8 (got 7)"),
+    ],
+)
+def test_parse_data_arg_option_errors(text: str, kwargs: str | None, expected: str) -> None:
+    assert one_line_error(DataError, parse_data_arg, text, kwargs=kwargs).startswith(expected)
+
+
+def test_recipe_python_factory_refuses_a_keyword_it_does_not_take() -> None:
+    spec = PythonData(source="python", factory="helpers_data:digits_like", kwargs={"splt": "test"})
+    assert one_line_error(DataError, build_dataset, spec, "data.eval") == (
+        "data.eval: helpers_data:digits_like takes no argument 'splt' (takes n, size)")

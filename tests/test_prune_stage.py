@@ -44,7 +44,9 @@ def test_l1_stage_reports_true_nonzero_counts(write_recipe, cli, digits_cnn_chec
     stage = ("  - prune:\n      method: l1_unstructured\n      scope: global\n"
              "      schedule: {steps: 3, start_ratio: 0.3, end_ratio: 0.7}\n      finetune: {epochs: 2}\n")
     out = tmp_path / "run"
-    assert cli("run", _recipe(write_recipe, digits_cnn_checkpoint, stage), "--out", out, "--quiet").code == 0
+    # keep_best selects on data.val (off without one): hold out a tenth of train for it
+    assert cli("run", _recipe(write_recipe, digits_cnn_checkpoint, stage), "--out", out, "--quiet",
+               "--set", "data.val={holdout: 0.1}").code == 0
     entry = _report(out)["stages"][0]
     model = compress.load(out / entry["checkpoint"])
     assert entry["nonzero_params"] == count_nonzero_params(model) < entry["params"] == count_params(model)

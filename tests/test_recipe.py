@@ -244,3 +244,23 @@ def test_resolved_fills_defaults_and_round_trips() -> None:
 def test_resolved_reflects_overrides() -> None:
     resolved = parse_recipe(BASE, overrides=["stages.0.train.finetune.epochs=4"]).resolved()
     assert resolved["stages"][0]["train"]["finetune"]["epochs"] == 4
+
+
+def test_val_holdout_outside_zero_one_names_line_and_field() -> None:
+    text = BASE.replace("  eval:", "  val: {holdout: 1.5}\n  eval:")
+    assert error_of(text) == "recipe.yaml:7 data.val.holdout: Input should be less than 1 (got 1.5)"
+    assert error_of(BASE, ("data.val.holdout=0",)) == "--set data.val.holdout: Input should be greater than 0 (got 0)"
+    text = BASE.replace("  eval:", "  val: {holdout: 0.1, source: digits}\n  eval:")
+    assert error_of(text) == "recipe.yaml:7 data.val.source: unknown key 'source' (allowed: holdout)"
+    text = BASE.replace("  eval:", "  val: 0.1\n  eval:")
+    assert error_of(text).startswith("recipe.yaml:7 data.val: expected {holdout: F} (a fraction of data.train) or a split")
+
+
+def test_val_takes_a_holdout_or_a_split_of_its_own() -> None:
+    from compress.recipe import DigitsData, Holdout
+
+    holdout = parse_recipe(BASE.replace("  eval:", "  val: {holdout: 0.1}\n  eval:")).body.data.val
+    assert holdout == Holdout(holdout=0.1)
+    split = parse_recipe(BASE.replace("  eval:", "  val: {source: digits, split: test, limit: 50}\n  eval:")).body.data.val
+    assert isinstance(split, DigitsData) and split.limit == 50
+    assert parse_recipe(BASE).resolved()["data"]["val"] is None

@@ -9,27 +9,44 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from compress import metrics
-from compress.data import build_loader
+from compress.data import build_dataset, build_loader
 from compress.errors import DataError
-from compress.recipe import DataSection, Recipe, StageSpec
+from compress.holdout import cheap_labels, holdout_indices
+from compress.recipe import DataSection, Holdout, Recipe, StageSpec
 
 
 class Splits:
-    """The recipe's data splits, each built once on first use."""
+    """The recipe's data splits, each built once on first use.
+
+    ``data.val: {holdout: F}`` builds ``train`` and ``val`` together: the held-out samples are
+    removed from ``train`` (see :mod:`compress.holdout`).
+    """
 
     def __init__(self, section: DataSection, seed: int = 0, where: Callable[[str], str] | None = None) -> None:
         self.section, self.seed = section, seed
         self.where = where or (lambda split: f"data.{split}")
         self._loaders: dict[str, DataLoader] = {}
 
+    @property
+    def holdout(self) -> Holdout | None:
+        """The ``{holdout: F}`` form of ``data.val``, if the recipe uses it."""
+        return self.section.val if isinstance(self.section.val, Holdout) else None
+
     def has(self, split: str) -> bool:
         return getattr(self.section, split) is not None
 
+    def origin(self, split: str) -> str:
+        """Where a split's samples come from, for the plan and the report: ``digits``, ``holdout 0.1 of data.train``."""
+        if split == "val" and self.holdout is not None:
+            return f"holdout {self.holdout.holdout} of data.train (seed {self.seed})"
+        spec = getattr(self.section, split)
+        return "none" if spec is None else spec.source
+
     def loader(self, split: str, *, needed_by: str = "this recipe") -> DataLoader:
-        """The loader for ``train``, ``calibration`` or ``eval``.
+        """The loader for ``train``, ``val``, ``calibration`` or ``eval``.
 
         Raises:
             DataError: the split is not in the recipe, or its data is unusable.
@@ -38,8 +55,27 @@ class Splits:
             spec = getattr(self.section, split)
             if spec is None:
                 raise DataError(f"{needed_by} needs data.{split}, which the recipe does not define")
-            self._loaders[split] = build_loader(spec, self.where(split), train=split == "train", seed=self.seed)
+            if split in ("train", "val") and self.holdout is not None:
+                self._hold_out(self.holdout.holdout)
+            else:
+                self._loaders[split] = build_loader(spec, self.where(split), train=split == "train", seed=self.seed)
         return self._loaders[split]
+
+    def _hold_out(self, fraction: float) -> None:
+        train = self.section.train
+        if train is None:
+            raise DataError(f"{self.where('val')}: holdout takes a part of data.train, which the recipe does not define")
+        dataset = build_dataset(train, self.where("train"))
+        try:
+            kept, held = holdout_indices(len(dataset), fraction, self.seed, cheap_labels(dataset))  # type: ignore[arg-type]
+        except DataError as exc:
+            raise DataError(f"{self.where('val')}: {exc}") from None
+        self._loaders["train"] = build_loader(
+            train, self.where("train"), train=True, seed=self.seed, dataset=Subset(dataset, kept)
+        )
+        self._loaders["val"] = build_loader(
+            train.model_copy(update={"shuffle": False}), self.where("val"), seed=self.seed, dataset=Subset(dataset, held)
+        )
 
 
 @dataclass
@@ -57,6 +93,7 @@ class StageContext:
     example_input: torch.Tensor
     progress: bool = True
     input_outputs: metrics.Outputs | None = None  # the stage's input model on the eval split, when known
+    _val_reference: metrics.Outputs | None = field(default=None, init=False, repr=False)  # baseline on data.val
 
     @property
     def metric(self) -> str:
@@ -80,8 +117,23 @@ class StageContext:
         return metrics.score(self.metric, self.outputs(model), self.baseline_outputs)
 
     def score(self, model: nn.Module) -> float:
-        """The recipe metric alone (higher is better): what fine-tunes keep the best epoch by."""
+        """The recipe metric alone on the eval split: a figure to report, never to select by (see :meth:`val_score`)."""
         return self.evaluate(model)[self.metric]
+
+    def val_score(self, model: nn.Module) -> float:
+        """The recipe metric on ``data.val`` (higher is better): what keep_best, and any search or
+        threshold tuning, selects by. Label-free metrics compare with the baseline on the same split.
+
+        Raises:
+            DataError: the recipe has no ``data.val``.
+        """
+        loader = self.splits.loader("val", needed_by=f"{self.where} (selecting on data.val)")
+        reference = None
+        if self.metric in metrics.LABEL_FREE:
+            if self._val_reference is None:
+                self._val_reference = metrics.collect(self.baseline, loader)
+            reference = self._val_reference
+        return metrics.score(self.metric, metrics.collect(model, loader), reference)[self.metric]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from torch import nn
 
-from compress.recipe import Strict
+from compress.recipe import Recipe, Strict
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
 from compress.train import Callback, FinetuneConfig, finetune
@@ -36,6 +36,26 @@ def check_finetune(model: nn.Module, config: Any, ctx: StageContext) -> None:
         check_distill(cfg.distill, model, ctx, f"{ctx.where}.finetune.distill", student_quantized=quantized)
 
 
+def keep_best_status(cfg: FinetuneConfig, has_val: bool) -> str:
+    """What ``keep_best`` does in a fine-tune, and why, for the report: ``off: no data.val split``."""
+    if not cfg.keep_best:
+        return "off: keep_best: false"
+    return "on: best epoch on data.val" if has_val else "off: no data.val split"
+
+
+def keep_best_notice(recipe: Recipe) -> str | None:
+    """One line for the terminal when fine-tunes ask for keep_best but the recipe has no data.val."""
+    if recipe.body.data.val is not None:
+        return None
+    asking = [spec.dirname for spec in recipe.stages
+              if isinstance(cfg := getattr(spec.config, "finetune", None), FinetuneConfig) and cfg.keep_best and cfg.epochs]
+    if not asking:
+        return None
+    which = f"stage {asking[0]} keeps its" if len(asking) == 1 else f"stages {', '.join(asking)} keep their"
+    return (f"keep_best off: no data.val split, so {which} last epoch "
+            "(add data.val: {holdout: 0.1} to select the best epoch on held-out training data)")
+
+
 def stage_finetune(
     model: nn.Module,
     cfg: FinetuneConfig,
@@ -57,12 +77,13 @@ def stage_finetune(
         owned = distiller = make_distiller(cfg.distill, model, ctx, f"{ctx.where}.finetune.distill")
     if distiller is not None:
         callbacks = [*callbacks, distiller.callback()]
+    has_val = ctx.splits.has("val")
     try:
         result = finetune(
             model,
             ctx.splits.loader("train", needed_by=ctx.where),
-            cfg.model_copy(update={"distill": None}),
-            evaluate=ctx.score,
+            cfg.model_copy(update={"distill": None, "keep_best": cfg.keep_best and has_val}),
+            evaluate=ctx.val_score if has_val else None,  # never data.eval: it is only reported on
             callbacks=callbacks,
             device=ctx.device,
             progress=ctx.progress,
@@ -71,7 +92,10 @@ def stage_finetune(
     finally:
         if owned is not None:
             owned.close()
-    info: dict[str, Any] = {"history": result.history, "best_epoch": result.best_epoch}
+    # each epoch's score is on data.val: named so, lest a reader take it for an eval figure
+    history = [{(f"val_{ctx.metric}" if k == "score" else k): v for k, v in h.items()} for h in result.history]
+    info: dict[str, Any] = {"history": history, "best_epoch": result.best_epoch,
+                            "keep_best": keep_best_status(cfg, has_val)}
     if owned is not None:
         info["distill"] = owned.report(cfg.distill.describe_teacher())  # type: ignore[union-attr]
     return info

@@ -1,0 +1,174 @@
+"""The ``--data`` shorthand of ``compress check`` and ``compress bench``, both ways.
+
+``digits:test?size=32&channels=3``, ``npz:FILE``, ``imagefolder:DIR`` or ``python:pkg.mod:fn?split=test``:
+a source, its main option, then ``?key=value&...`` options (values read as YAML scalars) and/or a
+``--data-kwargs`` mapping. For a python factory the options are its keyword arguments; for the
+built-in sources, the data spec's fields. :func:`describe_spec` writes a spec back in this form with
+every option in effect, a factory's defaults included, so a report shows what was really read.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from compress.errors import DataError
+from compress.imports import resolve
+from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, describe_error, did_you_mean
+
+# each source's spec class and the field its text after "source:" fills
+_SOURCES: dict[str, tuple[type[Any], str]] = {
+    "digits": (DigitsData, "split"),
+    "npz": (NpzData, "path"),
+    "imagefolder": (ImageFolderData, "root"),
+    "python": (PythonData, "factory"),
+}
+_FORMS = "digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN, each with optional ?key=value&..."
+_LOADER_FIELDS = ("batch_size", "limit", "shuffle", "workers")
+
+
+def _scalar(raw: str, where: str, key: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        raise DataError(f"{where}: option {key}={raw} does not parse as a YAML value") from None
+    if isinstance(value, dict):
+        raise DataError(f"{where}: option {key}={raw} is a mapping; give a number, true/false or text")
+    return value
+
+
+def _query(query: str, where: str) -> dict[str, Any]:
+    """``a=1&b=test`` -> ``{"a": 1, "b": "test"}``."""
+    options: dict[str, Any] = {}
+    for part in query.split("&"):
+        key, eq, raw = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise DataError(f"{where}: option '{part}' is not key=value (write ?key=value&key2=value2)")
+        if key in options:
+            raise DataError(f"{where}: option '{key}' given twice")
+        options[key] = _scalar(raw.strip(), where, key)
+    return options
+
+
+def _mapping(text: str, where: str) -> dict[str, Any]:
+    """``--data-kwargs``: a JSON or YAML mapping with text keys."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise DataError(f"{where}: --data-kwargs '{text}' does not parse as JSON or YAML") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise DataError(f"{where}: --data-kwargs '{text}' is not a mapping like '{{\"split\": \"test\"}}'")
+    return value
+
+
+def factory_parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """The keyword arguments ``fn`` takes, or None when it takes any (``**kwargs``) or cannot be inspected."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: p for name, p in params.items() if p.kind in kinds}
+
+
+def check_factory_kwargs(spec: PythonData, where: str) -> None:
+    """Refuse a keyword the factory does not take, naming what it takes.
+
+    Raises:
+        DataError: ``where: fn takes no argument 'splt'; did you mean 'split'? (takes split, n)``.
+    """
+    params = factory_parameters(resolve(spec.factory, what=f"{where}.factory"))
+    if params is None:
+        return
+    for key in spec.kwargs:
+        if key not in params:
+            takes = ", ".join(params) or "no arguments"
+            raise DataError(f"{where}: {spec.factory} takes no argument '{key}'{did_you_mean(key, params)} (takes {takes})")
+
+
+def parse_data_arg(text: str, batch_size: int = 64, kwargs: str | None = None) -> DataSpec:
+    """The data spec a ``--data`` value (and ``--data-kwargs`` mapping) names.
+
+    Args:
+        text: ``SOURCE[:MAIN][?key=value&...]``; see the module docstring.
+        batch_size: the spec's batch size unless an option sets ``batch_size``.
+        kwargs: ``--data-kwargs``, a JSON/YAML mapping merged with the ``?`` options.
+
+    Raises:
+        DataError: one line naming the ``--data`` value: an unknown source, options that do not
+            parse, an option given twice, or a key the source (or the factory) does not take.
+    """
+    where = f"--data {text}"
+    base, has_query, query = text.partition("?")
+    options = _query(query, where) if has_query else {}
+    if kwargs is not None:
+        extra = _mapping(kwargs, where)
+        twice = sorted(set(options) & set(extra))
+        if twice:
+            raise DataError(f"{where}: option '{twice[0]}' given both after '?' and in --data-kwargs")
+        options.update(extra)
+    source, _, main = base.partition(":")
+    if source not in _SOURCES or (source != "digits" and not main):
+        raise DataError(f"{where}: expected {_FORMS}")
+    cls, main_field = _SOURCES[source]
+    fields: dict[str, Any] = {"source": source, "batch_size": batch_size}
+    if source == "python":
+        fields.update(factory=main, kwargs=options)
+    else:
+        if main and main_field in options:
+            raise DataError(f"{where}: option '{main_field}' given both after ':' and as an option")
+        fields.update({main_field: main or "test"} if main_field not in options else {})
+        fields.update(options)
+    try:
+        spec = cls(**fields)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = [*err["loc"], *([err["ctx"]["key"]] if err["type"] == "unknown_key" else [])]
+        raise DataError(f"{where}: {'.'.join(str(p) for p in loc) or 'options'}: {describe_error(err)}") from None
+    if isinstance(spec, PythonData):
+        check_factory_kwargs(spec, where)
+    return spec
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def describe_spec(spec: DataSpec) -> str:
+    """A spec as ``--data`` text with every option in effect (a python factory's defaults included).
+
+    ``python:pkg.data:load?split=train&n=16`` says the factory read its train split even when nobody
+    asked for one; the built-in sources list the options that differ from their defaults.
+    """
+    cls, main_field = _SOURCES[spec.source]
+    options: dict[str, Any] = {}
+    if isinstance(spec, PythonData):
+        params = factory_parameters(resolve(spec.factory, what="factory"))
+        options.update(spec.kwargs)
+        for name, p in (params or {}).items():
+            default = p.default
+            if name not in options and default is not inspect.Parameter.empty and (
+                default is None or isinstance(default, (bool, int, float, str))
+            ):
+                options[name] = default
+    else:
+        defaults = cls.model_fields
+        for name, value in spec.model_dump().items():
+            if name not in ("source", main_field, *_LOADER_FIELDS) and value != defaults[name].get_default(
+                call_default_factory=True
+            ):
+                options[name] = value
+    if spec.limit is not None and not isinstance(spec, PythonData):
+        options["limit"] = spec.limit
+    query = "&".join(f"{k}={_fmt(v)}" for k, v in options.items())
+    text = f"{spec.source}:{getattr(spec, main_field)}" + (f"?{query}" if query else "")
+    return text + (f" (first {spec.limit} samples)" if spec.limit is not None and isinstance(spec, PythonData) else "")

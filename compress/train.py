@@ -365,7 +365,9 @@ def _finetune(
                 _sync_buffers(model)
                 entry["score"] = score = float(evaluate(model))
                 eligible = all(getattr(cb, "epoch_is_result", lambda _s: True)(state) for cb in callbacks)
-                if config.keep_best and eligible and (result.best_score is None or score > result.best_score):
+                # ties go to the later epoch: a small val split saturates (every epoch 1.0), and then the
+                # model trained longest is the one to keep, not the first to touch the ceiling
+                if config.keep_best and eligible and (result.best_score is None or score >= result.best_score):
                     result.best_score, result.best_epoch = score, epoch + 1
                     best_state = copy.deepcopy(model.state_dict())
             result.history.append(entry)

@@ -78,6 +78,17 @@ def test_keep_best_restores_the_best_epoch(digits):
     assert not torch.equal(model[1].weight, snapshots[2]["1.weight"])
 
 
+def test_keep_best_prefers_the_later_of_equal_scores(digits):
+    """A saturated val split (every epoch 1.0) keeps the model trained longest."""
+    train, _ = digits
+    torch.manual_seed(0)
+    model = compress.build("compress.zoo:digits_mlp")
+    scores = iter([1.0, 1.0, 0.9])
+    result = finetune(model, train, FinetuneConfig(epochs=3, lr=0.05), evaluate=lambda m: next(scores),
+                      progress=False)
+    assert result.best_epoch == 2 and result.best_score == 1.0
+
+
 def test_schedules():
     cos = _lr_factor(FinetuneConfig(epochs=4, schedule=ScheduleKind.cosine), steps_per_epoch=10)
     assert cos(0) == 1.0 and cos(20) == pytest.approx(0.5) and cos(40) == pytest.approx(0.0, abs=1e-12)

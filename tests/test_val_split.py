@@ -106,7 +106,7 @@ def test_keep_best_selects_on_val_and_the_stage_reports_eval(write_recipe, cli, 
     assert finetune["keep_best"] == "on: best epoch on data.val"
     scores = [h["val_top1"] for h in finetune["history"]]
     assert len(scores) == 4 and all(abs(s * 50 - round(s * 50)) < 1e-6 for s in scores)  # 50 held-out samples
-    assert finetune["best_epoch"] == 1 + int(np.argmax(scores))  # the first of equal scores
+    assert finetune["best_epoch"] == len(scores) - int(np.argmax(scores[::-1]))  # the last of equal scores
     model = compress.load(tmp_path / "run" / entry["checkpoint"])
     splits = Splits(DataSection(train=TRAIN.model_copy(update={"limit": 200}), val=Holdout(holdout=0.25),
                                 eval=DigitsData(source="digits", split="test")), seed=0)

@@ -49,6 +49,26 @@ METHODS = ("max", "percentile", "entropy", "mse")
 CALIB_SAMPLES = 512
 TARGET = "tensorrt"
 PTQ_TARGET, QAT_TARGET = 0.3, 0.1
+ENGINE_MODELS: dict[str, tuple[str, dict]] = {
+    "mobilenet_v2": ("torchvision.models:mobilenet_v2", {"num_classes": 10, "width_mult": 0.5}),
+    "densenet": ("torchvision.models.densenet:DenseNet",
+                 {"growth_rate": 12, "block_config": [4, 4, 4], "num_init_features": 24, "num_classes": 10}),
+}
+
+
+def digits_loader(split: str, size: int, channels: int, limit: int | None = None, batch_size: int = 64) -> DataLoader:
+    """The digits split, in order, upscaled to ``size`` with ``channels`` channels."""
+    return bench_models.digits(split, size, channels, batch_size=batch_size, limit=limit)
+
+
+def train_engine_model(name: str, epochs: int, lr: float = 0.05) -> nn.Module:
+    """``ENGINE_MODELS[name]`` trained ``epochs`` on the shuffled digits train split at 32x32 RGB (in memory)."""
+    factory, kwargs = ENGINE_MODELS[name]
+    torch.manual_seed(0)
+    model = compress.build(factory, kwargs)
+    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0, keep_best=False)
+    compress.finetune(model, shuffled_train(32, 3), config, progress=False)
+    return model.eval()
 
 
 @dataclass

@@ -273,6 +273,8 @@ def run(
                 io.write_json(ctx.stage_dir / "metrics.json", record)
             say(f"{step} done in {record['seconds']:.1f}s"
                 + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
+            for warning in record.get("warnings", []):
+                say(f"{step} warning: {warning}")
         sections.update(record.get("report", {}))
         passed = passed and record.get("passed", True)
         if stage.changes_model:

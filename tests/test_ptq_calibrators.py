@@ -13,26 +13,29 @@ from compress.errors import CompressError, DataError
 from compress.ptq import HistogramCalibrator, MaxCalibrator, Method, search
 
 
-def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128, zero_spike: bool = False) -> float:
-    """pytorch-quantization / TensorRT entropy calibration, one candidate at a time."""
-    bins = hist.astype(np.float64)
+def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128, zero_spike: bool = False, start: int = 128) -> float:
+    """pytorch-quantization / TensorRT entropy calibration, one candidate at a time: bin ``j`` of
+    candidate ``i`` in group ``floor(j * levels / i)`` (its ``linspace`` grouping, in exact integers),
+    candidates up to the last non-empty bin, ties to the larger amax."""
+    bins = hist.astype(np.float64)[: int(np.nonzero(hist)[0][-1]) + 1]
     if zero_spike:
         bins[0] = bins[1]
     divergences = []
-    for i in range(levels, len(bins) + 1):
+    for i in range(min(start, len(bins)), len(bins) + 1):
         p = bins[:i].copy()
         p[i - 1] += bins[i:].sum()
         nonzero = bins[:i] != 0
-        merged = i // levels
+        group = np.arange(i) * levels // i
         q = np.zeros(i)
         for j in range(levels):
-            lo, hi = j * merged, (i if j == levels - 1 else (j + 1) * merged)
-            if nonzero[lo:hi].any():
-                q[lo:hi] = np.where(nonzero[lo:hi], bins[lo:hi].sum() / nonzero[lo:hi].sum(), 0)
+            members = (group == j) & nonzero
+            if members.any():
+                q[members] = bins[:i][group == j].sum() / members.sum()
         pn, qn = p / p.sum(), q / q.sum()
         mask = pn > 0
         divergences.append(np.inf if np.any(qn[mask] == 0) else float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask]))))
-    return (int(np.argmin(divergences)) + levels) * width
+    d = np.array(divergences)
+    return (len(d) - 1 - int(np.argmin(d[::-1])) + min(start, len(bins))) * width
 
 
 @pytest.mark.parametrize("case", range(5))
@@ -45,6 +48,8 @@ def test_vectorised_entropy_search_equals_the_loop_reference(case: int) -> None:
     width = x.max() / 384
     ours = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width, zero_spike=spike))
     assert ours == pytest.approx(_entropy_loop(hist, width, zero_spike=spike), rel=1e-5)
+    unsigned = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width, 256, zero_spike=spike))
+    assert unsigned == pytest.approx(_entropy_loop(hist, width, 256, zero_spike=spike), rel=1e-5)
 
 
 def test_entropy_is_not_fooled_by_the_relu_zero_spike() -> None:

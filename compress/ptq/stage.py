@@ -118,6 +118,8 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
     }
     if plan.graph_skipped:
         info["graph_skipped"] = plan.graph_skipped
+    if cal.warnings:  # the pipeline prints a stage's warnings on the terminal
+        info["warnings"] = cal.warnings
     return qmodel, info
 
 

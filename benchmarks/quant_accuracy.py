@@ -154,7 +154,8 @@ def measure(name: str, epochs: int, lr: float) -> Result:
 
 
 def print_result(result: Result, qat: bool = True) -> None:
-    print(f"\n{result.model}  (target {TARGET}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
+    target = TARGET if qat else "onnxruntime"
+    print(f"\n{result.model}  (target {target}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
     print(f"{'':38s} {'top1 %':>8s} {'drop pt':>8s} {'time s':>8s}")
     print(f"{'FP32':38s} {result.fp32:8.2f} {'':>8s} {'':>8s}")
     for row in [*result.ptq, result.qat] if qat else result.ptq:

@@ -14,13 +14,27 @@ drop = FP32 top-1 - quantized top-1 in points (negative: the quantized model is 
 time s: one run's wall time of the calibrate call (PTQ) or of the fine-tune (QAT); for best-of-3
 calibration timings see modelopt_compare.py.
 Targets: best PTQ drop <= 0.3 pt, QAT drop <= 0.1 pt.
+
+Engine section (``--model mobilenet_v2|densenet``, in ``all``): torchvision MobileNetV2 (width 0.5) and
+a small DenseNet (growth 12, blocks 4-4-4, 24 initial features), num_classes 10, trained ``--epochs``
+on the shuffled digits train split at 32x32 RGB (in memory; every file in a temporary folder). Top-1
+on the digits test split of ONNX Runtime engines (level ``all``, 2 threads):
+- FP32: the float model through ``export_onnx``;
+- ours: ``quant.prepare(.., "onnxruntime")`` + ``ptq.calibrate`` with each calibrator on the first 512
+  train samples, ``export_onnx(.., target="onnxruntime")``;
+- ORT: ``quantize_static`` (QDQ, per channel, QUInt8 activations, QInt8 weights, after
+  ``quant_pre_process``) with Entropy and MinMax on the same FP32 ONNX and the same 512 samples.
+Targets: each of ours within 0.5 pt of FP32; our entropy within 0.3 pt of ORT Entropy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +49,8 @@ import compress.metrics
 import compress.qat
 from compress import ptq, quant
 from compress.data import build_loader
+from compress.export.onnx import export_onnx
+from compress.export.onnxruntime import Optimization, build_engine
 from compress.recipe import DigitsData
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,6 +65,27 @@ METHODS = ("max", "percentile", "entropy", "mse")
 CALIB_SAMPLES = 512
 TARGET = "tensorrt"
 PTQ_TARGET, QAT_TARGET = 0.3, 0.1
+ENGINE_FP32_DROP, ENGINE_VS_ORT = 0.5, 0.3
+ENGINE_MODELS: dict[str, tuple[str, dict]] = {
+    "mobilenet_v2": ("torchvision.models:mobilenet_v2", {"num_classes": 10, "width_mult": 0.5}),
+    "densenet": ("torchvision.models.densenet:DenseNet",
+                 {"growth_rate": 12, "block_config": [4, 4, 4], "num_init_features": 24, "num_classes": 10}),
+}
+
+
+def digits_loader(split: str, size: int, channels: int, limit: int | None = None, batch_size: int = 64) -> DataLoader:
+    """The digits split, in order, upscaled to ``size`` with ``channels`` channels."""
+    return bench_models.digits(split, size, channels, batch_size=batch_size, limit=limit)
+
+
+def train_engine_model(name: str, epochs: int, lr: float = 0.05) -> nn.Module:
+    """``ENGINE_MODELS[name]`` trained ``epochs`` on the shuffled digits train split at 32x32 RGB (in memory)."""
+    factory, kwargs = ENGINE_MODELS[name]
+    torch.manual_seed(0)
+    model = compress.build(factory, kwargs)
+    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0, keep_best=False)
+    compress.finetune(model, shuffled_train(32, 3), config, progress=False)
+    return model.eval()
 
 
 @dataclass
@@ -116,13 +153,78 @@ def measure(name: str, epochs: int, lr: float) -> Result:
     return Result(name, fp32, rows, qat)
 
 
-def print_result(result: Result) -> None:
-    print(f"\n{result.model}  (target {TARGET}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
+def print_result(result: Result, qat: bool = True) -> None:
+    target = TARGET if qat else "onnxruntime"
+    print(f"\n{result.model}  (target {target}, calibration {CALIB_SAMPLES} train samples, test 360 samples)")
     print(f"{'':38s} {'top1 %':>8s} {'drop pt':>8s} {'time s':>8s}")
     print(f"{'FP32':38s} {result.fp32:8.2f} {'':>8s} {'':>8s}")
-    for row in [*result.ptq, result.qat]:
+    for row in [*result.ptq, result.qat] if qat else result.ptq:
         seconds = f"{row.seconds:8.2f}" if row.seconds is not None else ""
         print(f"{row.label:38s} {row.top1:8.2f} {result.drop(row):+8.2f} {seconds}")
+
+
+def engine_top1(onnx_path: Path, test: DataLoader) -> float:
+    """Top-1 in percent of ``onnx_path`` built as an ONNX Runtime engine (level all, 2 threads)."""
+    engine = build_engine(onnx_path, onnx_path.with_suffix(".engine.onnx"), threads=2, level=Optimization.all)
+    correct = total = 0
+    for x, y in test:
+        correct += int((engine(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def ort_quantize(fp32: Path, calib: DataLoader, method: str) -> Path:
+    """``quantize_static`` of ``fp32`` with ORT's ``method`` calibration on ``calib``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from ort_int8_latency import LoaderReader
+
+    pre = fp32.with_name("fp32_pre.onnx")
+    if not pre.exists():
+        quant_pre_process(str(fp32), str(pre))
+    out = fp32.with_name(f"ort_{method}.onnx")
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+        quantize_static(str(pre), str(out), LoaderReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
+    return out
+
+
+def measure_engine(name: str, epochs: int, folder: Path) -> Result:
+    """FP32, our four calibrators and ORT's Entropy/MinMax, all as ONNX Runtime engines."""
+    model = train_engine_model(name, epochs)
+    test = digits_loader("test", 32, 3)
+    calib = digits_loader("train", 32, 3, limit=CALIB_SAMPLES)
+    example = torch.zeros(1, 3, 32, 32)
+    fp32 = folder / "fp32.onnx"
+    export_onnx(copy.deepcopy(model), example, fp32)
+    rows = []
+    for method in METHODS:
+        qmodel = quant.prepare(copy.deepcopy(model), "onnxruntime")
+        start = time.perf_counter()
+        cal = ptq.calibrate(qmodel, calib, method, limit=CALIB_SAMPLES)
+        seconds = time.perf_counter() - start
+        path = folder / f"ours_{method}.onnx"
+        export_onnx(qmodel, example, path, target="onnxruntime")
+        rows.append(Row(f"ours {method}", engine_top1(path, test), seconds))
+        worst = max(cal.layers, key=lambda r: r.clipped)
+        print(f"  {name} {method}: {len(cal.warnings)} layer warning(s); most clipped "
+              f"{worst.name} {100 * worst.clipped:.3f} % (amax {worst.amax:.3f}, max {worst.max:.3f})")
+    for method in ("Entropy", "MinMax"):
+        start = time.perf_counter()
+        path = ort_quantize(fp32, calib, method)
+        rows.append(Row(f"ORT quantize_static {method}", engine_top1(path, test), time.perf_counter() - start))
+    return Result(f"{name} (ONNX Runtime engine, {epochs} epochs)", engine_top1(fp32, test), rows,
+                  Row("(no QAT in the engine section)", float("nan")))
+
+
+def print_engine_summary(result: Result) -> None:
+    ours = {r.label: r for r in result.ptq}
+    for method in METHODS:
+        drop = result.drop(ours[f"ours {method}"])
+        print(f"{result.model}: ours {method} drop vs FP32 = {drop:+.2f} pt (target <= {ENGINE_FP32_DROP})")
+    gap = ours["ORT quantize_static Entropy"].top1 - ours["ours entropy"].top1
+    print(f"{result.model}: ORT Entropy - ours entropy = {gap:+.2f} pt (target <= {ENGINE_VS_ORT})")
 
 
 def print_summary(results: list[Result]) -> None:
@@ -135,17 +237,26 @@ def print_summary(results: list[Result]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    parser.add_argument("--model", choices=[*MODELS, *ENGINE_MODELS, "all"], default="all")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of the engine-section models")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    names = list(MODELS) if args.model == "all" else [args.model]
-    results = []
+    names = [*MODELS, *ENGINE_MODELS] if args.model == "all" else [args.model]
+    results, engine_results = [], []
     for name in names:
-        results.append(measure(name, args.qat_epochs, args.qat_lr))
-        print_result(results[-1])
-    print_summary(results)
+        if name in ENGINE_MODELS:
+            with tempfile.TemporaryDirectory() as folder:
+                engine_results.append(measure_engine(name, args.epochs, Path(folder)))
+            print_result(engine_results[-1], qat=False)
+        else:
+            results.append(measure(name, args.qat_epochs, args.qat_lr))
+            print_result(results[-1])
+    if results:
+        print_summary(results)
+    for result in engine_results:
+        print_engine_summary(result)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_int8_demo_recipe_runs_int8_kernels_within_four_samples(baseline, tmp_pa
     assert "## Distillation" in text and "## Sparsity" in text
     assert report["baseline"]["macs"] / report["stages"][-1]["macs"] >= 2.0  # channel pruning: half the MACs
     assert report["check"]["reference"] == "baseline"  # checked against the unpruned FP32 model
-    # In samples of the 360 test images: seeds 1-6 lost 0-2 (2x pruning + 2:4 + INT8 against the unpruned
+    # In samples of the 360 test images: seeds 0-5 lost 1-3 (2x pruning + 2:4 + INT8 against the unpruned
     # FP32 model); 4 allows float-order effects on top, and stays inside the recipe's max_drop_samples: 6.
     assert report["check"]["drop_samples"] <= 4 and report["check"]["thresholds"]["max_drop_samples"] == 6
     fp32, engine = report["baseline"]["metrics"]["top1"], report["engine"]["metrics"]["top1"]

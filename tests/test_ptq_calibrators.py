@@ -13,26 +13,29 @@ from compress.errors import CompressError, DataError
 from compress.ptq import HistogramCalibrator, MaxCalibrator, Method, search
 
 
-def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128, zero_spike: bool = False) -> float:
-    """pytorch-quantization / TensorRT entropy calibration, one candidate at a time."""
-    bins = hist.astype(np.float64)
+def _entropy_loop(hist: np.ndarray, width: float, levels: int = 128, zero_spike: bool = False, start: int = 128) -> float:
+    """pytorch-quantization / TensorRT entropy calibration, one candidate at a time: bin ``j`` of
+    candidate ``i`` in group ``floor(j * levels / i)`` (its ``linspace`` grouping, in exact integers),
+    candidates up to the last non-empty bin, ties to the larger amax."""
+    bins = hist.astype(np.float64)[: int(np.nonzero(hist)[0][-1]) + 1]
     if zero_spike:
         bins[0] = bins[1]
     divergences = []
-    for i in range(levels, len(bins) + 1):
+    for i in range(min(start, len(bins)), len(bins) + 1):
         p = bins[:i].copy()
         p[i - 1] += bins[i:].sum()
         nonzero = bins[:i] != 0
-        merged = i // levels
+        group = np.arange(i) * levels // i
         q = np.zeros(i)
         for j in range(levels):
-            lo, hi = j * merged, (i if j == levels - 1 else (j + 1) * merged)
-            if nonzero[lo:hi].any():
-                q[lo:hi] = np.where(nonzero[lo:hi], bins[lo:hi].sum() / nonzero[lo:hi].sum(), 0)
+            members = (group == j) & nonzero
+            if members.any():
+                q[members] = bins[:i][group == j].sum() / members.sum()
         pn, qn = p / p.sum(), q / q.sum()
         mask = pn > 0
         divergences.append(np.inf if np.any(qn[mask] == 0) else float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask]))))
-    return (int(np.argmin(divergences)) + levels) * width
+    d = np.array(divergences)
+    return (len(d) - 1 - int(np.argmin(d[::-1])) + min(start, len(bins))) * width
 
 
 @pytest.mark.parametrize("case", range(5))
@@ -43,8 +46,11 @@ def test_vectorised_entropy_search_equals_the_loop_reference(case: int) -> None:
     spike = case == 4  # a ReLU output: half the values are exact zeros
     hist, _ = np.histogram(x, bins=384, range=(0, x.max()))
     width = x.max() / 384
-    ours = float(search.entropy_amax(torch.tensor(hist, dtype=torch.float64), width, zero_spike=spike))
+    h = torch.tensor(hist, dtype=torch.float64)
+    ours = float(search.entropy_amax(h, width, zero_spike=spike, max_clip=1.0))  # TensorRT's search, unbounded
     assert ours == pytest.approx(_entropy_loop(hist, width, zero_spike=spike), rel=1e-5)
+    unsigned = float(search.entropy_amax(h, width, 256, zero_spike=spike, max_clip=1.0))
+    assert unsigned == pytest.approx(_entropy_loop(hist, width, 256, zero_spike=spike), rel=1e-5)
 
 
 def test_entropy_is_not_fooled_by_the_relu_zero_spike() -> None:
@@ -124,3 +130,72 @@ def test_calibration_errors_are_one_line_and_named(digits_cnn_checkpoint) -> Non
     msg = one_line_error(DataError, ptq.calibrate, nan_model, digits("train"), "percentile", limit=64)
     assert "fc.input_quantizer" in msg and "NaN" in msg
     assert not any(q.calib_enabled for _, q in quant.quantizers(nan_model))  # modes restored after the error
+
+
+def test_entropy_keeps_a_relu6_range_with_zero_and_saturation_spikes() -> None:
+    # The issue-15 failure: a ReLU6 output (40 % exact zeros, 3 % saturated at 6) over a histogram
+    # whose range overshoots (the first batch's max is 2.5, so the range doubles twice, to 10).
+    torch.manual_seed(0)
+    x = torch.clamp(torch.randn(200000) * 3.0 + 0.4, 0, 6)
+    assert 0.02 < float((x == 6).float().mean()) < 0.05 and float((x == 0).float().mean()) > 0.3
+    cal = HistogramCalibrator()
+    cal.collect(x.clamp(max=2.5)[:1000])
+    cal.collect(x)
+    assert cal.range == pytest.approx(10.0, rel=1e-3)
+    width = cal.range / cal.bins
+    for levels in (128, 256):
+        amax = float(cal.compute_amax(Method.entropy, levels=levels))
+        # within one histogram bin of 6 (the spike's bin edge), far below one uint8 step (6 / 255)
+        assert abs(amax - 6.0) <= width + 1e-6
+
+
+def test_entropy_clips_at_most_max_clip_of_a_long_tail() -> None:
+    # On a ReLU'd Student-t(3) TensorRT's KL alone clips 6e-5 of the values; a bound of 1e-5 must move
+    # amax up until at most 1e-5 (plus the one bin that amax, a bin edge, may cut) is clipped.
+    torch.manual_seed(0)
+    x = torch.relu(torch.distributions.StudentT(3.0).sample((200000,)))
+    cal = HistogramCalibrator()
+    cal.collect(x)
+    h, width = cal.hist, cal.range / cal.bins
+    share = lambda amax: float((x > amax).float().mean())  # noqa: E731
+    unbounded = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip=1.0))
+    bounded = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip=1e-5))
+    assert share(unbounded) > 3e-5  # 12 of 200000 values: the bound really binds here
+    one_bin = float(((x > bounded - width) & (x <= bounded)).float().mean())
+    assert unbounded < bounded and share(bounded) <= 1e-5 + one_bin
+    assert float(cal.compute_amax(Method.entropy, levels=256)) == pytest.approx(unbounded)  # default bound 1e-3
+
+
+def _calibration_values(qmodel: torch.nn.Module, loader, limit: int) -> dict[str, torch.Tensor]:
+    """Every activation quantizer's calibration inputs, captured by hooks (|x|, flattened)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [q.register_forward_pre_hook(lambda _m, args, n=name: seen.setdefault(n, []).append(args[0].abs().flatten()))
+             for name, q in quant.quantizers(qmodel) if q.spec.axis is None]
+    ptq.calibrate(qmodel, loader, "max", limit=limit)
+    for hook in hooks:
+        hook.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_calibration_table_matches_the_data(digits_cnn_checkpoint, method: str) -> None:
+    import compress
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "onnxruntime")
+    values = _calibration_values(qmodel, digits("train", batch_size=100), 300)
+    result = ptq.calibrate(qmodel, digits("train", batch_size=100), method, percentile=99.0, limit=300)
+    assert [r.name for r in result.layers] == list(values)
+    for row in result.layers:
+        x = values[row.name]
+        assert row.method == method and row.max == pytest.approx(float(x.max()))
+        assert row.amax == pytest.approx(float(dict(quant.quantizers(qmodel))[row.name].amax))
+        # the table counts bins wholly above amax: it may miss one bin (width <= 2 max / 2048) of values
+        width = 2 * row.max / 2048
+        band = float(((x > row.amax - width) & (x <= row.amax + width)).float().mean())
+        assert abs(row.clipped - float((x > row.amax).float().mean())) <= band + 1e-12
+    doc = result.to_dict()
+    assert len(doc["layers"]) == result.quantizers and doc["warnings"] == result.warnings
+    if method == "percentile":  # 99th percentile of |x|: about 1 % clipped, some layers above the 1 % line
+        assert any(r.clipped > 0.005 for r in result.layers)
+        assert all((r.warning is not None) == (r.clipped > 0.01 or (r.amax < 0.5 * r.max and r.clipped > 0.001))
+                   for r in result.layers)

@@ -6,5 +6,6 @@
 
 from compress.ptq.calibrate import Calibration, calibrate, to_method
 from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method
+from compress.ptq.table import LayerCalibration
 
-__all__ = ["Calibration", "HistogramCalibrator", "MaxCalibrator", "Method", "calibrate", "to_method"]
+__all__ = ["Calibration", "HistogramCalibrator", "LayerCalibration", "MaxCalibrator", "Method", "calibrate", "to_method"]

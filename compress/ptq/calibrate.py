@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from compress.data import split_batch
 from compress.errors import CompressError, DataError, first_line
 from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method, make
+from compress.ptq.table import LayerCalibration, layer_entry
 from compress.quant import quantizers, refresh_weight_amax
 from compress.quant.quantizer import TensorQuantizer
 
@@ -26,9 +27,16 @@ class Calibration:
     batches: int
     quantizers: int
     seconds: float
+    layers: list[LayerCalibration] = field(default_factory=list)  # one row per activation quantizer
+
+    @property
+    def warnings(self) -> list[str]:
+        """Layers that clip a large share of their values (see :mod:`compress.ptq.table`)."""
+        return [w for w in (row.warning for row in self.layers) if w]
 
     def to_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        head = {k: v for k, v in self.__dict__.items() if k != "layers"}
+        return {**head, "layers": [row.to_dict() for row in self.layers], "warnings": self.warnings}
 
 
 def to_method(value: Method | str) -> Method:
@@ -63,9 +71,13 @@ def calibrate(
 
     Args:
         data: batches of ``(inputs, labels)`` or inputs.
-        method: ``max``, ``percentile``, ``entropy`` (KL, 2048 bins, 128 levels) or ``mse``.
+        method: ``max``, ``percentile``, ``entropy`` (KL, 2048 bins, 128 levels; 256 for a
+            non-negative tensor on a uint8 target) or ``mse``.
         limit: stop after this many samples (default: all of ``data``).
         device: where to run (default: where the model is); histograms are kept there too.
+
+    Returns:
+        What was done, with the per-layer table (amax, observed max |x|, clipped share) and its warnings.
 
     Raises:
         CompressError: no quantizers; no data; NaN/Inf activations; a tensor that is all zeros.
@@ -86,6 +98,7 @@ def calibrate(
     was_training = model.training
     model.eval()
     samples = batches = 0
+    table: list[LayerCalibration] = []
     weights = [q for _, q in quantizers(model) if q.spec.axis is not None and q.quant_enabled]
     try:
         for q in weights:  # activations are calibrated on the float model, as TensorRT and ModelOpt do
@@ -125,10 +138,11 @@ def calibrate(
                 q.set_amax(amax, nonneg=cal.nonneg)
             except CompressError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
+            table.append(layer_entry(name, method.value, cal, amax))
     finally:
         for _, q in acts:
             q.calibrator, q.calib_enabled = None, False
         for q in weights:
             q.quant_enabled = True
         model.train(was_training)
-    return Calibration(method.value, samples, batches, len(acts), round(time.perf_counter() - start, 3))
+    return Calibration(method.value, samples, batches, len(acts), round(time.perf_counter() - start, 3), table)

@@ -26,15 +26,19 @@ class Method(str, Enum):
 
 
 class _Range:
-    """The running minimum every calibrator keeps: whether it saw data, and whether all of it was >= 0."""
+    """The running minimum and max |x| every calibrator keeps: whether it saw data, whether all of it
+    was >= 0, and the largest magnitude (for the calibration table)."""
 
     min: torch.Tensor | None = None
+    top: torch.Tensor | None = None
 
     def _observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(min, max)`` of ``x``, checked finite, folded into the running minimum."""
+        """``(min, max)`` of ``x``, checked finite, folded into the running minimum and max |x|."""
         low, high = torch.aminmax(x)
         _check_finite(low, high)
         self.min = low if self.min is None else torch.minimum(self.min, low)
+        top = torch.maximum(-low, high)
+        self.top = top if self.top is None else torch.maximum(self.top, top)
         return low, high
 
     @property
@@ -54,7 +58,7 @@ class MaxCalibrator(_Range):
 
     def reset(self) -> None:
         self.amax: torch.Tensor | None = None
-        self.min = None
+        self.min = self.top = None
 
     def collect(self, x: torch.Tensor) -> None:
         low, high = self._observe(x.detach().float())
@@ -82,7 +86,7 @@ class HistogramCalibrator(_Range):
     def reset(self) -> None:
         self.hist: torch.Tensor | None = None
         self.range = 0.0
-        self.min = None
+        self.min = self.top = None
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -111,11 +115,11 @@ class HistogramCalibrator(_Range):
             self._grow(top)
 
     def compute_amax(self, method: Method, *, percentile: float = 99.99, levels: int = 128) -> torch.Tensor:
-        # (entropy treats bin 0 of a non-negative tensor as a ReLU zero spike, see search.entropy_amax)
         """The clipping range by ``method`` (percentile/entropy/mse) over the collected histogram.
 
         Args:
             levels: quantization levels above zero: 128 for int8, 256 for uint8 of a non-negative tensor.
+                (entropy treats bin 0 of a non-negative tensor as a ReLU zero spike, see search.entropy_amax)
         """
         assert self.hist is not None
         if self.range == 0:

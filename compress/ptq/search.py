@@ -16,28 +16,50 @@ def percentile_amax(hist: torch.Tensor, width: float, percentile: float) -> torc
     return ((index.float() + 1) * width).reshape(())
 
 
+MAX_CLIP = 1e-3
+
+
 def entropy_amax(
-    hist: torch.Tensor, width: float, levels: int = 128, start: int | None = None, zero_spike: bool = False
+    hist: torch.Tensor, width: float, levels: int = 128, start: int = 128, zero_spike: bool = False,
+    max_clip: float = MAX_CLIP,
 ) -> torch.Tensor:
     """TensorRT-style KL calibration: the ``amax`` whose ``levels``-level quantization of the
     clipped histogram diverges least from it.
+
+    Candidates are the bin edges ``i`` from ``start`` up to the last non-empty bin (never above the
+    observed range, however far the histogram's range overshoots it). For each, the reference P is
+    ``hist[:i]`` with the clipped tail added to its last bin; Q merges ``hist[:i]`` into ``levels``
+    groups, bin ``j`` going to group ``floor(j * levels / i)`` (TensorRT's ``linspace`` grouping: equal
+    widths to within one bin, no remainder group), and spreads each group's count evenly over its
+    non-empty bins. Ties go to the larger ``amax``, as in TensorRT. All candidates are evaluated at
+    once from prefix sums: cost O(candidates * levels), no Python loop.
 
     ``zero_spike``: the tensor is a ReLU output, whose exact zeros pile up in bin 0; as TensorRT
     and pytorch-quantization do, bin 0 then counts as bin 1 so that spike does not drive the
     search towards tiny ranges.
 
-    For each candidate ``i`` (bins kept), the reference P is ``hist[:i]`` with the clipped tail added
-    to its last bin; Q merges ``hist[:i]`` into ``levels`` groups of ``i // levels`` bins (the last
-    takes the remainder) and spreads each group's count evenly over its non-empty bins. All
-    candidates are evaluated at once from prefix sums: cost O(candidates * levels), no Python loop.
+    A saturation spike (the last non-empty bin holds at least ``SPIKE_SHARE`` of all values and
+    ``SPIKE_RATIO`` times the fullest of the ``SPIKE_WINDOW`` bins below it: a ReLU6/clamp bound)
+    is never clipped: Q smears that point mass over a whole group, so KL prefers to clip it, yet a
+    point mass at ``amax`` quantizes exactly while clipping moves every value in it.
+
+    ``max_clip``: candidates that clip more than this share of the values are not considered. P
+    lumps the clipped tail into one bin, so KL charges clipping only the smearing of that lump,
+    not the distance each clipped value moves; TensorRT's search on a MobileNetV2 depthwise ReLU6
+    output clipped 1.2 % of the values (amax 2.79 vs max 5.46) and cost 1.1 pt top-1 on the engine
+    (benchmarks/entropy_compare.py, quant_accuracy.py). 0.1 % is ten times what percentile 99.99 clips.
     """
     h = hist.double().clone()
+    nonempty = torch.nonzero(h)
+    if len(nonempty) == 0:
+        return torch.tensor(0.0)
+    h = h[: int(nonempty[-1]) + 1]
     if zero_spike and len(h) > 1:
         h[0] = h[1]
     bins = len(h)
-    start = levels if start is None else start
-    if bins <= start:
+    if saturated(h):
         return torch.tensor(bins * width)
+    start = min(start, bins)
     dev = h.device
     zero = h.new_zeros(1)
     csum = torch.cat([zero, torch.cumsum(h, 0)])  # csum[k] = sum(h[:k])
@@ -47,10 +69,9 @@ def entropy_amax(
     total = csum[-1]
 
     i = torch.arange(start, bins + 1, device=dev)  # candidates: keep bins [0, i)
-    merged = (i // levels).unsqueeze(1)  # bins per group
-    g = torch.arange(levels, device=dev).unsqueeze(0)
-    lo = g * merged
-    hi = torch.where(g == levels - 1, i.unsqueeze(1), (g + 1) * merged)
+    g = torch.arange(levels + 1, device=dev).unsqueeze(0)
+    edges = (g * i.unsqueeze(1) + levels - 1) // levels  # group g: bins [edges[g], edges[g + 1])
+    lo, hi = edges[:, :-1], edges[:, 1:]
     s = csum[hi] - csum[lo]  # group counts S_g
     n = cnz[hi] - cnz[lo]  # non-empty bins per group N_g
     s_log_q = torch.where(s > 0, s * torch.log(s.clamp_min(1e-300) / n.clamp_min(1)), h.new_zeros(()))
@@ -59,13 +80,30 @@ def entropy_amax(
     last = h[i - 1]
     p_last = last + tail
     sum_plogp = chl[i - 1] + torch.where(p_last > 0, p_last * torch.log(p_last.clamp_min(1e-300)), h.new_zeros(()))
-    q_last = torch.where(n[:, -1] > 0, s[:, -1] / n[:, -1].clamp_min(1), h.new_zeros(()))
+    g_last = ((i - 1) * levels // i).unsqueeze(1)  # the group of bin i - 1 (not the last one when i < levels)
+    s_last, n_last = s.gather(1, g_last).squeeze(1), n.gather(1, g_last).squeeze(1)
+    q_last = torch.where(n_last > 0, s_last / n_last.clamp_min(1), h.new_zeros(()))
     sum_plogq = s_log_q.sum(1) + torch.where(tail > 0, tail * torch.log(q_last.clamp_min(1e-300)), h.new_zeros(()))
     q_total = csum[i]
     kl = (sum_plogp - sum_plogq) / total - torch.log(total) + torch.log(q_total.clamp_min(1e-300))
     kl = torch.where((tail > 0) & (last == 0), torch.full_like(kl, float("inf")), kl)
-    best = int(torch.argmin(kl))
+    kl = torch.where(tail > max_clip * total, torch.full_like(kl, float("inf")), kl)  # the top candidate never is
+    best = len(kl) - 1 - int(torch.argmin(kl.flip(0)))  # the last of equal minima
     return (i[best].double() * width).float().reshape(())
+
+
+SPIKE_SHARE = 1e-3
+SPIKE_RATIO = 8.0
+SPIKE_WINDOW = 16
+
+
+def saturated(hist: torch.Tensor) -> bool:
+    """The last bin of ``hist`` (trimmed to its last non-empty bin) is a saturation spike."""
+    if len(hist) < 2:
+        return False
+    top = float(hist[-1])
+    below = float(hist[-1 - SPIKE_WINDOW: -1].max())
+    return top >= SPIKE_SHARE * float(hist.sum()) and top >= SPIKE_RATIO * max(below, 1.0)
 
 
 def mse_amax(

@@ -121,7 +121,12 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
     return qmodel, info
 
 
+def calibration_warnings(info: dict) -> list[str]:
+    """The calibration table's warnings (layers that clip much), for the stage's result."""
+    return list(info.get("calibration", {}).get("warnings", []))
+
+
 @register("ptq", PtqConfig, check=check_quant_options)
 def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResult:
     qmodel, info = quantize(model, config, ctx)
-    return StageResult(qmodel, info=info)
+    return StageResult(qmodel, info=info, warnings=calibration_warnings(info))

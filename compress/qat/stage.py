@@ -11,6 +11,7 @@ from compress import quant
 from compress.errors import CompressError
 from compress.ptq.stage import (
     QuantOptions,
+    calibration_warnings,
     check_quant_options,
     quantize,
     quantized_before,
@@ -53,4 +54,4 @@ def run_qat(model: nn.Module, config: QatConfig, ctx: StageContext) -> StageResu
     else:
         qmodel, info = quantize(model, config, ctx)
     info["finetune"] = stage_finetune(qmodel, config.finetune, ctx, [QatCallback(config.freeze_bn_after)])
-    return StageResult(qmodel, info=info)
+    return StageResult(qmodel, info=info, warnings=calibration_warnings(info))

@@ -142,8 +142,16 @@ def _sparsity(stages: list[dict[str, Any]], metric: str) -> list[str]:
             line += f" ({before:.1%} without permutation)"
         line += f"; {metric} right after masking {_fmt(sp['masked_metric'])}"
         line += "".join(f"; `{name}` dense ({why})" for name, why in sp["skipped"].items())
+        if sp.get("permute_reason"):
+            line += f"; not permuted: {sp['permute_reason']}"
         lines.append(line)
     return ["", "## Sparsity", "", *lines] if lines else []
+
+
+def _warnings(stages: list[dict[str, Any]]) -> list[str]:
+    """Every stage's warnings (a slower engine after pruning, a MACs overshoot, layers calibration clips)."""
+    lines = [f"- {i + 1}. {s['type']}: {w}" for i, s in enumerate(stages) for w in s.get("warnings", [])]
+    return ["", "## Warnings", "", *lines] if lines else []
 
 
 def _not_int8(g: dict[str, Any], most: int) -> str:
@@ -193,6 +201,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(entry.get('nonzero_params', entry['params']))} | {_fmt(entry['macs'])} | "
             f"{'' if seconds is None else f'{seconds:.1f}'} |"
         )
+    lines += _warnings(doc["stages"])
     lines += _pruning(doc["stages"])
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
@@ -242,7 +251,8 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             "## Check",
             "",
-            f"Engine vs {c['reference']}: **{'passed' if c['passed'] else 'FAILED'}** on {c['samples']} samples",
+            f"Engine vs {c['reference']}: **{'passed' if c['passed'] else 'FAILED'}** on {c['samples']} samples"
+            + (f"; {c['drop_samples']} sample(s) lost net" if c.get("drop_samples") is not None else ""),
             "",
             "| drop (pt) | agreement | cosine | max abs | mean abs |",
             "|---:|---:|---:|---:|---:|",

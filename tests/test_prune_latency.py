@@ -84,6 +84,7 @@ def test_prune_stage_reports_engine_latency_round_to_and_the_overshoot(write_rec
         assert f["speedup"] > 0 and 0 <= f["slower_share"] <= 1  # the median of per-round (paired) ratios
     assert entry["warnings"][0].startswith("macs_reduction: asked 2x, got 3.96x")
     assert "[1/1] prune WARNING: macs_reduction: asked 2x, got 3.96x" in result.err  # shown despite --quiet
+    assert "## Warnings\n\n- 1. prune: macs_reduction: asked 2x, got 3.96x" in (out / "report.md").read_text()
     assert not any(p.name.startswith("latency-") for p in (out / "stages").rglob("*"))  # temporary files removed
 
 

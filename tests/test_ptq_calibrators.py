@@ -199,3 +199,17 @@ def test_calibration_table_matches_the_data(digits_cnn_checkpoint, method: str) 
         assert any(r.clipped > 0.005 for r in result.layers)
         assert all((r.warning is not None) == (r.clipped > 0.01 or (r.amax < 0.5 * r.max and r.clipped > 0.001))
                    for r in result.layers)
+
+
+def test_report_md_lists_the_most_clipped_layers_and_the_warnings(digits_cnn_checkpoint) -> None:
+    import compress
+    from compress.report import _calibration
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "onnxruntime")
+    cal = ptq.calibrate(qmodel, digits("train", batch_size=100), "percentile", percentile=99.0, limit=300).to_dict()
+    lines = _calibration([{"type": "prune"}, {"type": "ptq", "calibration": cal}])
+    assert lines[:3] == ["", "## Calibration", ""] and lines[3].startswith("- 2. ptq: percentile on 300 samples")
+    worst = max(cal["layers"], key=lambda r: r["clipped"])
+    assert f"`{worst['name']}` {worst['clipped']:.3%}" in lines[3]  # the most clipped layer comes first
+    assert cal["warnings"] and lines[4:] == [f"  - WARNING {w}" for w in cal["warnings"]]
+    assert _calibration([{"type": "ptq"}]) == []

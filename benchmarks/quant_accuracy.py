@@ -1,6 +1,7 @@
 """INT8 accuracy of the fake-quantized model: FP32 vs PTQ (each calibrator) vs QAT.
 
-usage: python benchmarks/quant_accuracy.py [--model digits_cnn|resnet18|all] [--qat-epochs 2] [--qat-lr 1e-3]
+usage: python benchmarks/quant_accuracy.py [--model digits_cnn|resnet18|mobilenet_v2|densenet|all] [--qat-epochs 2] [--qat-lr 1e-3]
+                                          [--epochs 4] [--lr 0.05] [--seed 0] [--cache DIR] [--layers]
 
 Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits upscaled to 32x32 RGB), both from
 bench_models. Measured: top-1 on the digits test split (360 samples, so one sample is 0.28 pt) of

@@ -1,6 +1,7 @@
 """INT8 accuracy of the fake-quantized model: FP32 vs PTQ (each calibrator) vs QAT.
 
-usage: python benchmarks/quant_accuracy.py [--model digits_cnn|resnet18|all] [--qat-epochs 2] [--qat-lr 1e-3]
+usage: python benchmarks/quant_accuracy.py [--model digits_cnn|resnet18|mobilenet_v2|densenet|all] [--qat-epochs 2] [--qat-lr 1e-3]
+                                          [--epochs 4] [--lr 0.05] [--seed 0] [--cache DIR] [--layers]
 
 Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits upscaled to 32x32 RGB), both from
 bench_models. Measured: top-1 on the digits test split (360 samples, so one sample is 0.28 pt) of
@@ -78,13 +79,21 @@ def digits_loader(split: str, size: int, channels: int, limit: int | None = None
     return bench_models.digits(split, size, channels, batch_size=batch_size, limit=limit)
 
 
-def train_engine_model(name: str, epochs: int, lr: float = 0.05) -> nn.Module:
-    """``ENGINE_MODELS[name]`` trained ``epochs`` on the shuffled digits train split at 32x32 RGB (in memory)."""
+def train_engine_model(name: str, epochs: int, lr: float = 0.05, seed: int = 0, cache: Path | None = None) -> nn.Module:
+    """``ENGINE_MODELS[name]`` trained ``epochs`` on the shuffled digits train split at 32x32 RGB (in memory),
+    from initial weights and shuffling of ``seed``; with ``cache``, the weights are kept there and reused."""
     factory, kwargs = ENGINE_MODELS[name]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = compress.build(factory, kwargs)
-    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0, keep_best=False)
-    compress.finetune(model, shuffled_train(32, 3), config, progress=False)
+    saved = cache / f"{name}-e{epochs}-lr{lr:g}-s{seed}.pt" if cache else None
+    if saved is not None and saved.exists():
+        model.load_state_dict(torch.load(saved))
+        return model.eval()
+    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=seed, keep_best=False)
+    compress.finetune(model, shuffled_train(32, 3, seed), config, progress=False)
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), saved)
     return model.eval()
 
 
@@ -115,9 +124,9 @@ def top1(model: nn.Module, loader: DataLoader) -> float:
     return 100.0 * compress.metrics.score("top1", compress.metrics.collect(model, loader))["top1"]
 
 
-def shuffled_train(size: int, channels: int) -> DataLoader:
+def shuffled_train(size: int, channels: int, seed: int = 0) -> DataLoader:
     spec = DigitsData(source="digits", split="train", size=size, channels=channels, batch_size=64, shuffle=True)
-    return build_loader(spec, "digits:train", seed=0)
+    return build_loader(spec, "digits:train", seed=seed)
 
 
 def run_ptq(model: nn.Module, calib: DataLoader, method: str) -> tuple[nn.Module, float]:
@@ -190,19 +199,25 @@ def ort_quantize(fp32: Path, calib: DataLoader, method: str) -> Path:
     return out
 
 
-def measure_engine(name: str, epochs: int, folder: Path) -> Result:
-    """FP32, our four calibrators and ORT's Entropy/MinMax, all as ONNX Runtime engines."""
-    model = train_engine_model(name, epochs)
+def measure_engine(name: str, epochs: int, folder: Path, lr: float = 0.05, seed: int = 0,
+                   cache: Path | None = None, layers: bool = False) -> Result:
+    """FP32, our four calibrators and ORT's Entropy/MinMax, all as ONNX Runtime engines.
+
+    ``layers``: also print each quantizer whose entropy amax is below 0.9 x its max-calibrated amax."""
+    start = time.perf_counter()
+    model = train_engine_model(name, epochs, lr, seed, cache)
+    print(f"  {name}: trained {epochs} epochs (lr {lr:g}, seed {seed}) in {time.perf_counter() - start:.0f} s")
     test = digits_loader("test", 32, 3)
     calib = digits_loader("train", 32, 3, limit=CALIB_SAMPLES)
     example = torch.zeros(1, 3, 32, 32)
     fp32 = folder / "fp32.onnx"
     export_onnx(copy.deepcopy(model), example, fp32)
-    rows = []
+    rows, tables = [], {}
     for method in METHODS:
         qmodel = quant.prepare(copy.deepcopy(model), "onnxruntime")
         start = time.perf_counter()
         cal = ptq.calibrate(qmodel, calib, method, limit=CALIB_SAMPLES)
+        tables[method] = {r.name: r for r in cal.layers}
         seconds = time.perf_counter() - start
         path = folder / f"ours_{method}.onnx"
         export_onnx(qmodel, example, path, target="onnxruntime")
@@ -210,11 +225,17 @@ def measure_engine(name: str, epochs: int, folder: Path) -> Result:
         worst = max(cal.layers, key=lambda r: r.clipped)
         print(f"  {name} {method}: {len(cal.warnings)} layer warning(s); most clipped "
               f"{worst.name} {100 * worst.clipped:.3f} % (amax {worst.amax:.3f}, max {worst.max:.3f})")
+    if layers:
+        print(f"  {name}: quantizers whose entropy amax < 0.9 x max (max amax, entropy amax, clipped %)")
+        for qname, row in tables["entropy"].items():
+            top = tables["max"][qname].amax
+            if row.amax < 0.9 * top:
+                print(f"    {qname:60s} {top:8.3f} {row.amax:8.3f} {100 * row.clipped:7.3f}")
     for method in ("Entropy", "MinMax"):
         start = time.perf_counter()
         path = ort_quantize(fp32, calib, method)
         rows.append(Row(f"ORT quantize_static {method}", engine_top1(path, test), time.perf_counter() - start))
-    return Result(f"{name} (ONNX Runtime engine, {epochs} epochs)", engine_top1(fp32, test), rows,
+    return Result(f"{name} (ONNX Runtime engine, {epochs} epochs, seed {seed})", engine_top1(fp32, test), rows,
                   Row("(no QAT in the engine section)", float("nan")))
 
 
@@ -239,6 +260,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*MODELS, *ENGINE_MODELS, "all"], default="all")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of the engine-section models")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate of the engine-section models")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and shuffling of the engine-section models")
+    parser.add_argument("--cache", type=Path, help="keep/reuse the trained engine-section models in this folder")
+    parser.add_argument("--layers", action="store_true", help="print the quantizers entropy clips below 0.9 x max")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=1e-3)
     args = parser.parse_args()
@@ -248,7 +273,8 @@ def main() -> None:
     for name in names:
         if name in ENGINE_MODELS:
             with tempfile.TemporaryDirectory() as folder:
-                engine_results.append(measure_engine(name, args.epochs, Path(folder)))
+                engine_results.append(measure_engine(name, args.epochs, Path(folder), args.lr, args.seed,
+                                                     args.cache, args.layers))
             print_result(engine_results[-1], qat=False)
         else:
             results.append(measure(name, args.qat_epochs, args.qat_lr))

@@ -149,9 +149,27 @@ def _sparsity(stages: list[dict[str, Any]], metric: str) -> list[str]:
 
 
 def _warnings(stages: list[dict[str, Any]]) -> list[str]:
-    """Every stage's warnings (a slower engine after pruning, a MACs overshoot, layers calibration clips)."""
-    lines = [f"- {i + 1}. {s['type']}: {w}" for i, s in enumerate(stages) for w in s.get("warnings", [])]
+    """Every stage's warnings (a slower engine after pruning, a MACs overshoot), but calibration's: its section
+    lists those beside the layers they name."""
+    lines = [f"- {i + 1}. {s['type']}: {w}" for i, s in enumerate(stages) for w in s.get("warnings", [])
+             if w not in s.get("calibration", {}).get("warnings", [])]
     return ["", "## Warnings", "", *lines] if lines else []
+
+
+def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
+    """One line per calibrated stage (the layers that clip most), then its warnings."""
+    lines = []
+    for i, s in enumerate(stages):
+        cal = s.get("calibration")
+        if not cal:
+            continue
+        clipped = sorted((r for r in cal["layers"] if r["clipped"] > 0), key=lambda r: -r["clipped"])
+        listed = ", ".join(f"`{r['name']}` {r['clipped']:.3%} (amax {r['amax']:.4g} of max {r['max']:.4g})"
+                           for r in clipped[:most])
+        lines.append(f"- {i + 1}. {s['type']}: {cal['method']} on {cal['samples']} samples, {cal['quantizers']} "
+                     f"activation quantizers, {len(clipped)} clip" + (f"; most: {listed}" if listed else ""))
+        lines += [f"  - WARNING {w}" for w in cal.get("warnings", [])]
+    return ["", "## Calibration", "", *lines] if lines else []
 
 
 def _not_int8(g: dict[str, Any], most: int) -> str:
@@ -205,6 +223,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += _pruning(doc["stages"])
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
+    lines += _calibration(doc["stages"])
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "

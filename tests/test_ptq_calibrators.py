@@ -47,9 +47,9 @@ def test_vectorised_entropy_search_equals_the_loop_reference(case: int) -> None:
     hist, _ = np.histogram(x, bins=384, range=(0, x.max()))
     width = x.max() / 384
     h = torch.tensor(hist, dtype=torch.float64)
-    ours = float(search.entropy_amax(h, width, zero_spike=spike, max_clip=1.0))  # TensorRT's search, unbounded
+    ours = float(search.entropy_amax(h, width, zero_spike=spike, max_clip_error=np.inf))  # TensorRT's search, unbounded
     assert ours == pytest.approx(_entropy_loop(hist, width, zero_spike=spike), rel=1e-5)
-    unsigned = float(search.entropy_amax(h, width, 256, zero_spike=spike, max_clip=1.0))
+    unsigned = float(search.entropy_amax(h, width, 256, zero_spike=spike, max_clip_error=np.inf))
     assert unsigned == pytest.approx(_entropy_loop(hist, width, 256, zero_spike=spike), rel=1e-5)
 
 
@@ -149,21 +149,28 @@ def test_entropy_keeps_a_relu6_range_with_zero_and_saturation_spikes() -> None:
         assert abs(amax - 6.0) <= width + 1e-6
 
 
-def test_entropy_clips_at_most_max_clip_of_a_long_tail() -> None:
-    # On a ReLU'd Student-t(3) TensorRT's KL alone clips 6e-5 of the values; a bound of 1e-5 must move
-    # amax up until at most 1e-5 (plus the one bin that amax, a bin edge, may cut) is clipped.
+def test_entropy_clipping_error_stays_below_its_rounding_error() -> None:
+    # On a ReLU'd Student-t(3.5) TensorRT's KL alone clips a long tail whose squared clipping error is
+    # over 10 times the rounding error; the default bound (max_clip_error 1) moves amax up until the
+    # clipping error, counted on the values themselves, is at most the rounding error (plus the one
+    # bin that amax, a bin edge, may cut: one bin's count times its width squared, a few percent here).
     torch.manual_seed(0)
-    x = torch.relu(torch.distributions.StudentT(3.0).sample((200000,)))
+    x = torch.relu(torch.distributions.StudentT(3.5).sample((200000,)))
     cal = HistogramCalibrator()
     cal.collect(x)
     h, width = cal.hist, cal.range / cal.bins
-    share = lambda amax: float((x > amax).float().mean())  # noqa: E731
-    unbounded = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip=1.0))
-    bounded = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip=1e-5))
-    assert share(unbounded) > 3e-5  # 12 of 200000 values: the bound really binds here
-    one_bin = float(((x > bounded - width) & (x <= bounded)).float().mean())
-    assert unbounded < bounded and share(bounded) <= 1e-5 + one_bin
-    assert float(cal.compute_amax(Method.entropy, levels=256)) == pytest.approx(unbounded)  # default bound 1e-3
+
+    def errors(amax: float) -> tuple[float, float]:
+        clip = float(((x - amax).clamp(min=0) ** 2).sum())
+        return clip, (amax / 255) ** 2 / 12 * float(((x > 0) & (x <= amax)).sum())
+    unbounded = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip_error=np.inf))
+    bounded = float(cal.compute_amax(Method.entropy, levels=256))
+    clip, rounding = errors(unbounded)
+    assert clip > 10 * rounding  # 548 vs 44: the bound really binds here
+    clip, rounding = errors(bounded)
+    assert unbounded < bounded < float(x.max()) and clip <= 1.1 * rounding
+    share = float(search.entropy_amax(h, width, 256, zero_spike=True, max_clip_error=np.inf, max_clip=1e-5))
+    assert float((x > share).float().mean()) <= 1e-5 + float(((x > share - width) & (x <= share)).float().mean())
 
 
 def _calibration_values(qmodel: torch.nn.Module, loader, limit: int) -> dict[str, torch.Tensor]:
@@ -199,3 +206,17 @@ def test_calibration_table_matches_the_data(digits_cnn_checkpoint, method: str) 
         assert any(r.clipped > 0.005 for r in result.layers)
         assert all((r.warning is not None) == (r.clipped > 0.01 or (r.amax < 0.5 * r.max and r.clipped > 0.001))
                    for r in result.layers)
+
+
+def test_report_md_lists_the_most_clipped_layers_and_the_warnings(digits_cnn_checkpoint) -> None:
+    import compress
+    from compress.report import _calibration
+
+    qmodel = quant.prepare(compress.load(digits_cnn_checkpoint), "onnxruntime")
+    cal = ptq.calibrate(qmodel, digits("train", batch_size=100), "percentile", percentile=99.0, limit=300).to_dict()
+    lines = _calibration([{"type": "prune"}, {"type": "ptq", "calibration": cal}])
+    assert lines[:3] == ["", "## Calibration", ""] and lines[3].startswith("- 2. ptq: percentile on 300 samples")
+    worst = max(cal["layers"], key=lambda r: r["clipped"])
+    assert f"`{worst['name']}` {worst['clipped']:.3%}" in lines[3]  # the most clipped layer comes first
+    assert cal["warnings"] and lines[4:] == [f"  - WARNING {w}" for w in cal["warnings"]]
+    assert _calibration([{"type": "ptq"}]) == []

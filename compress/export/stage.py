@@ -6,7 +6,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress import metrics, quant
@@ -68,11 +68,19 @@ class EngineOptions(Strict):
 
 
 class CheckOptions(Strict):
-    max_drop: Annotated[float, Field(ge=0)] | None = 0.5  # points; off by default when max_drop_samples is set
+    max_drop: Annotated[float, Field(ge=0)] | None = None  # points; 0.5 unless max_drop_samples is given
     max_drop_samples: Annotated[int, Field(ge=0)] | None = None  # samples lost net; top1/agreement metrics
     min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
     min_cosine: Annotated[float, Field(ge=-1, le=1)] | None = None
     reference: Literal["model", "baseline"] = "model"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_drop(cls, data: Any) -> Any:
+        """``max_drop: 0.5`` unless a drop in samples is asked for: the resolved recipe shows what is applied."""
+        if isinstance(data, dict) and "max_drop" not in data and data.get("max_drop_samples") is None:
+            return {**data, "max_drop": 0.5}
+        return data
 
 
 class TritonOptions(Strict):
@@ -161,13 +169,6 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
     if config.check is not None and config.check.max_drop_samples is not None and ctx.metric not in SAMPLE_METRICS:
         raise CompressError(f"{ctx.where}.check.max_drop_samples: counts samples, so it needs metric "
                             f"{' or '.join(SAMPLE_METRICS)}, not {ctx.metric}; use max_drop (points)")
-
-
-def _max_drop(check: CheckOptions) -> float | None:
-    """``max_drop`` as set, or off when only ``max_drop_samples`` was given."""
-    if check.max_drop_samples is not None and "max_drop" not in check.model_fields_set:
-        return None
-    return check.max_drop
 
 
 def _sparsity(model: nn.Module, onnx_path: Path) -> dict[str, Any]:
@@ -318,7 +319,7 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
                 engine_out,
                 reference,
                 metric=ctx.metric,
-                max_drop=_max_drop(config.check),
+                max_drop=config.check.max_drop,
                 max_drop_samples=config.check.max_drop_samples,
                 min_agreement=config.check.min_agreement,
                 min_cosine=config.check.min_cosine,

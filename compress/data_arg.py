@@ -10,6 +10,7 @@ every option in effect, a factory's defaults included, so a report shows what wa
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,14 +32,24 @@ _FORMS = "digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN, each wi
 _LOADER_FIELDS = ("batch_size", "limit", "shuffle", "workers")
 
 
+_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?")
+_WORDS = {"true": True, "false": False, "null": None, "none": None}
+
+
 def _scalar(raw: str, where: str, key: str) -> Any:
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
-        raise DataError(f"{where}: option {key}={raw} does not parse as a YAML value") from None
-    if isinstance(value, dict):
-        raise DataError(f"{where}: option {key}={raw} is a mapping; give a number, true/false or text")
-    return value
+    """An option's value: an int, a float, true/false, null (also an empty value), or else the text itself.
+
+    Plain rules rather than YAML's: YAML 1.1 reads ``010`` as 8, ``no``/``on`` as booleans and
+    ``1.10`` as 1.1, none of which a split name or a count should become.
+    """
+    if _INT.fullmatch(raw):
+        return int(raw)
+    if _FLOAT.fullmatch(raw) and any(c in raw for c in ".eE"):
+        return float(raw)
+    if raw.lower() in _WORDS:
+        return _WORDS[raw.lower()]
+    return raw if raw else None  # `y=`: null, e.g. an npz without labels
 
 
 def _query(query: str, where: str) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def check_factory_kwargs(spec: PythonData, where: str) -> None:
     Raises:
         DataError: ``where: fn takes no argument 'splt'; did you mean 'split'? (takes split, n)``.
     """
-    params = factory_parameters(resolve(spec.factory, what=f"{where}.factory"))
+    params = factory_parameters(resolve(spec.factory, what=f"{where}: factory"))
     if params is None:
         return
     for key in spec.kwargs:

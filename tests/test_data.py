@@ -257,9 +257,11 @@ def test_parse_data_arg_options_are_spec_fields_or_factory_kwargs() -> None:
     spec = parse_data_arg("digits:test?size=32&channels=3&limit=10")
     assert (spec.split, spec.size, spec.channels, spec.limit) == ("test", 32, 3, 10)
     assert parse_data_arg("digits?split=train").split == "train"
-    assert parse_data_arg("npz:a.npz?y=").y is None  # an empty value is YAML null: unlabeled
+    assert parse_data_arg("npz:a.npz?y=").y is None  # an empty value is null: unlabeled
+    # plain values, not YAML 1.1's: 010 is no octal 8 and a split named `no` is no boolean
+    assert parse_data_arg("python:helpers_splits:digits?split=no&size=010").kwargs == {"split": "no", "size": "010"}
     spec = parse_data_arg("python:helpers_data:digits_like?n=20&size=12")
-    assert spec.kwargs == {"n": 20, "size": 12}  # YAML scalars: ints stay ints
+    assert spec.kwargs == {"n": 20, "size": 12}  # ints stay ints
     spec = parse_data_arg("python:helpers_data:digits_like?n=20", kwargs='{"size": 12}')
     assert spec.kwargs == {"n": 20, "size": 12}
     assert parse_data_arg("python:helpers_splits:digits", kwargs="{split: test}").kwargs == {"split": "test"}
@@ -278,8 +280,7 @@ def test_describe_spec_names_every_option_in_effect() -> None:
     ("text", "kwargs", "expected"),
     [
         ("python:helpers_data:digits_like?n", None, "--data python:helpers_data:digits_like?n: option 'n' is not key=value"),
-        ("python:helpers_data:digits_like?n=[1,", None,
-         "--data python:helpers_data:digits_like?n=[1,: option n=[1, does not parse as a YAML value"),
+        ("python:helpers_data:digits_like?=3", None, "--data python:helpers_data:digits_like?=3: option '=3' is not key=value"),
         ("python:helpers_data:digits_like?n=1&n=2", None, "--data python:helpers_data:digits_like?n=1&n=2: option 'n' given twice"),
         ("python:helpers_data:digits_like", "{n: 3", "--data python:helpers_data:digits_like: --data-kwargs '{n: 3' does not parse"),
         ("python:helpers_data:digits_like", "[1]", "--data python:helpers_data:digits_like: --data-kwargs '[1]' is not a mapping"),

@@ -9,6 +9,7 @@ from torch import nn
 
 import compress
 from compress.profile import count_macs
+from compress.prune import latency
 from compress.prune.channel import DEFAULT_ROUND_TO, overshoot
 from compress.prune.latency import EngineLatency, slowdown_warnings
 
@@ -99,3 +100,42 @@ def test_latency_check_false_skips_the_timing_and_round_to_1_is_recorded(write_r
     assert entry["prune"]["round_to_default"] is False and "warnings" not in entry
     model = compress.load(out / entry["checkpoint"])
     assert _widths(model) == [23, 23, 23, 45, 45, 45]
+
+
+class _Tokens(torch.nn.Module):
+    """Token ids in (int64), as a text model takes them."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, width)
+        self.conv = torch.nn.Conv1d(width, width, 3, padding=1)
+        self.head = torch.nn.Linear(width, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.embed(ids).transpose(1, 2)).mean(2))
+
+
+class _Attention(torch.nn.Module):
+    """scaled_dot_product_attention has no ONNX export below opset 14."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.proj(x).unsqueeze(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).squeeze(1)
+
+
+def test_engine_latency_feeds_the_model_its_own_input_dtype(tmp_path) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (1, 12))
+    figures = latency.engine_latency(_Tokens(), _Tokens(8), ids, [1, 2], tmp_path, seconds=0.2)
+    assert [f.batch_size for f in figures] == [1, 2] and all(f.before > 0 and f.after > 0 for f in figures)
+
+
+def test_a_model_onnx_cannot_export_at_opset_13_still_prunes_with_a_warning(tmp_path) -> None:
+    figures, why = latency.run_advisory(
+        lambda: latency.engine_latency(_Attention(), _Attention(), torch.randn(1, 5, 8), [1], tmp_path, seconds=0.1))
+    assert figures is None and why.startswith("engine latency not measured (") and "latency_check: false" in why
+    assert "\n" not in why and list(tmp_path.iterdir()) == []  # the temporary exports are gone

@@ -140,19 +140,24 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> Stage
     if config.method is Method.l1_unstructured:
         return StageResult(model, info=_run_l1(model, config, ctx))
     check = _latency_check(config) if is_main_process() else None  # one timing, not one per DDP rank
-    figures: list[latency.EngineLatency] = []
+    figures: list[latency.EngineLatency] | None = []
+    unmeasured = None
     if check is None:
         info = _run_channel(model, config, ctx)
     else:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ctx.stage_dir, prefix="latency-") as tmp:
-            before = latency.export_for_timing(model, ctx.example_input, Path(tmp) / "before.onnx")
+            example, folder = ctx.example_input, Path(tmp)
+            before, unmeasured = latency.run_advisory(
+                lambda: latency.export_for_timing(model, example, folder / "before.onnx"))
             info = _run_channel(model, config, ctx)
-            after = latency.export_for_timing(model, ctx.example_input, Path(tmp) / "after.onnx")
-            figures = latency.measure(before, after, ctx.example_input, check.batch_sizes, threads=check.threads,
-                                      seconds=check.seconds)
-        info["prune"]["engine_latency_ms"] = [f.to_report() for f in figures]
-    return StageResult(model, info=info, warnings=_warnings(info["prune"], config, figures))
+            if before is not None:
+                figures, unmeasured = latency.run_advisory(lambda: latency.measure(
+                    before, latency.export_for_timing(model, example, folder / "after.onnx"), example,
+                    check.batch_sizes, threads=check.threads, seconds=check.seconds))
+        info["prune"]["engine_latency_ms"] = [f.to_report() for f in figures or []]
+    warnings = _warnings(info["prune"], config, figures or [])
+    return StageResult(model, info=info, warnings=warnings + ([unmeasured] if unmeasured else []))
 
 
 def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.EngineLatency]) -> list[str]:

@@ -197,7 +197,16 @@ def engine_summary(sections: dict[str, Any]) -> list[str]:
         lines.append(f"engine: {_not_int8(g, 3)}")
     if g.get("int8_execution") == "simulated":
         lines.append(f"engine: WARNING {g['int8_note']}")
+    if g.get("int8_unplanned"):
+        lines.append(f"engine: WARNING {unplanned_note(g['int8_unplanned'])}")
     return lines
+
+
+def unplanned_note(layers: list[str]) -> str:
+    """Layers kept in float by the recipe that ONNX Runtime quantized anyway."""
+    return (f"{', '.join(f'`{n}`' for n in layers)} kept out of quantization by the recipe, but ONNX Runtime runs "
+            "them in INT8 with weight scales of its own, because the tensors around them are quantized for their "
+            "neighbours")
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -258,6 +267,8 @@ def markdown(doc: dict[str, Any]) -> str:
                           for f in g["not_int8"]]
         if g.get("int8_execution") == "simulated":
             lines += ["", f"**Note:** {g['int8_note']}."]
+        if g.get("int8_unplanned"):
+            lines += ["", f"**Warning:** {unplanned_note(g['int8_unplanned'])}."]
         if g.get("tensorrt"):
             t = g["tensorrt"]
             by = ", ".join(f"{k} {v}" for k, v in t["layers"].get("by_precision", {}).items())

@@ -140,3 +140,25 @@ def test_a_tensorrt_graph_checked_in_onnxruntime_says_it_simulates_int8(write_re
     assert re.search(r"engine: WARNING the Q/DQ graph runs in ONNX Runtime, which simulates INT8 in float: its "
                      r"accuracy is valid, its latency is not that of INT8 kernels \(nor TensorRT's\)", result.err)
     assert "simulates INT8 in float" in (out / "report.md").read_text()
+
+
+def test_fx_traced_torchvision_layers_are_named_and_excluded_ones_ort_quantizes_are_flagged(tmp_path):
+    """resnet18 is quantized through torch.fx, whose export names lose scopes (`layer2.0.conv1` exports as
+    `/conv1_3/Conv`): layers are found from their weights' names instead."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    qmodel = quant.prepare(torchvision.models.resnet18(num_classes=10).eval(), "onnxruntime",
+                           exclude=["layer2.0.conv1", "fc"])
+    ptq.calibrate(qmodel, [torch.randn(4, 3, 32, 32)], "max", progress=False)
+    source = tmp_path / "r18.onnx"
+    export_onnx(qmodel, torch.zeros(1, 3, 32, 32), source, target="onnxruntime")
+    engine = build_engine(source, tmp_path / "r18.engine.onnx", level=Optimization.all)
+    cov = coverage(source, engine.path, qmodel)
+    named = {f.layer: f.reason for f in cov.not_int8}
+    in_float_or_flagged = set(named) | set(cov.int8_unplanned)
+    assert {"layer2.0.conv1", "fc"} <= in_float_or_flagged  # every excluded layer is accounted for, by name
+    assert all(layer for layer in named)  # no weighted op falls back to the model's own forward ('')
+    for layer in set(named) & {"layer2.0.conv1", "fc"}:
+        assert named[layer] is FloatReason.excluded
+    # every weighted op is matched to its engine node (level all renames fused nodes `..._token_N`)
+    assert cov.int8_macs + sum(f.macs for f in cov.not_int8) == cov.weighted_macs == count_macs(qmodel, torch.zeros(1, 3, 32, 32))

@@ -11,7 +11,8 @@ exported nodes to modules by the scope path ``torch.onnx`` writes into the name
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -37,6 +38,7 @@ class FloatReason(str, Enum):
     functional = "functional"  # a functional op with a weight, outside any layer
     not_quantized = "not_quantized"  # a quantizable layer prepare() did not touch (no plan recorded)
     not_fused = "not_fused"  # quantized, but ONNX Runtime found no INT8 kernel for its Q/DQ group
+    unmatched = "unmatched"  # no engine node of a known kind came from it (fused into another op, or folded)
 
 
 _FROM_PLAN = {Skip.excluded: FloatReason.excluded, Skip.not_included: FloatReason.not_included,
@@ -62,6 +64,9 @@ class Coverage:
     not_int8: list[FloatOp]
     int8_macs: int
     weighted_macs: int
+    # layers the recipe kept out of quantization that the engine runs in INT8 all the same: ONNX Runtime
+    # quantizes a float weight itself when the op's input and output are quantized
+    int8_unplanned: list[str] = field(default_factory=list)
 
     @property
     def int8_macs_fraction(self) -> float:
@@ -70,7 +75,7 @@ class Coverage:
     def to_dict(self) -> dict[str, Any]:
         return {"not_int8": [{**asdict(f), "reason": f.reason.value} for f in self.not_int8],
                 "int8_macs": self.int8_macs, "weighted_macs": self.weighted_macs,
-                "int8_macs_fraction": round(self.int8_macs_fraction, 4)}
+                "int8_macs_fraction": round(self.int8_macs_fraction, 4), "int8_unplanned": self.int8_unplanned}
 
 
 def layer_of(node_name: str) -> str:
@@ -83,6 +88,33 @@ def layer_of(node_name: str) -> str:
         path.append(seg[len(prev) + 1:] if prev is not None and seg.startswith(prev + ".") else seg)
         prev = seg
     return ".".join(path)
+
+
+_THROUGH = ("DequantizeLinear", "QuantizeLinear", "Identity", "Cast", "Transpose", "Reshape", "Unsqueeze")
+_PARAM_SUFFIXES = (".weight_quantized", ".weight", ".in_proj_weight")
+
+
+def _weight_owner(node: onnx.NodeProto, graph: Graph, model: nn.Module) -> str | None:
+    """The module whose weight feeds ``node``, from the weight initializer's name (``layer2.0.conv1.weight``).
+
+    Scopes in node names are not enough: a model traced by torch.fx exports ``/conv1_3/Conv`` for
+    ``layer2.0.conv1``, but the initializer keeps the parameter's name.
+    """
+    modules = dict(model.named_modules())
+    for name in node.input[:2]:
+        seen = 0
+        while name in graph.producer and graph.producer[name].op_type in _THROUGH and seen < 8:
+            name, seen = graph.producer[name].input[0], seen + 1
+        for suffix in _PARAM_SUFFIXES:
+            if name.endswith(suffix) and name[: -len(suffix)] in modules:
+                return name[: -len(suffix)]
+    return None
+
+
+def locate(node: onnx.NodeProto, graph: Graph, model: nn.Module) -> tuple[str, nn.Module]:
+    """The layer an exported weighted op belongs to: its weight's owner, else the scope in its name."""
+    owner = _weight_owner(node, graph, model)
+    return (owner, model.get_submodule(owner)) if owner else _module(model, layer_of(node.name))
 
 
 def _module(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
@@ -166,7 +198,7 @@ def _output_quantized(graph: Graph, node: onnx.NodeProto) -> bool:
 
 def _why_float(node: onnx.NodeProto, graph: Graph, model: nn.Module, target: Target | None, fuses: bool
                ) -> tuple[str, FloatReason, str]:
-    layer, module = _module(model, layer_of(node.name))
+    layer, module = locate(node, graph, model)
     weighted = [i for i in node.input[:2] if _is_weight(graph, i)]
     if node.op_type == "MatMul" and not weighted:
         return layer, FloatReason.attention_matmul, "activation x activation MatMul (e.g. attention Q.K^T, A.V); not quantized"
@@ -197,7 +229,9 @@ def _why_float(node: onnx.NodeProto, graph: Graph, model: nn.Module, target: Tar
 
 
 def _source_of(engine_name: str, names: list[str]) -> str | None:
-    """The exported node an engine node came from: the same name, or it plus ONNX Runtime's ``/Suffix``."""
+    """The exported node an engine node came from: the same name, or it plus ONNX Runtime's ``/Suffix`` or
+    ``_token_N`` (its level-``all`` fusions)."""
+    engine_name = re.sub(r"_token_\d+$", "", engine_name)
     if engine_name in names:
         return engine_name
     prefixed = [n for n in names if engine_name.startswith(n + "/")]
@@ -221,6 +255,8 @@ def coverage(source: str | os.PathLike[str], engine: str | os.PathLike[str], mod
     names = list(nodes)
     target = target_of(model)
     float_ops: list[FloatOp] = []
+    unplanned: list[str] = []
+    skipped = plan_of(model).skipped
     int8 = 0
     seen: set[str] = set()
     for enode in onnx.load(str(engine), load_external_data=False).graph.node:
@@ -230,9 +266,18 @@ def coverage(source: str | os.PathLike[str], engine: str | os.PathLike[str], mod
         if enode.op_type in INT8_WEIGHTED:
             seen.add(origin)
             int8 += macs[origin]
+            layer, _ = locate(nodes[origin], graph, model)
+            if layer in skipped and skipped[layer][0] in (Skip.excluded, Skip.not_included):
+                unplanned.append(layer)
         elif enode.op_type in FLOAT_WEIGHTED:
             seen.add(origin)
             layer, reason, detail = _why_float(nodes[origin], graph, model, target, fuses)
             float_ops.append(FloatOp(layer, origin, enode.op_type, reason, detail, macs[origin]))
-    return Coverage(float_ops, int8, sum(macs.values()))
+    for name in names:  # so that INT8 + float MACs add up to every weighted op's
+        if name not in seen:
+            layer, _ = locate(nodes[name], graph, model)
+            float_ops.append(FloatOp(layer, name, nodes[name].op_type, FloatReason.unmatched,
+                                     "no INT8 or float weighted op in the engine came from it: ONNX Runtime fused it "
+                                     "into another op or folded it away", macs[name]))
+    return Coverage(float_ops, int8, sum(macs.values()), unplanned)
 

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--batch-size", type=int, help="default 64, or the recipe's data.eval batch_size")
     chk.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
                      help="ONNX Runtime graph optimisation level for .onnx files (default all, as a deployed session)")
+    chk.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                     help="a module whose factories .pt checkpoints may name (beside compress.zoo and torchvision.models)")
     chk.add_argument("--report", type=Path, default=Path("check_report.json"),
                      help="where to write the drift report (JSON; default check_report.json)")
     bench = sub.add_parser("bench", parents=[common], help="latency p50/p90/p99 and throughput per batch size")
@@ -97,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--iters", type=int, default=20)
     bench.add_argument("--report", type=Path, help="also write the results as JSON here")
+    bench.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                       help="a module whose factories .pt checkpoints may name (beside compress.zoo and torchvision.models)")
     return parser
 
 
@@ -122,6 +126,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise CompressError(f"bench --input-shape: '{args.input_shape}' has a dimension <= 0")
         sample = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
     results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, backend=args.backend,
+                            trust=_trust(args),
                             warmup=args.warmup, iters=args.iters, optimization=Optimization(args.optimization))
     if args.report is not None:
         from compress import io
@@ -203,7 +208,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     saved_ref = load_reference(args.reference) if saved else None
     batches, inputs = _check_batches(args, saved_ref, recipe, spec)
     level = Optimization(args.optimization)
-    runner = as_runner(args.model, optimization=level)
+    runner = as_runner(args.model, optimization=level, trust=_trust(args))
     if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model])
         ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
@@ -211,7 +216,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
     else:
-        out, ref = metrics.collect_many([runner, as_runner(args.reference, optimization=level)], batches,
+        out, ref = metrics.collect_many([runner, as_runner(args.reference, optimization=level, trust=_trust(args))], batches,
                                         names=[args.model, args.reference])
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
                      min_agreement=args.min_agreement, min_cosine=args.min_cosine)
@@ -227,7 +232,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from compress.data import split_batch
         from compress.export.localize import localize
 
-        layers, unmatched = localize(args.model, args.reference, (split_batch(b)[0] for b in batches))
+        layers, unmatched = localize(args.model, args.reference, (split_batch(b)[0] for b in batches),
+                                     trust=_trust(args))
         doc["layers"] = [e.to_dict() for e in layers]
         doc["unmatched_layers"] = unmatched
     if args.save_reference is not None:
@@ -252,6 +258,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
         print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
     return 0 if result.passed else 1
+
+
+def _trust(args: argparse.Namespace) -> list[str]:
+    """``--trust`` module names, checked: a name, never a path."""
+    from compress.trust import check_module_name
+
+    try:
+        return [check_module_name(name) for name in args.trust]
+    except ValueError as exc:
+        raise CompressError(f"--trust: {exc}") from None
 
 
 def _check_thresholds(args: argparse.Namespace) -> None:

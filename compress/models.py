@@ -18,6 +18,7 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from compress import io, structure
 from compress.errors import CheckpointError, CompressError, first_line
 from compress.imports import resolve
+from compress.trust import check_factory
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
@@ -134,10 +136,14 @@ def load_model(
     checkpoint: str | os.PathLike[str] | None = None,
     factory: str | None = None,
     kwargs: dict[str, Any] | None = None,
+    *,
+    trust: Sequence[str] = (),
 ) -> nn.Module:
     """Build a model from a factory and/or load a checkpoint (compress or raw state_dict).
 
-    A compress checkpoint names its own factory; a raw state_dict needs ``factory``.
+    A compress checkpoint names its own factory; it is called only if it is ``factory`` or its module
+    is trusted (:mod:`compress.trust`: compress's zoo, torchvision's builders, and ``trust``).
+    A raw state_dict needs ``factory``.
 
     Raises:
         CheckpointError / CompressError: see :func:`read_checkpoint`, :func:`build`.
@@ -159,6 +165,7 @@ def load_model(
                 f"checkpoint {path}: is a damaged compress checkpoint (needs a factory string, kwargs and state_dict dicts)"
             )
         own_kwargs = dict(own_kwargs)
+        check_factory(own_factory, str(path), trust=trust, named=factory)  # before anything is imported or called
         if factory is not None and factory != own_factory:
             raise CheckpointError(
                 f"checkpoint {path}: was saved from factory '{own_factory}', but the recipe says '{factory}'"
@@ -225,9 +232,14 @@ def save(
     io.torch_save(payload, path)
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Load a compress checkpoint written by :func:`save` (pickle-free)."""
-    return load_model(path)
+def load(path: str | os.PathLike[str], *, trust: Sequence[str] = ()) -> nn.Module:
+    """Load a compress checkpoint written by :func:`save` (pickle-free).
+
+    Args:
+        trust: modules whose factories the file may name, beside compress's zoo and torchvision's
+            builders (the file's factory is called to rebuild the model: see :mod:`compress.trust`).
+    """
+    return load_model(path, trust=trust)
 
 
 def count_params(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from compress.errors import RecipeError
 from compress.imports import check_reference
+from compress.trust import check_module_name
 
 
 class Strict(BaseModel):
@@ -80,11 +81,17 @@ class ModelSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     input_shape: list[Annotated[int, Field(gt=0)]] | None = None
+    trust: list[str] = Field(default_factory=list)  # modules whose factories checkpoints may name (compress.trust)
 
     @field_validator("factory")
     @classmethod
     def _factory_ref(cls, v: str | None) -> str | None:
         return None if v is None else check_reference(v)
+
+    @field_validator("trust")
+    @classmethod
+    def _trust(cls, v: list[str]) -> list[str]:
+        return [check_module_name(name) for name in v]
 
     @model_validator(mode="after")
     def _needs_something(self) -> ModelSpec:

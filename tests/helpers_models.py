@@ -21,3 +21,8 @@ def two_inputs() -> TwoInputs:
 
 def failing_metric(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     raise ZeroDivisionError("no samples")
+
+
+def tiny_linear() -> nn.Module:
+    """A model from a module compress does not trust by default (checkpoint trust tests)."""
+    return nn.Sequential(nn.Linear(4, 3))

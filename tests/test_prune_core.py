@@ -234,7 +234,7 @@ def test_an_output_computed_from_the_head_keeps_the_head_and_the_plan_survives_s
         assert model.fc.out_features == 10 and model.c3.out_channels == 4
     # a model compress did not build still carries its plan into a checkpoint saved with its factory
     compress.save(model, tmp_path / "m.pt", factory="helpers_prune:scaled_head")
-    torch.testing.assert_close(compress.load(tmp_path / "m.pt")(x), model(x))
+    torch.testing.assert_close(compress.load(tmp_path / "m.pt", trust=["helpers_prune"])(x), model(x))
 
 
 def test_frozen_parameters_and_no_grad_callers_still_trace() -> None:

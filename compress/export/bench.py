@@ -70,7 +70,7 @@ def latency(
 def runner_for(
     path: str | os.PathLike[str], threads: int | None = None, backend: str = "onnxruntime",
     batch_sizes: Sequence[int] = (1,), workdir: str | os.PathLike[str] | None = None,
-    optimization: Optimization = Optimization.all, spinning: bool = True,
+    optimization: Optimization = Optimization.all, spinning: bool = True, trust: Sequence[str] = (),
 ) -> tuple[str, Callable[[torch.Tensor], object]]:
     """``(backend, run)`` for a model file.
 
@@ -101,7 +101,7 @@ def runner_for(
     if file.suffix in (".pt", ".pth"):
         from compress.models import load_model
 
-        model = load_model(file).eval()
+        model = load_model(file, trust=trust).eval()
 
         def eager(x: torch.Tensor) -> object:
             before = torch.get_num_threads()
@@ -127,6 +127,7 @@ def compare(
     warmup: int = 5,
     iters: int = 20,
     optimization: Optimization = Optimization.all,
+    trust: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Latency of each model at each batch size, and the batch size with the best throughput per model.
 
@@ -147,7 +148,7 @@ def compare(
 
     spinning = len(paths) < 2
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as workdir:
-        runners = [runner_for(p, threads, backend, batch_sizes, workdir, optimization, spinning) for p in paths]
+        runners = [runner_for(p, threads, backend, batch_sizes, workdir, optimization, spinning, trust) for p in paths]
         for path, (_, run) in zip(paths, runners, strict=True):
             try:  # one call each first, so a failure names its model
                 run(sample[:1])

@@ -7,7 +7,7 @@ Used by the export stage (engine vs the PyTorch model it was built from) and by
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class CheckResult:
 
 
 def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.device | str = "cpu",
-              optimization: Optimization = Optimization.all) -> Runner:
+              optimization: Optimization = Optimization.all, trust: Sequence[str] = ()) -> Runner:
     """A tensor -> tensor callable for a module, an ONNX/engine file, or a compress checkpoint.
 
     A module is used as it is (on its own device, its train/eval mode restored after use). An ONNX
@@ -70,7 +70,7 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
         if path.suffix in (".pt", ".pth"):
             from compress.models import load_model
 
-            return load_model(path).to(device)
+            return load_model(path, trust=trust).to(device)
         raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .plan, .engine, .pt or .pth)")
     if callable(obj):
         return obj
@@ -183,6 +183,7 @@ def check(
     min_cosine: float | None = None,
     device: torch.device | str = "cpu",
     optimization: Optimization = Optimization.all,
+    trust: Sequence[str] = (),
 ) -> CheckResult:
     """Run ``model`` and ``reference`` over ``data`` and compare them (see :func:`compare`).
 
@@ -198,7 +199,7 @@ def check(
     except ValueError as exc:
         raise CompressError(f"--metric: {exc}") from None
     out, ref = metrics.collect_many(
-        [as_runner(model, device, optimization), as_runner(reference, device, optimization)], data,
+        [as_runner(model, device, optimization, trust), as_runner(reference, device, optimization, trust)], data,
         names=[_label(model, "model"), _label(reference, "reference")],
     )
     return compare(out, ref, metric=metric, max_drop=max_drop, max_drop_samples=max_drop_samples,

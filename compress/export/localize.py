@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +103,15 @@ def _feeding_layers(model: onnx.ModelProto, tensors: dict[str, str]) -> dict[str
     return feeds
 
 
-def _as_onnx(reference: nn.Module | str | os.PathLike[str], example: torch.Tensor, folder: Path) -> Path:
+def _as_onnx(reference: nn.Module | str | os.PathLike[str], example: torch.Tensor, folder: Path,
+             trust: Sequence[str] = ()) -> Path:
     if isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".onnx":
         return Path(reference)
     from compress.export.onnx import export_onnx
     from compress.models import load_model
     from compress.quant import target_of
 
-    model = reference if isinstance(reference, nn.Module) else load_model(reference)
+    model = reference if isinstance(reference, nn.Module) else load_model(reference, trust=trust)
     path = folder / "reference.onnx"
     target = target_of(model)
     export_onnx(model, example, path, **({"target": target} if target is not None else {}))
@@ -123,6 +124,7 @@ def localize(
     batches: Iterable[torch.Tensor],
     *,
     limit: int = 256,
+    trust: Sequence[str] = (),
 ) -> tuple[list[LayerError], list[str]]:
     """Per-layer errors of ONNX ``model`` against ``reference`` (ONNX, compress checkpoint or module),
     sorted by jump, largest first; and the layers found in only one of the two.
@@ -134,7 +136,7 @@ def localize(
     first = next(batches)
     with tempfile.TemporaryDirectory() as tmp:
         ours = _Tapped(Path(model))
-        theirs = _Tapped(_as_onnx(reference, first[:1], Path(tmp)))
+        theirs = _Tapped(_as_onnx(reference, first[:1], Path(tmp), trust))
     shared = [layer for layer in ours.order if layer in theirs.tensor]
     unmatched = sorted(set(ours.order) ^ set(theirs.order))
     diff = {layer: 0.0 for layer in shared}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from compress import metrics
+from compress import metrics, structure
 from compress.data import build_dataset, build_loader
 from compress.errors import DataError
 from compress.holdout import cheap_labels, holdout_indices
@@ -78,6 +78,28 @@ class Splits:
         )
 
 
+def recipe_trust(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
+    """Modules whose factories a checkpoint of this run may name: ``model.trust``, every factory the recipe
+    itself names (a student, a teacher), and the input model's, which ``prepare`` already let in."""
+    found: list[str] = list(recipe.body.model.trust)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "factory" and isinstance(value, str):
+                    found.append(value.partition(":")[0])
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(recipe.resolved())
+    origin = structure.origin_of(model) if model is not None else None
+    if origin is not None and origin.factory:
+        found.append(origin.factory.partition(":")[0])
+    return sorted(set(found))
+
+
 @dataclass
 class StageContext:
     """Everything a stage may use; stages write files only under ``stage_dir`` (or via the result)."""
@@ -98,6 +120,11 @@ class StageContext:
     @property
     def metric(self) -> str:
         return self.recipe.body.metric
+
+    @property
+    def trust(self) -> list[str]:
+        """Modules whose factories checkpoints this run loads may name (:func:`recipe_trust`)."""
+        return recipe_trust(self.recipe, self.baseline)
 
     @property
     def where(self) -> str:

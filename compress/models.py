@@ -18,7 +18,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import nn
 from compress import io, structure
 from compress.errors import CheckpointError, CompressError, first_line
 from compress.imports import resolve
-from compress.trust import check_factory
+from compress.trust import check_factory, safe_kwargs
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
@@ -138,16 +138,23 @@ def load_model(
     kwargs: dict[str, Any] | None = None,
     *,
     trust: Sequence[str] = (),
+    allow: Collection[str] = (),
 ) -> nn.Module:
     """Build a model from a factory and/or load a checkpoint (compress or raw state_dict).
 
-    A compress checkpoint names its own factory; it is called only if it is ``factory`` or its module
-    is trusted (:mod:`compress.trust`: compress's zoo, torchvision's builders, and ``trust``).
-    A raw state_dict needs ``factory``.
+    A compress checkpoint names its own factory; it is called only if it is ``factory`` (or one of
+    ``allow``) or its module is trusted (:mod:`compress.trust`: compress's zoo, torchvision's builders,
+    and ``trust``), and never with the file's pretrained-weights arguments. A raw state_dict needs
+    ``factory``.
+
+    Raises:
+        CheckpointError: an untrusted factory, ``trust`` given as one string; and see below.
 
     Raises:
         CheckpointError / CompressError: see :func:`read_checkpoint`, :func:`build`.
     """
+    if isinstance(trust, str) or isinstance(allow, str):
+        raise CompressError("load: trust and allow are lists of names, not one string: trust=['mypkg.models']")
     if checkpoint is None:
         if factory is None:
             raise CompressError("model: give a factory or a checkpoint")
@@ -164,13 +171,13 @@ def load_model(
             raise CheckpointError(
                 f"checkpoint {path}: is a damaged compress checkpoint (needs a factory string, kwargs and state_dict dicts)"
             )
-        own_kwargs = dict(own_kwargs)
-        check_factory(own_factory, str(path), trust=trust, named=factory)  # before anything is imported or called
+        check_factory(own_factory, str(path), trust=trust, named={*allow, *([factory] if factory else [])})
+        own_kwargs = safe_kwargs(own_kwargs)  # the file's weights replace pretrained ones: never fetch those
         if factory is not None and factory != own_factory:
             raise CheckpointError(
                 f"checkpoint {path}: was saved from factory '{own_factory}', but the recipe says '{factory}'"
             )
-        if kwargs and dict(kwargs) != own_kwargs:
+        if kwargs and safe_kwargs(dict(kwargs)) != own_kwargs:
             raise CheckpointError(
                 f"checkpoint {path}: was saved with kwargs {own_kwargs}, but the recipe says {dict(kwargs)}"
             )
@@ -224,7 +231,7 @@ def save(
         "format": FORMAT,
         "version": VERSION,
         "factory": factory or origin.factory,  # type: ignore[union-attr]
-        "kwargs": dict(kwargs if kwargs is not None else origin.kwargs if origin else {}),
+        "kwargs": safe_kwargs(dict(kwargs if kwargs is not None else origin.kwargs if origin else {})),
         "structure": copy.deepcopy(origin.structure) if origin else [],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": json.loads(json.dumps(metadata or {})),

@@ -33,7 +33,7 @@ from compress.data import example_input, split_batch
 from compress.errors import CompressError, DataError, RecipeError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
-from compress.stages.context import Splits, StageContext, recipe_trust
+from compress.stages.context import Splits, StageContext, recipe_factories
 from compress.stages.registry import stage_types
 from compress.stages.train import check_finetune, keep_best_notice
 from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
@@ -244,7 +244,7 @@ def run(
     done = _finished(run_dir, recipe) if can_reuse else []
     last_ckpt = next((run_dir / d["checkpoint"] for d in reversed(done) if d.get("checkpoint")), None)
     if last_ckpt is not None:
-        model = models.load_model(last_ckpt, trust=recipe_trust(recipe, prep.model))
+        model = models.load_model(last_ckpt, trust=recipe.body.model.trust, allow=recipe_factories(recipe, prep.model))
         model, current = model.to(prep.device), None
         say(f"resume: {len(done)} finished stage(s) reused, continuing from {last_ckpt}")
     entries: list[dict[str, Any]] = []

@@ -36,7 +36,7 @@ def _student(model: nn.Module, config: DistillConfig, ctx: StageContext) -> nn.M
         return model
     spec = config.student
     try:
-        student = models.load_model(spec.checkpoint, spec.factory, spec.kwargs, trust=ctx.trust)
+        student = models.load_model(spec.checkpoint, spec.factory, spec.kwargs, trust=ctx.trust, allow=ctx.factories)
     except CompressError as exc:
         raise type(exc)(f"{ctx.where}.student: {exc}") from None
     return student.to(ctx.device)

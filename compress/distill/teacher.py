@@ -31,7 +31,7 @@ def _stand_in(n: int, ctx: StageContext) -> nn.Module:
         student = getattr(spec.config, "student", None)
         if spec.type == "distill" and student is not None:
             return models.load_model(student.checkpoint, student.factory, student.kwargs,
-                                     trust=ctx.trust).to(ctx.device).eval()
+                                     trust=ctx.trust, allow=ctx.factories).to(ctx.device).eval()
     return ctx.baseline
 
 
@@ -55,10 +55,10 @@ def load_teacher(options: DistillOptions, ctx: StageContext, where: str, *, dry_
             if dry_run:
                 return _stand_in(n, ctx)
             barrier()  # under torchrun rank 0 wrote it; every rank reads it after that
-            model = models.load_model(ctx.run_dir / checkpoint, trust=ctx.trust)
+            model = models.load_model(ctx.run_dir / checkpoint, trust=ctx.trust, allow=ctx.factories)
         else:
             assert not isinstance(teacher, str)
-            model = models.load_model(teacher.checkpoint, teacher.factory, teacher.kwargs, trust=ctx.trust)
+            model = models.load_model(teacher.checkpoint, teacher.factory, teacher.kwargs, trust=ctx.trust, allow=ctx.factories)
     except CompressError as exc:
         if str(exc).startswith(f"{where}.teacher"):
             raise

@@ -78,17 +78,19 @@ class Splits:
         )
 
 
-def recipe_trust(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
-    """Modules whose factories a checkpoint of this run may name: ``model.trust``, every factory the recipe
-    itself names (a student, a teacher), and the input model's, which ``prepare`` already let in."""
-    found: list[str] = list(recipe.body.model.trust)
+def recipe_factories(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
+    """The exact model factories the user named: the recipe's ``model.factory`` and every teacher's and
+    student's ``factory``, plus ``model``'s (the input model, whose factory ``prepare`` let in). Checkpoints
+    of the run (stage checkpoints, ``stage N`` teachers, ``--resume``) may name these; whole modules only
+    through ``model.trust``."""
+    found: list[str] = []
 
-    def walk(node: Any) -> None:
+    def walk(node: Any, key: str = "") -> None:
         if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "factory" and isinstance(value, str):
-                    found.append(value.partition(":")[0])
-                walk(value)
+            if key in ("model", "teacher", "student") and isinstance(node.get("factory"), str):
+                found.append(node["factory"])
+            for k, value in node.items():
+                walk(value, str(k))
         elif isinstance(node, list):
             for value in node:
                 walk(value)
@@ -96,7 +98,7 @@ def recipe_trust(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
     walk(recipe.resolved())
     origin = structure.origin_of(model) if model is not None else None
     if origin is not None and origin.factory:
-        found.append(origin.factory.partition(":")[0])
+        found.append(origin.factory)
     return sorted(set(found))
 
 
@@ -123,8 +125,13 @@ class StageContext:
 
     @property
     def trust(self) -> list[str]:
-        """Modules whose factories checkpoints this run loads may name (:func:`recipe_trust`)."""
-        return recipe_trust(self.recipe, self.baseline)
+        """Modules whose factories checkpoints this run loads may name: the recipe's ``model.trust``."""
+        return list(self.recipe.body.model.trust)
+
+    @property
+    def factories(self) -> list[str]:
+        """Factories the user named, which checkpoints of this run may name (:func:`recipe_factories`)."""
+        return recipe_factories(self.recipe, self.baseline)
 
     @property
     def where(self) -> str:

@@ -141,6 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.out is not None and (not str(args.out).strip() or Path.cwd().resolve().is_relative_to(args.out.resolve())):
+        raise CompressError(f"--out '{args.out}': is the current directory or a folder above it; the run would write "
+                            "over your files there; name a new folder, e.g. --out runs/NAME")
     outcome = pipeline.run(
         recipe, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
         log=None if args.quiet else pipeline.log_stderr,

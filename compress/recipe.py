@@ -189,10 +189,15 @@ class DataSection(Strict):
     eval: DataSpec
 
 
+# A name that becomes a folder (runs/NAME, triton/NAME): letters, digits, . _ -, starting with a letter or
+# digit (so never '.', '..' or a hidden folder), at most 100 characters (no OS path-length traceback).
+SafeName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
 class RecipeBody(Strict):
     """The top level of a recipe; ``stages`` are validated one by one against the stage registry."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    name: SafeName
     model: ModelSpec
     data: DataSection
     metric: str = "top1"

@@ -156,3 +156,17 @@ def test_check_in_samples_from_the_command_line(exported, digits_cnn_checkpoint,
     assert result.code == 1 and doc["drop_samples"] > 0 and doc["thresholds"]["max_drop"] is None
     assert f"({doc['drop_samples']} samples)" in result.out.splitlines()[0]
     assert "> max_drop_samples 0" in result.out
+
+
+def test_outputs_with_nan_or_inf_fail_whatever_the_metric() -> None:
+    from compress.export.check import compare
+
+    labels = [0, 1, 2, 3]
+    reference = _outputs([0, 1, 2, 3], labels)
+    broken = _outputs([0, 1, 2, 3], labels)
+    broken.logits[1, 2] = float("nan")
+    broken.logits[3, 0] = float("inf")
+    for metric in ("top1", "agreement", "cosine"):
+        result = compare(broken, reference, metric=metric, max_drop=None)
+        assert not result.passed and result.failures[0] == "model outputs hold 2 NaN/Inf value(s)", metric
+    assert compare(reference, broken, metric="cosine", max_drop=None).failures == ["reference outputs hold 2 NaN/Inf value(s)"]

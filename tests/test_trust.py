@@ -134,3 +134,24 @@ def test_a_run_allows_exactly_the_model_factories_its_recipe_names(write_recipe)
           - distill: {teacher: {factory: 'helpers_models:two_inputs'}, finetune: {epochs: 1}}
         """))
     assert recipe_factories(recipe) == ["compress.zoo:digits_cnn", "helpers_models:two_inputs"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a" * 101])
+def test_names_that_would_escape_or_hide_the_run_folder_are_refused(name, tmp_path, cli, write_recipe) -> None:
+    recipe = write_recipe(f"name: '{name}'\nmodel: {{factory: 'compress.zoo:digits_mlp'}}\n"
+                          "data: {eval: {source: digits, split: test}}\nstages: []\n")
+    result = cli("validate", recipe)
+    assert result.code == 2 and result.err.count("\n") == 1 and "name:" in result.err
+
+
+def test_out_never_points_at_the_current_folder_or_above(tmp_path, cli, write_recipe, monkeypatch) -> None:
+    recipe = write_recipe("name: r\nmodel: {factory: 'compress.zoo:digits_mlp'}\n"
+                          "data: {eval: {source: digits, split: test}}\nstages: []\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.pt").write_text("the user's file")
+    monkeypatch.chdir(work)
+    for out in ("", ".", "..", str(tmp_path)):
+        result = cli("run", recipe, "--out", out, "--quiet")
+        assert result.code == 2 and "is the current directory or a folder above it" in result.err, out
+    assert (work / "model.pt").read_text() == "the user's file" and sorted(p.name for p in work.iterdir()) == ["model.pt"]

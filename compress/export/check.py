@@ -130,7 +130,8 @@ def compare(
         reference_metric = metrics.score(metric, reference)[metric]
     drop = (reference_metric - model_metric) * 100.0
     drop_samples, changed, moved = _moved(outputs, reference, metric)
-    failures = []
+    failures = [f"{who} outputs hold {bad} NaN/Inf value(s)" for who, o in (("model", outputs), ("reference", reference))
+                if (bad := int((~torch.isfinite(o.logits)).sum()))]  # no metric can vouch for such outputs
     if max_drop is not None and drop > max_drop:
         failures.append(f"{metric} drop {drop:.3f} pt ({moved}) > max_drop {max_drop} pt")
     if max_drop_samples is not None and drop_samples is not None and drop_samples > max_drop_samples:

@@ -20,7 +20,7 @@ from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, i
 from compress.export.tensorrt_rules import check_tensorrt
 from compress.export.triton import write_repository
 from compress.quant.spec import Target
-from compress.recipe import Strict
+from compress.recipe import SafeName, Strict
 from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
@@ -84,7 +84,7 @@ class CheckOptions(Strict):
 
 
 class TritonOptions(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # the model's folder and name in the repository
+    name: SafeName  # the model's folder and name in the repository
     max_batch_size: Annotated[int, Field(ge=0)] = 32  # 0: no batching (then the batch dim is part of dims)
 
 

@@ -24,6 +24,32 @@ def _stats(times: list[float], bs: int) -> dict[str, float]:
     }
 
 
+def round_robin_ms(
+    calls: Sequence[Callable[[], object]], *, warmup: int = 5, iters: int | None = None, seconds: float | None = None,
+    min_iters: int = 10, max_iters: int = 2000,
+) -> list[list[float]]:
+    """Wall-clock ms of each call per round, the calls taking turns: round ``i`` starts with call ``i mod n``
+    (round-robin), so load from the rest of the machine and the order itself hit every call alike.
+
+    Runs ``iters`` rounds, or else about ``seconds`` of wall time (at least ``min_iters``, at most
+    ``max_iters`` rounds), after ``warmup`` calls of each.
+    """
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    deadline = time.perf_counter() + seconds if seconds is not None else None
+    for i in range(iters if iters is not None else max_iters):
+        if deadline is not None and i >= min_iters and time.perf_counter() > deadline:
+            break
+        for k in range(len(calls)):
+            j = (i + k) % len(calls)
+            start = time.perf_counter()
+            calls[j]()
+            times[j].append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
 def latency_interleaved(
     runs: Sequence[Callable[[torch.Tensor], object]],
     sample: torch.Tensor,
@@ -32,24 +58,12 @@ def latency_interleaved(
     warmup: int = 5,
     iters: int = 20,
 ) -> list[dict[str, dict[str, float]]]:
-    """Per run, ``{batch: {p50_ms, p90_ms, p99_ms, throughput}}`` for a batch made by repeating ``sample``.
-
-    The runs take turns: each iteration times every run once, starting one further along each time
-    (round-robin), so load from the rest of the machine and the order itself hit every run alike.
-    """
+    """Per run, ``{batch: {p50_ms, p90_ms, p99_ms, throughput}}`` for a batch made by repeating ``sample``,
+    the runs timed round-robin (:func:`round_robin_ms`)."""
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
         x = sample[:1].expand(bs, *sample.shape[1:]).contiguous()
-        for run in runs:
-            for _ in range(warmup):
-                run(x)
-        times: list[list[float]] = [[] for _ in runs]
-        for i in range(iters):
-            for k in range(len(runs)):
-                j = (i + k) % len(runs)
-                start = time.perf_counter()
-                runs[j](x)
-                times[j].append((time.perf_counter() - start) * 1000.0)
+        times = round_robin_ms([lambda run=run, x=x: run(x) for run in runs], warmup=warmup, iters=iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)
     return results

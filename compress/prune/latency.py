@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from compress.errors import CompressError, first_line
+from compress.export.bench import round_robin_ms
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization
 
@@ -68,28 +68,6 @@ def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
         raise CompressError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
 
 
-def time_interleaved(runs: Sequence[Any], *, seconds: float, min_iters: int = 10, max_iters: int = 2000,
-                     warmup: int = 3) -> list[list[float]]:
-    """Wall-clock ms of each callable in ``runs``, taking turns (the first to go alternates every round).
-
-    Runs for about ``seconds`` of wall time, at least ``min_iters`` and at most ``max_iters`` rounds.
-    """
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    deadline = time.perf_counter() + seconds
-    for i in range(max_iters):
-        if i >= min_iters and time.perf_counter() > deadline:
-            break
-        order = range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))
-        for k in order:
-            start = time.perf_counter()
-            runs[k]()
-            times[k].append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def export_for_timing(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
     """``model`` as a dynamic-batch FP32 ONNX file at ``path`` (the model is left as it was)."""
     export_onnx(model, example[:1], path, opset=13)
@@ -109,7 +87,7 @@ def measure(before: Path, after: Path, example: torch.Tensor, batch_sizes: Seque
         # the example sample repeated: its dtype (token ids stay int64) and a value range the model accepts
         x = example[:1].detach().cpu().expand(bs, *example.shape[1:]).contiguous().numpy()
         runs = [lambda s=s, feed={name: x}: s.run(None, feed) for s in sessions]
-        ms = time_interleaved(runs, seconds=seconds / len(batch_sizes))
+        ms = round_robin_ms(runs, warmup=3, seconds=seconds / len(batch_sizes))
         ratios = [b / a for b, a in zip(ms[0], ms[1], strict=True) if a > 0]
         slower = round(sum(a > b for b, a in zip(ms[0], ms[1], strict=True)) / len(ms[0]), 3)
         figures.append(EngineLatency(bs, statistics.median(ms[0]), statistics.median(ms[1]), len(ms[0]), threads,

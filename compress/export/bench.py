@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ def latency_interleaved(
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
         x = sample[:1].expand(bs, *sample.shape[1:]).contiguous()
-        times = round_robin_ms([lambda run=run, x=x: run(x) for run in runs], warmup=warmup, iters=iters)
+        times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)
     return results

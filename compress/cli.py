@@ -109,7 +109,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from compress.export import bench
 
-    if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads or 1) <= 0:
+    if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads is not None and args.threads <= 0):
         raise CompressError("bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0")
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")

@@ -109,11 +109,17 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32), digits.target.astype(np.int64)
 
 
-def _digits(spec: DigitsData) -> Dataset:
+def _digits(spec: DigitsData, name: str) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     images, labels = _digits_arrays()
     if spec.split != "all":
+        # sklearn's rule (test = ceil(n * f)); stratified, so each side needs a sample of every class
+        n, classes = len(labels), len(np.unique(labels))
+        n_test = int(np.ceil(n * spec.test_fraction))
+        if min(n_test, n - n_test) < classes:
+            raise DataError(f"{name}: test_fraction {spec.test_fraction} splits the {n} digits into {n - n_test} train "
+                            f"and {n_test} test samples; each side needs at least {classes} (one per class)")
         idx_train, idx_test = train_test_split(
             np.arange(len(labels)), test_size=spec.test_fraction, random_state=spec.seed, stratify=labels
         )
@@ -164,7 +170,9 @@ def _npz(spec: NpzData, name: str) -> Dataset:
 
 
 def _imagefolder(spec: ImageFolderData, name: str) -> Dataset:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
+
+    from compress.imagefolder import BoundedImageFolder
 
     root = Path(spec.root)
     if not root.is_dir():
@@ -179,7 +187,9 @@ def _imagefolder(spec: ImageFolderData, name: str) -> Dataset:
     mean, std = (spec.mean[:1], spec.std[:1]) if spec.grayscale else (spec.mean, spec.std)
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     try:
-        return datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+        return BoundedImageFolder(str(root), transform=transforms.Compose(steps))
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from None
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"{name}: {root}: {exc}") from None
 
@@ -196,6 +206,22 @@ def _python(spec: PythonData, name: str) -> Dataset:
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise DataError(f"{name}: factory '{spec.factory}' returned {type(dataset).__name__}, not a sized Dataset")
     return dataset
+
+
+def dataset_size(dataset: Dataset, name: str) -> int:
+    """``len(dataset)``, refusing a ``__len__`` that is negative, not an int, too large or failing.
+
+    Raises:
+        DataError: naming the split.
+    """
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as exc:  # len() itself refuses -1, 1.5, 2**70
+        raise DataError(f"{name}: the dataset's __len__ is unusable: {first_line(exc)}") from None
+    except CompressError:
+        raise
+    except Exception as exc:  # a user's dataset
+        raise DataError(f"{name}: the dataset's __len__ raised {first_line(exc)}") from None
 
 
 def _origin(spec: DataSpec) -> str:
@@ -216,7 +242,7 @@ def build_dataset(spec: DataSpec, name: str = "data") -> Dataset:
         DataError: the data is missing, empty or malformed.
     """
     if isinstance(spec, DigitsData):
-        dataset = _digits(spec)
+        dataset = _digits(spec, name)
     elif isinstance(spec, NpzData):
         dataset = _npz(spec, name)
     elif isinstance(spec, ImageFolderData):
@@ -225,9 +251,10 @@ def build_dataset(spec: DataSpec, name: str = "data") -> Dataset:
         dataset = _python(spec, name)
     else:  # pragma: no cover - the recipe schema admits only the sources above
         raise DataError(f"{name}: unsupported data source {type(spec).__name__}")
-    if spec.limit is not None and spec.limit < len(dataset):  # type: ignore[arg-type]
+    size = dataset_size(dataset, name)
+    if spec.limit is not None and spec.limit < size:
         dataset = Subset(dataset, range(spec.limit))
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if size == 0:
         raise DataError(f"{name}: dataset is empty ({_origin(spec)})")
     return dataset
 
@@ -266,6 +293,21 @@ def example_input(loader: DataLoader, batch: int = 1) -> torch.Tensor:
     """The first ``batch`` inputs of a loader, for tracing, export and MACs counting."""
     x, _ = split_batch(next(iter(loader)))
     return x[:batch]
+
+
+def check_class_labels(loader: DataLoader, name: str) -> None:
+    """Refuse a split whose first batch has fractional labels, one per sample, where class indices are needed.
+
+    Cross-entropy and top1 read such labels as class numbers (or fail deep inside torch); soft labels,
+    one row of probabilities per sample, stay allowed.
+
+    Raises:
+        DataError: ``data.train: labels are torch.float32 numbers ...``.
+    """
+    _, y = split_batch(next(iter(loader)))
+    if isinstance(y, torch.Tensor) and y.ndim == 1 and (y.is_floating_point() or y.is_complex()):
+        raise DataError(f"{name}: labels are {y.dtype} numbers; a classification split needs integer class "
+                        "labels (0..classes-1)")
 
 
 def stack_inputs(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from compress import io, metrics, models, report, structure
-from compress.data import example_input, split_batch
+from compress.data import check_class_labels, example_input, split_batch
 from compress.errors import CompressError, DataError, RecipeError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
@@ -84,6 +84,10 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
                 raise CompressError(f"{recipe.locate('data', split)}: inputs have shape {other} but data.eval has {shape}")
     if splits.has("val") and body.metric == "top1" and split_batch(next(iter(splits.loader("val"))))[1] is None:
         raise DataError(f"{recipe.locate('data', 'val')}: metric top1 selects on labels, but data.val has none")
+    # the train loop's cross-entropy and top1 take class indices
+    for split in ("train", *(("val", "eval") if body.metric == "top1" else ())):
+        if splits.has(split):
+            check_class_labels(splits.loader(split), recipe.locate("data", split))
     if body.model.input_shape is not None and shape != body.model.input_shape:
         raise CompressError(f"{recipe.locate('model', 'input_shape')}: is {body.model.input_shape} but data.eval inputs have {shape}")
     where_eval = recipe.locate("data", "eval")

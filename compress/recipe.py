@@ -1,6 +1,7 @@
 """Recipe schema, loading and validation.
 
-A recipe is YAML data (``yaml.safe_load``: no tags that run code). It is validated with pydantic
+A recipe is YAML data (``yaml.SafeLoader``: no tags that run code; size, nesting depth and alias
+expansion bounded). It is validated with pydantic
 models that reject unknown keys; every error becomes one line naming the file, the YAML line and
 the dotted field, e.g. ``recipe.yaml:14 stages.2.train.finetune.lr: ...``.
 """
@@ -27,7 +28,8 @@ from compress.trust import check_module_name
 class Strict(BaseModel):
     """Base for every recipe section: frozen, and unknown keys are errors with a suggestion."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: no float option means anything at NaN or infinity (`lr: .inf` would train to NaN)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,15 +43,27 @@ class Strict(BaseModel):
                         "unknown key '{key}'{hint} (allowed: {allowed})",
                         {"key": str(key), "hint": did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
                     )
-                value = data[key]
-                if isinstance(value, bool) and _wants_number(cls.model_fields[key].annotation):
-                    # pydantic's lax mode would turn `epochs: yes` into 1; a yes/no is never a count
-                    raise PydanticCustomError(
-                        "bool_for_number",
-                        "expected a number, got {value}",
-                        {"key": str(key), "value": str(value).lower()},
-                    )
+                _check_number(str(key), data[key], cls.model_fields[key].annotation)
         return data
+
+
+# Any integer a recipe gives ends up in C (torch, numpy, sklearn) at 64 bits at most.
+_INT64 = 2**63 - 1
+
+
+def _check_number(key: str, value: Any, annotation: Any) -> None:
+    """Refuse a yes/no where a number (or a list of numbers) is wanted, and integers beyond 64 bits."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) and _wants_number(annotation):
+            # pydantic's lax mode would turn `epochs: yes` into 1 (and [true, 8] into [1, 8]); a yes/no is never a count
+            raise PydanticCustomError(
+                "bool_for_number", "expected a number, got {value}", {"key": key, "value": str(item).lower()}
+            )
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _INT64:
+            raise PydanticCustomError(
+                "number_too_large", "{value} does not fit in 64 bits", {"key": key, "value": str(item)}
+            )
 
 
 def _wants_number(annotation: Any) -> bool:
@@ -63,6 +77,10 @@ def _wants_number(annotation: Any) -> bool:
 
     walk(annotation)
     return bool(found & {int, float}) and bool not in found and Any not in found
+
+
+# sklearn and numpy take seeds in 0..2**32-1; one range everywhere, so a seed valid in one place is valid in all
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -115,7 +133,7 @@ class DigitsData(_LoaderOptions):
     size: Annotated[int, Field(ge=8, le=512)] = 8
     channels: Literal[1, 3] = 1
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    seed: int = 0
+    seed: Seed = 0
 
 
 class NpzData(_LoaderOptions):
@@ -201,7 +219,7 @@ class RecipeBody(Strict):
     model: ModelSpec
     data: DataSection
     metric: str = "top1"
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     stages: list[Any] = Field(default_factory=list)
 
@@ -290,7 +308,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:  # bounded: a recipe named /dev/zero must not fill the memory
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise RecipeError(f"{path}: over {MAX_YAML_BYTES:,} bytes; a recipe is a page of settings, not data")
+        text = raw.decode()
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -359,11 +381,87 @@ def _distill_into_finetune(
     return {**rest, "finetune": {**finetune, "distill": options["distill"]}}
 
 
+# Bounds on what a recipe's YAML may ask of the parser: a recipe is a page of settings, so these are
+# far above any real one, and low enough that a hostile file is refused in milliseconds (a 5 KB
+# "billion laughs" file expands to 10^9 values; `&a [*a]` refers to itself; 5000 nested brackets
+# overflow a recursive walk).
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000  # values after expanding aliases (each use of an anchor counts again)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses nesting deeper than :data:`MAX_YAML_DEPTH` while composing."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values ``root`` holds once every alias is expanded; refuses an alias inside its own anchor.
+
+    Memoised per node, so a billion-laughs file is measured in as many steps as it has nodes.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it", node.start_mark)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(v) for v in node.value)
+        active.discard(key)
+        sizes[key] = total = min(total, MAX_YAML_VALUES + 1)
+        if total > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"expands to more than {MAX_YAML_VALUES:,} values (aliases used too often)", node.start_mark
+            )
+        return total
+
+    return size(root)
+
+
+def safe_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """``yaml.safe_load`` with bounded size, nesting depth and alias expansion; also returns the node tree.
+
+    Raises:
+        yaml.YAMLError: malformed YAML, or YAML over the bounds (the message says which).
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"{len(text):,} characters; a recipe may have at most {MAX_YAML_BYTES:,}")
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _expanded_size(root)
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """Parse YAML safely, returning the data and a map from key path to 1-based line number."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, root = safe_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -400,7 +498,7 @@ def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
     if not sep or not key:
         raise RecipeError(f"--set {item}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = safe_yaml(raw)[0] if raw else None
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")
@@ -469,7 +567,7 @@ class _Locator:
         errors = exc.errors(include_url=False)
         first = errors[0]
         loc = (*prefix, *first["loc"])
-        if first["type"] in ("unknown_key", "bool_for_number"):
+        if first["type"] in ("unknown_key", "bool_for_number", "number_too_large"):
             loc = (*loc, first["ctx"]["key"])
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         return self.at(loc, describe_error(first) + more)

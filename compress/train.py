@@ -27,7 +27,7 @@ from compress.callbacks import Callback, TrainState
 from compress.data import split_batch
 from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError
-from compress.recipe import Strict
+from compress.recipe import Seed, Strict
 
 
 class OptimizerKind(str, Enum):
@@ -56,7 +56,7 @@ class FinetuneConfig(Strict):
     amp: bool = False
     keep_best: bool = True
     grad_clip: Annotated[float, Field(gt=0)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     distill: DistillOptions | None = None  # teacher-student loss during this fine-tune (recipe stages)
 
 

@@ -216,7 +216,7 @@ def test_imagefolder_missing_and_empty(tmp_path: Path) -> None:
     assert one_line_error(DataError, build_dataset, spec, "data.eval") == f"data.eval: image folder {missing} not found"
     (tmp_path / "empty").mkdir()
     spec = ImageFolderData(source="imagefolder", root=str(tmp_path / "empty"))
-    assert "Couldn't find any class folder" in one_line_error(DataError, build_dataset, spec, "data.eval")
+    assert "has no class sub-folders" in one_line_error(DataError, build_dataset, spec, "data.eval")
 
 
 def test_imagefolder_corrupt_image_names_the_file(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ class DistillOptions(Strict):
     """
 
     teacher: str | ModelSpec = "baseline"  # baseline | "stage N" | {factory, kwargs, checkpoint}
-    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 4.0
+    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0  # softmax(t/T) at T > 100 is flat: no signal
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.7
     hints: dict[str, str] = Field(default_factory=dict)  # student layer -> teacher layer
     hint_loss: HintLoss = HintLoss.mse

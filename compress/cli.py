@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -338,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
         # e.g. --out names a file, or a directory we may not write: bad arguments. Other OS errors
         # (a full disk) are the machine's problem, not the input's, and keep their traceback.
+        print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a path the OS refuses by its shape (too long, a symlink loop): the input's fault
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
         print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

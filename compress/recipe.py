@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from compress.errors import RecipeError
@@ -88,6 +98,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _check_path(value: str) -> str:
+    """A file or folder path the OS can take: not empty, no NUL byte, within Linux's name and path limits."""
+    if not value.strip():
+        raise ValueError("empty path")
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    if len(value.encode()) > 4095 or any(len(part.encode()) > 255 for part in value.split("/")):
+        raise ValueError(f"path too long ({len(value)} characters; at most 255 per folder or file name, 4095 in all)")
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(_check_path)]
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 
@@ -97,7 +121,7 @@ class ModelSpec(Strict):
 
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: PathStr | None = None
     input_shape: list[Annotated[int, Field(gt=0)]] | None = None
     trust: list[str] = Field(default_factory=list)  # modules whose factories checkpoints may name (compress.trust)
 
@@ -140,7 +164,7 @@ class NpzData(_LoaderOptions):
     """Arrays in an ``.npz`` file; ``y: null`` for unlabeled data."""
 
     source: Literal["npz"]
-    path: str
+    path: PathStr
     x: str = "x"
     y: str | None = "y"
 
@@ -149,7 +173,7 @@ class ImageFolderData(_LoaderOptions):
     """torchvision ``ImageFolder``: one sub-folder per class."""
 
     source: Literal["imagefolder"]
-    root: str
+    root: PathStr
     resize: Annotated[int, Field(gt=0)] | None = None
     crop: Annotated[int, Field(gt=0)] | None = None
     mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -597,5 +621,6 @@ def describe_error(err: Any) -> str:
     if kind != "unknown_key" and value is not None and not isinstance(value, dict | list) and not (
         isinstance(value, str) and repr(value) in msg
     ):
-        msg += f" (got {value!r})"
+        shown = repr(value)
+        msg += f" (got {shown[:60] + '...' if len(shown) > 64 else shown})"  # a 300-character value stays readable
     return msg

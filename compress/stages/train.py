@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from torch import nn
 
+from compress.data import split_batch
+from compress.distill.options import DistillOptions
+from compress.errors import DataError
 from compress.recipe import Recipe, Strict
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register
@@ -26,8 +29,14 @@ def _check(model: nn.Module, config: TrainConfig, ctx: StageContext) -> None:
 
 
 def check_finetune(model: nn.Module, config: Any, ctx: StageContext) -> None:
-    """Dry-run a stage's ``finetune.distill`` block (any stage type with a ``finetune``)."""
+    """Dry-run a stage's ``finetune.distill`` block (any stage type with a ``finetune``), and check that
+    data.train has the labels the fine-tune's task loss needs."""
     cfg = getattr(config, "finetune", None)
+    if isinstance(cfg, FinetuneConfig) and cfg.epochs and ctx.splits.has("train"):
+        kd = config if isinstance(config, DistillOptions) else cfg.distill
+        if (kd is None or kd.task_weight > 0) and split_batch(next(iter(ctx.splits.loader("train"))))[1] is None:
+            fix = "set label_free: true" if kd is not None else "add labels, or fine-tune with distill: {label_free: true}"
+            raise DataError(f"{ctx.where}.finetune: the task loss needs labels, but data.train has none; {fix}")
     if isinstance(cfg, FinetuneConfig) and cfg.distill is not None and cfg.epochs:
         from compress.distill.teacher import check_distill
         from compress.ptq.stage import quantized_before

@@ -42,3 +42,32 @@ def not_a_dataset() -> int:
 def broken(reason: str = "disk on fire") -> Dataset:
     """A factory that raises, as a user's code might."""
     raise RuntimeError(reason)
+
+
+class _Sized(Dataset):
+    """Zero images with labels 0..9 that report ``length`` as their ``__len__`` whatever it is."""
+
+    def __init__(self, length: object) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length  # type: ignore[return-value]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.zeros(1, 8, 8), i % 10
+
+
+def sized(length: object = -1) -> Dataset:
+    """A dataset whose ``__len__`` returns ``length`` (-1, 1.5, ...): what a buggy user dataset does."""
+    return _Sized(length)
+
+
+def float_labels(n: int = 32) -> TensorDataset:
+    """``n`` random images whose labels are floats (0.0 .. 9.0): regression targets, not classes."""
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=gen), (torch.arange(n) % 10).float())
+
+
+def unlabeled(n: int = 32) -> TensorDataset:
+    """``n`` random images and no labels."""
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)))

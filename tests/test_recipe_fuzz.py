@@ -41,6 +41,7 @@ _NUMBERS: list[Any] = [0, -1, -(10**30), 10**30, 2**63, 2**64, 11805916207174113
 _STRINGS: list[Any] = ["", " ", "../../etc/passwd", "/dev/zero", "/proc/self", "/etc", "/nonexistent/x.pt", ".",
                        "~/x", "a" * 300, "x\0y", "module:callable", "os:system", "stage 99", "baseline", "2:4",
                        "é" * 5, "*", "runs/../..", "cuda:7"]
+_PLAUSIBLE: list[Any] = [0, 1, 2, 3, 7, 16, 64, 1000, 0.5, 0.01, 1e-9, 99.0]
 _UNKNOWN_KEYS = ["colour", "lr_", "__class__", "epoch", "finetune", "source", "0"]
 
 
@@ -71,12 +72,23 @@ def _delete(root: Any, path: Path_) -> None:
     del parent[path[-1]]
 
 
-def _mutate(data: dict[str, Any], rng: random.Random, kinds: list[str]) -> str:
-    """Apply one random mutation in place; return what it did (for the failure message)."""
+def _mutate(data: dict[str, Any], rng: random.Random, kinds: list[str], words: list[str]) -> str:
+    """Apply one random mutation in place; return what it did (for the failure message).
+
+    ``words``: strings the shipped recipes use, so a mutation can also be plausible (a valid value
+    in the wrong place) and reach past the schema into model, data and stage checks.
+    """
     paths = list(_paths(data))
     path = rng.choice(paths)
     value = _get(data, path)
-    op = rng.choice(["delete", "wrong_type", "number", "string", "list_scalar", "unknown_key", "stage"])
+    op = rng.choice(["delete", "wrong_type", "number", "string", "list_scalar", "unknown_key", "stage", "plausible"])
+    if op == "plausible":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            new = not value if isinstance(value, bool) else rng.choice(words)
+        else:
+            new = rng.choice(words) if isinstance(value, str) else rng.choice(_PLAUSIBLE)
+        _set(data, path, new)
+        return f"set {path} = {new!r}"
     if op == "delete":
         _delete(data, path)
         return f"delete {path}"
@@ -133,10 +145,12 @@ def mutants(checkpoint: Path, count: int = MUTANTS, seed: int = SEED) -> Iterato
         if data["model"].get("checkpoint"):
             data["model"]["checkpoint"] = str(checkpoint)
         bases.append((path.name, data))
+    words = sorted({v for _, data in bases for p in _paths(data) if isinstance(v := _get(data, p), str)}
+                   | {"stage 1", "stage 2", "stage 3", *kinds})
     for n in range(count):
         name, base = bases[n % len(bases)]
         data = copy.deepcopy(base)
-        done = [_mutate(data, rng, kinds) for _ in range(rng.choice([1, 1, 2]))]
+        done = [_mutate(data, rng, kinds, words) for _ in range(rng.choice([1, 1, 2]))]
         yield name, "; ".join(done), yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
 
 

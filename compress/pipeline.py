@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +66,20 @@ class Prepared:
 def prepare(recipe: Recipe, *, progress: bool = True) -> Prepared:
     """Build model and data, check they fit together and every stage's options resolve, score the baseline.
 
+    Library warnings raised meanwhile (torch on a zero-size layer, say) are shown only when the
+    inputs pass: a bad input is reported as its one line, not after a screen of warnings.
+
     Raises:
         CompressError: anything wrong with the model, checkpoint, data or a stage's options.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        prep = _prepare(recipe, progress)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return prep
+
+
+def _prepare(recipe: Recipe, progress: bool) -> Prepared:
     body = recipe.body
     device = pick_device(body.device)
     torch.manual_seed(body.seed)

@@ -7,7 +7,9 @@ split's labels are checked when the split is built.
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,19 @@ def test_validate_refuses_a_fine_tune_without_labels(cli, write_recipe, tiny_rec
     label_free = "stages.0.train.finetune.distill={label_free: true}"
     result = cli("validate", recipe, "--quiet", "--set", unlabeled, "--set", label_free)
     assert result.code == 0, result.err
+
+
+def test_library_warnings_do_not_break_the_one_line_error(cli, write_recipe, tiny_recipe_text, monkeypatch) -> None:
+    """Found by the recipe fuzz: a zero-width layer made torch warn on stderr before the one-line error."""
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - as Python's
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+    warnings.simplefilter("always")  # pytest restores its filters after the test
+    monkeypatch.setattr(warnings, "showwarning", to_stderr)  # as outside pytest: warnings go to stderr
+    recipe = write_recipe(tiny_recipe_text)
+    zero = "model.kwargs={hidden: 0}"  # torch: "Initializing zero-element tensors is a no-op"
+    line = cli("validate", recipe, "--quiet", "--set", zero, "--set", PY_TRAIN % ("float_labels", "")).error_line()
+    assert "labels are torch.float32 numbers" in line
+    result = cli("validate", recipe, "--quiet", "--set", zero)  # good input: the warnings are still shown
+    assert result.code == 0 and "zero-element tensors" in result.err

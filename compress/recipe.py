@@ -146,7 +146,7 @@ class _LoaderOptions(Strict):
     batch_size: Annotated[int, Field(gt=0)] = 64
     limit: Annotated[int, Field(gt=0)] | None = None
     shuffle: bool | None = None  # None: shuffle the train split only
-    workers: Annotated[int, Field(ge=0)] = 0
+    workers: Annotated[int, Field(ge=0, le=128)] = 0  # each one a process: a typo must not fork thousands
 
 
 class DigitsData(_LoaderOptions):
@@ -174,8 +174,8 @@ class ImageFolderData(_LoaderOptions):
 
     source: Literal["imagefolder"]
     root: PathStr
-    resize: Annotated[int, Field(gt=0)] | None = None
-    crop: Annotated[int, Field(gt=0)] | None = None
+    resize: Annotated[int, Field(gt=0, le=4096)] | None = None  # pixels a side: bounded so no image needs terabytes
+    crop: Annotated[int, Field(gt=0, le=4096)] | None = None
     mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
     grayscale: bool = False

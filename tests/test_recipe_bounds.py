@@ -92,6 +92,10 @@ def test_anchors_and_aliases_within_bounds_still_work(tiny_recipe_text: str) -> 
     ("data.eval.limit=99999999999999999999", "--set data.eval.limit: 99999999999999999999 does not fit in 64 bits"),
     ("model.checkpoint=" + "a" * 300, "--set model.checkpoint: path too long (300 characters"),
     ("model.input_shape=[1, true, 8]", "--set model.input_shape: expected a number, got true"),
+    # a process each: validate itself starts them to read the first batch
+    ("data.eval.workers=100000", "--set data.eval.workers: Input should be less than or equal to 128"),
+    ("data.eval={source: imagefolder, root: x, resize: 1000000}",
+     "--set data.eval.resize: Input should be less than or equal to 4096"),
 ])
 def test_numbers_out_of_bounds_are_one_line(cli, write_recipe, tiny_recipe_text, override, expected) -> None:
     recipe = write_recipe(tiny_recipe_text)
@@ -103,6 +107,13 @@ def test_export_batch_sizes_with_a_yes_is_refused(cli, write_recipe, tiny_recipe
     recipe = write_recipe(tiny_recipe_text + "  - export: {engine: {batch_sizes: [true, 8]}}\n")
     line = cli("validate", recipe, "--quiet").error_line()
     assert line == f"{recipe}:11 stages.1.export.engine.batch_sizes: expected a number, got true"
+
+
+@pytest.mark.parametrize("engine", ["{batch_sizes: [1, 1000000000]}", "{backend: tensorrt, profile: {max: 1000000000}}"])
+def test_engine_batch_sizes_are_bounded(cli, write_recipe, tiny_recipe_text, engine) -> None:
+    """The bench input for a batch of 10^9 digits needs 256 GB: refused by validate, not at the end of a run."""
+    recipe = write_recipe(tiny_recipe_text + f"  - export: {{engine: {engine}}}\n")
+    assert "Input should be less than or equal to 65536" in cli("validate", recipe, "--quiet").error_line()
 
 
 def test_largest_seed_is_accepted(cli, write_recipe, tiny_recipe_text) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,6 +177,16 @@ def _problem(code: int, err: str) -> str | None:
     return None
 
 
+def _warnings_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Show warnings on stderr as Python does outside pytest (pytest records them), once per place."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - Python's signature
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+    warnings.simplefilter("default")  # pytest restores its own filters after the test
+    monkeypatch.setattr(warnings, "showwarning", show)
+
+
 @pytest.fixture(scope="module")
 def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained ``digits_cnn(num_classes=10)`` saved with ``compress.save`` (what the recipes load)."""
@@ -188,6 +200,7 @@ def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_recipe_mutants_exit_0_or_one_line_2(cnn_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths in mutants ("." as an image folder) land in an empty folder
+    _warnings_to_stderr(monkeypatch)
     outcomes: Counter[str] = Counter()
     problems: list[str] = []
     for i, (name, what, text) in enumerate(mutants(cnn_checkpoint)):

@@ -42,19 +42,24 @@ class Precision(str, Enum):
     fp16 = "fp16"  # the non-quantized parts in float16, through casts written into DIR/model.fp16.onnx
 
 
+# Batch sizes the engine is built, timed and served at: a bench input of 10^9 samples would need terabytes.
+MAX_BATCH = 65536
+Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+
+
 class BatchProfile(Strict):
     """TensorRT's optimization profile for the dynamic batch: tuned for ``opt``, accepts ``min..max``."""
 
-    min: Annotated[int, Field(gt=0)] = 1
-    opt: Annotated[int, Field(gt=0)] | None = None  # default: the largest of batch_sizes
-    max: Annotated[int, Field(gt=0)] | None = None  # default: the largest of batch_sizes and triton.max_batch_size
+    min: Batch = 1
+    opt: Batch | None = None  # default: the largest of batch_sizes
+    max: Batch | None = None  # default: the largest of batch_sizes and triton.max_batch_size
 
 
 class EngineOptions(Strict):
     backend: Backend = Backend.onnxruntime
     precision: Precision = Precision.fp32
     keep_fp32: list[str] = Field(default_factory=list)  # op types or node names left in float32 by fp16
-    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8, 32])
+    batch_sizes: list[Batch] = Field(default_factory=lambda: [1, 8, 32])
     bench_iters: Annotated[int, Field(ge=0)] = 20
     # onnxruntime only
     threads: Annotated[int, Field(gt=0)] | None = None
@@ -85,7 +90,7 @@ class CheckOptions(Strict):
 
 class TritonOptions(Strict):
     name: SafeName  # the model's folder and name in the repository
-    max_batch_size: Annotated[int, Field(ge=0)] = 32  # 0: no batching (then the batch dim is part of dims)
+    max_batch_size: Annotated[int, Field(ge=0, le=MAX_BATCH)] = 32  # 0: no batching (then the batch dim is part of dims)
 
 
 class ExportConfig(Strict):

@@ -257,7 +257,7 @@ class RecipeBody(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", v):  # torch cannot parse cuda:99999999999999999999
             raise ValueError(f"unknown device '{v}' (auto, cpu, cuda, cuda:N)")
         return v
 

@@ -118,6 +118,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CompressError(f"device '{name}' asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CompressError(f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                                f"GPU(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
         if device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device

@@ -221,3 +221,22 @@ def test_mutants_are_reproducible(cnn_checkpoint: Path) -> None:
     again = [text for _, _, text in mutants(cnn_checkpoint, count=20)]
     assert first == again
     assert len(set(first)) == 20  # every draw differs from the others
+
+
+HOSTILE_OVERRIDES = [
+    ".=1", "a..b=1", "stages.-1.x=1", "name.x=1", "stages.5=1", "stages.0.train.finetune=", "=3", "seed", "seed==1",
+    "stages.0.train=[1]", "data=null", "stages=null", "stages={}", "model.kwargs.hidden=[", "seed=&a [*a]",
+    "seed=!!python/object/apply:os.system [touch marker]", "stages.0.train.finetune.lr=1e400",
+    "data.eval.split=!!binary aGVsbG8=", "data.eval.limit=2020-01-01", "stages.1000000000000000000000=1",
+    "device=cuda:99999999999999999999", "model.trust=[os]", "data.eval.root=/proc/self", "model.kwargs={hidden: -1}",
+]
+
+
+@pytest.mark.parametrize("override", HOSTILE_OVERRIDES)
+def test_hostile_overrides_exit_0_or_one_line_2(cli, write_recipe, tiny_recipe_text, tmp_path, monkeypatch,
+                                                override) -> None:
+    monkeypatch.chdir(tmp_path)
+    _warnings_to_stderr(monkeypatch)
+    result = cli("validate", write_recipe(tiny_recipe_text), "--quiet", "--set", override)
+    assert _problem(result.code, result.err) is None
+    assert not (tmp_path / "marker").exists()  # a YAML tag never runs code

@@ -353,12 +353,34 @@ def parse_recipe(text: str, *, source: str = "<recipe>", overrides: Sequence[str
     for item in overrides:
         overridden.add(_apply_override(data, item))
     where = _Locator(source, lines, data, overridden)
+    _check_plain(data, (), where)
     try:
         body = RecipeBody.model_validate(data)
     except ValidationError as exc:
         raise where.error(exc) from None
     stages = tuple(_parse_stage(i, entry, where) for i, entry in enumerate(body.stages))
     return Recipe(body=body, stages=stages, source=source, overrides=tuple(overrides), lines=lines)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(node: Any, path: tuple[Any, ...], where: _Locator) -> None:
+    """Refuse values YAML makes from tags or unquoted look-alikes (dates, bytes, sets): a recipe is plain data,
+    and the run directory's recipe.yaml must read back the same."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, _PLAIN):
+                raise where.at(path, f"a key of type {type(key).__name__} ({key!r}); keys are names")
+            _check_plain(value, (*path, key), where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_plain(value, (*path, i), where)
+    elif not isinstance(node, _PLAIN):
+        shown = repr(node)
+        shown = shown[:60] + "..." if len(shown) > 64 else shown
+        raise where.at(path, f"{shown} is a {type(node).__name__}, not recipe data (text, a number, true/false, null, "
+                             "a list or a mapping); quote it if it is text")
 
 
 def _parse_stage(index: int, entry: Any, where: _Locator) -> StageSpec:

@@ -166,3 +166,11 @@ def test_every_number_field_refuses_a_yes_or_no() -> None:
 def test_bench_threads_zero_is_refused(cli) -> None:
     line = cli("bench", "model.onnx", "--input-shape", "1,8,8", "--threads", "0").error_line()
     assert line == "bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0"
+
+
+@pytest.mark.parametrize(("value", "kind"), [("2020-01-01", "date"), ("!!binary /w==", "bytes"),
+                                             ("!!set {a: null}", "set"), ("2001-12-14t21:59:43.10-05:00", "datetime")])
+def test_yaml_values_that_are_not_plain_data(tiny_recipe_text: str, value: str, kind: str) -> None:
+    """A date or bytes in kwargs got past the schema; bytes then broke writing DIR/recipe.yaml (not JSON)."""
+    message = _refused(tiny_recipe_text.replace("{hidden: 8}", f"{{hidden: 8, note: {value}}}"))
+    assert message.startswith("r.yaml:4 model.kwargs.note: ") and f"is a {kind}, not recipe data" in message

@@ -109,9 +109,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from compress.export import bench
+    from compress.export.stage import MAX_BATCH
 
-    if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads is not None and args.threads <= 0):
-        raise CompressError("bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0")
+    # the recipe's engine bounds: a batch of 10^9 inputs needs terabytes, a million threads stalls the machine
+    if (any(not 0 < b <= MAX_BATCH for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0
+            or (args.threads is not None and not 0 < args.threads <= 1024)):
+        raise CompressError(f"bench: --batch-sizes, --iters and --threads must be positive (batch sizes at most "
+                            f"{MAX_BATCH}, threads at most 1024), --warmup >= 0")
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")
     if args.data is not None:

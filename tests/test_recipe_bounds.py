@@ -163,9 +163,11 @@ def test_every_number_field_refuses_a_yes_or_no() -> None:
     assert checked > 30
 
 
-def test_bench_threads_zero_is_refused(cli) -> None:
-    line = cli("bench", "model.onnx", "--input-shape", "1,8,8", "--threads", "0").error_line()
-    assert line == "bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0"
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--threads", "1000000"], ["--batch-sizes", "1", "1000000000"]])
+def test_bench_threads_and_batch_sizes_are_bounded(cli, args) -> None:
+    line = cli("bench", "model.onnx", "--input-shape", "1,8,8", *args).error_line()
+    assert line == ("bench: --batch-sizes, --iters and --threads must be positive (batch sizes at most 65536, threads "
+                    "at most 1024), --warmup >= 0")
 
 
 @pytest.mark.parametrize(("value", "kind"), [("2020-01-01", "date"), ("!!binary /w==", "bytes"),

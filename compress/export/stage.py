@@ -62,7 +62,7 @@ class EngineOptions(Strict):
     batch_sizes: list[Batch] = Field(default_factory=lambda: [1, 8, 32])
     bench_iters: Annotated[int, Field(ge=0)] = 20
     # onnxruntime only
-    threads: Annotated[int, Field(gt=0)] | None = None
+    threads: Annotated[int, Field(gt=0, le=1024)] | None = None
     # the level the engine is deployed at, so timed and checked at (ONNX Runtime's own default); the
     # engine file is saved at most at 'extended', which stays portable across CPUs
     optimization: Optimization = Optimization.all

@@ -46,9 +46,10 @@ class ScheduleConfig(Strict):
 class LatencyCheck(Strict):
     """Time the model before and after pruning in ONNX Runtime (CPU, level ``all``), interleaved."""
 
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8], min_length=1)
-    threads: Annotated[int, Field(ge=1)] | None = None  # intra-op threads; None: ONNX Runtime's default
-    seconds: Annotated[float, Field(gt=0)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
+    # bounded like the export engine's: a batch of 10^9 inputs needs terabytes, a million threads stalls the machine
+    batch_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [1, 8], min_length=1)
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None  # intra-op threads; None: ONNX Runtime's default
+    seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
 
 
 _CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check")

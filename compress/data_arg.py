@@ -19,7 +19,16 @@ from pydantic import ValidationError
 
 from compress.errors import DataError
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData, describe_error, did_you_mean
+from compress.recipe import (
+    DataSpec,
+    DigitsData,
+    ImageFolderData,
+    NpzData,
+    PythonData,
+    describe_error,
+    did_you_mean,
+    safe_yaml,
+)
 
 # each source's spec class and the field its text after "source:" fills
 _SOURCES: dict[str, tuple[type[Any], str]] = {
@@ -68,12 +77,13 @@ def _query(query: str, where: str) -> dict[str, Any]:
 
 def _mapping(text: str, where: str) -> dict[str, Any]:
     """``--data-kwargs``: a JSON or YAML mapping with text keys."""
+    shown = text if len(text) <= 64 else text[:60] + "..."
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text)[0]  # bounded like a recipe: no alias bomb, no deep nesting
     except yaml.YAMLError:
-        raise DataError(f"{where}: --data-kwargs '{text}' does not parse as JSON or YAML") from None
+        raise DataError(f"{where}: --data-kwargs '{shown}' does not parse as JSON or YAML") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise DataError(f"{where}: --data-kwargs '{text}' is not a mapping like '{{\"split\": \"test\"}}'")
+        raise DataError(f"{where}: --data-kwargs '{shown}' is not a mapping like '{{\"split\": \"test\"}}'")
     return value
 
 

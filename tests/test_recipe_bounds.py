@@ -176,3 +176,10 @@ def test_yaml_values_that_are_not_plain_data(tiny_recipe_text: str, value: str, 
     """A date or bytes in kwargs got past the schema; bytes then broke writing DIR/recipe.yaml (not JSON)."""
     message = _refused(tiny_recipe_text.replace("{hidden: 8}", f"{{hidden: 8, note: {value}}}"))
     assert message.startswith("r.yaml:4 model.kwargs.note: ") and f"is a {kind}, not recipe data" in message
+
+
+@pytest.mark.parametrize("mapping", ["&a [*a]", "[" * 3000 + "]" * 3000])
+def test_data_kwargs_yaml_is_bounded_like_a_recipe(cli, mapping) -> None:
+    line = cli("bench", "model.onnx", "--data", "digits", "--data-kwargs", mapping).error_line()
+    assert line.startswith("--data digits: --data-kwargs '") and line.endswith("does not parse as JSON or YAML")
+    assert len(line) < 200

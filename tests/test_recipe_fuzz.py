@@ -43,6 +43,21 @@ _NUMBERS: list[Any] = [0, -1, -(10**30), 10**30, 2**63, 2**64, 11805916207174113
 _STRINGS: list[Any] = ["", " ", "../../etc/passwd", "/dev/zero", "/proc/self", "/etc", "/nonexistent/x.pt", ".",
                        "~/x", "a" * 300, "x\0y", "module:callable", "os:system", "stage 99", "baseline", "2:4",
                        "é" * 5, "*", "runs/../..", "cuda:7"]
+# Whole data splits swapped in: other sources, hostile paths, and the broken datasets of helpers_data.
+_SPLITS: list[dict[str, Any]] = [
+    {"source": "npz", "path": "CHECKPOINT"},  # a zip file, but a torch checkpoint rather than arrays
+    {"source": "npz", "path": "/dev/zero"}, {"source": "npz", "path": "/proc/self"},
+    {"source": "imagefolder", "root": "."}, {"source": "imagefolder", "root": "/proc/self/fd"},
+    {"source": "python", "factory": "helpers_data:sized", "kwargs": {"length": -1}},
+    {"source": "python", "factory": "helpers_data:float_labels"},
+    {"source": "python", "factory": "helpers_data:unlabeled"},
+    {"source": "python", "factory": "helpers_data:nan_at"},
+    {"source": "python", "factory": "helpers_data:broken"},
+    {"source": "python", "factory": "helpers_data:not_a_dataset"},
+    {"source": "python", "factory": "helpers_data:digits_like", "kwargs": {"n": 3, "size": 9}},
+    {"source": "digits", "split": "test", "size": 16, "channels": 3},
+    {"holdout": 0.999}, {"holdout": 0.0001},
+]
 _PLAUSIBLE: list[Any] = [0, 1, 2, 3, 7, 16, 64, 1000, 0.5, 0.01, 1e-9, 99.0]
 _UNKNOWN_KEYS = ["colour", "lr_", "__class__", "epoch", "finetune", "source", "0"]
 
@@ -83,7 +98,17 @@ def _mutate(data: dict[str, Any], rng: random.Random, kinds: list[str], words: l
     paths = list(_paths(data))
     path = rng.choice(paths)
     value = _get(data, path)
-    op = rng.choice(["delete", "wrong_type", "number", "string", "list_scalar", "unknown_key", "stage", "plausible"])
+    op = rng.choice(["delete", "wrong_type", "number", "string", "list_scalar", "unknown_key", "stage", "plausible",
+                     "split"])
+    if op == "split":
+        split = rng.choice(["train", "val", "calibration", "eval"])
+        new = copy.deepcopy(rng.choice(_SPLITS))
+        if new.get("path") == "CHECKPOINT":
+            new["path"] = data["model"].get("checkpoint") or "model.pt" if isinstance(data.get("model"), dict) else "x"
+        data.setdefault("data", {})
+        if isinstance(data["data"], dict):
+            data["data"][split] = new
+        return f"data.{split} = {new!r}"
     if op == "plausible":
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             new = not value if isinstance(value, bool) else rng.choice(words)
@@ -240,3 +265,11 @@ def test_hostile_overrides_exit_0_or_one_line_2(cli, write_recipe, tiny_recipe_t
     result = cli("validate", write_recipe(tiny_recipe_text), "--quiet", "--set", override)
     assert _problem(result.code, result.err) is None
     assert not (tmp_path / "marker").exists()  # a YAML tag never runs code
+
+
+def test_student_that_cannot_run_is_one_line(cli, write_recipe, tiny_recipe_text) -> None:
+    """Found by the fuzz (seed 3, mutant 281): a zero-width student crashed the distiller's probe with a traceback."""
+    student = "{factory: compress.zoo:digits_cnn, kwargs: {num_classes: 10, width: 0}}"
+    recipe = write_recipe(tiny_recipe_text + f"  - distill: {{student: {student}, finetune: {{epochs: 1}}}}\n")
+    line = cli("validate", recipe, "--quiet").error_line()
+    assert line.startswith(f"{recipe}:11 stages.1.distill: the student fails on an input of shape [1, 1, 8, 8]: ")

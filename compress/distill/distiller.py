@@ -27,7 +27,17 @@ from compress.distill.cache import Outputs, TeacherCache
 from compress.distill.features import Features
 from compress.distill.losses import Projection, hint_loss, kd_loss
 from compress.distill.options import DistillOptions
-from compress.errors import CompressError, DataError
+from compress.errors import CompressError, DataError, first_line
+
+
+def _forward(role: str, fn: Any, x: torch.Tensor, where: str) -> Any:
+    """``fn(x)`` for the probe; a model that cannot take the data's inputs is bad input, said in one line."""
+    try:
+        return fn(x)
+    except CompressError:
+        raise
+    except Exception as exc:  # a model from the recipe (a zero-width student, a wrong input size): not a compress bug
+        raise CompressError(f"{where}: the {role} fails on an input of shape {list(x.shape)}: {first_line(exc)}") from None
 
 
 class Distiller:
@@ -106,8 +116,8 @@ class Distiller:
         self._student_features.probing = True
         try:
             with torch.no_grad():
-                student_out = self.student(x)
-                teacher_out = self._teacher_forward(x)
+                student_out = _forward("student", self.student, x, self.where)
+                teacher_out = _forward("teacher", self._teacher_forward, x, self.where)
         finally:
             self._student_features.probing = False
             for module, training in modes.items():

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from compress import io
 from compress.errors import CompressError, one_line
 from compress.export.onnxruntime import Optimization
 
@@ -111,6 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0 or (args.threads or 1) <= 0:
         raise CompressError("bench: --batch-sizes, --iters and --threads must be positive, --warmup >= 0")
+    _check_writable("--report", args.report)
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")
     if args.data is not None:
@@ -129,8 +131,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                             trust=_trust(args),
                             warmup=args.warmup, iters=args.iters, optimization=Optimization(args.optimization))
     if args.report is not None:
-        from compress import io
-
         io.write_json(args.report, results)
     print(json.dumps(results, indent=2) if args.json else "\n".join(bench.table(results)))
     return 0
@@ -170,13 +170,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from compress import io, metrics
+    from compress import metrics
     from compress.export.check import as_runner, compare
     from compress.export.reference import is_reference_file, load_reference, save_reference
 
     if args.batch_size is not None and args.batch_size <= 0:
         raise CompressError(f"--batch-size: must be positive, not {args.batch_size}")
     _check_thresholds(args)
+    _check_writable("--report", args.report)
+    _check_writable("--report", args.report.with_suffix(".md"))
+    _check_writable("--save-reference", args.save_reference)
     recipe = None
     if args.recipe is not None:
         from compress.recipe import load_recipe
@@ -261,6 +264,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
         print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
     return 0 if result.passed else 1
+
+
+def _check_writable(flag: str, path: Path | None) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    problem = None if path is None else io.why_unwritable(path)
+    if problem is not None:
+        raise CompressError(f"{flag} {path}: cannot be written ({problem})")
 
 
 def _trust(args: argparse.Namespace) -> list[str]:

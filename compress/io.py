@@ -60,3 +60,21 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def why_unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why :func:`atomic_path` could not write ``path``, or None when it can (as far as modes tell).
+
+    Checked before a command does its work, so a bad output path fails in a second, not after it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # atomic_path creates the missing folders below the first existing one
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None

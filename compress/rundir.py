@@ -124,8 +124,8 @@ def clear(run_dir: Path, manifest: Manifest) -> None:
         if path.is_symlink() or path.is_file():
             path.unlink()
     parents = {p for rel in manifest.files for p in PurePosixPath(rel).parents if str(p) != "."}
-    for rel in sorted(parents, key=lambda p: -len(p.parts)):
-        folder = run_dir / rel
+    for parent in sorted(parents, key=lambda p: -len(p.parts)):  # deepest first
+        folder = run_dir / parent
         if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     manifest.files.clear()

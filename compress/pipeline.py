@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from compress import io, metrics, models, report, rundir, structure
 from compress.data import example_input, split_batch
-from compress.errors import CompressError, DataError, RecipeError
+from compress.errors import CompressError, DataError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
@@ -133,110 +132,6 @@ def _context(
     )
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x != y:
-                return _first_difference(x, y, f"{path}.{i}")
-    return f"{path or '(top level)'}: {a!r} then, {b!r} now"
-
-
-def _run_dirs(recipe: Recipe) -> list[str]:
-    """The folders (relative) a run of ``recipe`` writes into, beside the run directory itself."""
-    return ["stages", "triton", *(f"stages/{spec.dirname}" for spec in recipe.stages)]
-
-
-@dataclass
-class _Decision:
-    reuse: bool  # finished stages may be reused (--resume of a matching run)
-    manifest: rundir.Manifest
-
-
-def _check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> _Decision:
-    """Decide how to use the run directory, writing nothing.
-
-    Raises:
-        CompressError: the folder is not compress's, holds a run and neither flag says what to do with it,
-            has a link where the run would write, or (``--resume``) was run with another recipe.
-    """
-    found = rundir.kind(run_dir)
-    if found is rundir.Kind.foreign:
-        raise CompressError(f"{run_dir}: is not a compress run directory (no {rundir.MARKER}) and is not empty; "
-                            "nothing was touched; name a new or empty folder with --out")
-    if found is rundir.Kind.legacy:
-        raise CompressError(f"{run_dir}: has a recipe.yaml but no {rundir.MARKER} marker (a run by compress 0.1.0 or "
-                            "older, or not a compress run); only marked folders are resumed or overwritten, and "
-                            "nothing was touched; run into a new --out (or delete the folder yourself)")
-    manifest = rundir.Manifest.read(run_dir) or rundir.Manifest()
-    rundir.check_links(run_dir, manifest, _run_dirs(recipe))
-    saved = run_dir / "recipe.yaml"
-    if not (saved.exists() or manifest.files):
-        return _Decision(False, manifest)
-    if resume:
-        if not saved.exists():
-            raise CompressError(f"--resume: {run_dir} has no recipe.yaml (its run stopped before it began); "
-                                "use --overwrite to start it again")
-        try:
-            before = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError as exc:
-            raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
-        resolved = recipe.resolved()
-        if before != resolved:
-            raise RecipeError(
-                f"--resume: {run_dir} was run with a different recipe ({_first_difference(before, resolved)}); "
-                "run without --resume into another --out"
-            )
-        return _Decision(True, manifest)
-    if not overwrite:
-        raise CompressError(
-            f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
-        )
-    return _Decision(False, manifest)
-
-
-def _claim_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[rundir.Claim | None, _Decision]:
-    """Rank 0 locks the run directory and decides how to use it; every rank gets the decision or the error."""
-    claim, decision, error = None, _Decision(False, rundir.Manifest()), None
-    if is_main_process():
-        try:
-            claim = rundir.Claim(run_dir)
-            decision = _check_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
-        except CompressError as exc:
-            error = exc
-        except OSError as exc:  # e.g. a folder we may not list
-            error = CompressError(f"{run_dir}: cannot use the run directory ({exc.strerror or exc})")
-    reuse, error = broadcast_object((decision.reuse, error))  # under torchrun every rank stops, or none
-    if error is not None:
-        if claim is not None:
-            claim.release()
-        raise error
-    decision.reuse = reuse
-    return claim, decision
-
-
-def _init_run_dir(recipe: Recipe, run_dir: Path, decision: _Decision, *, overwrite: bool) -> rundir.Tracker | None:
-    """Called once the recipe, model and data are known good: clear (if asked), mark, and record the recipe.
-
-    Returns the tracker that lists the run's files in the marker (rank 0 only; None on the other ranks).
-    """
-    if not is_main_process():
-        return None
-    manifest = decision.manifest
-    rundir.remove_temp_files(run_dir, manifest, _run_dirs(recipe))  # left by a run killed mid-write
-    if overwrite and not decision.reuse:
-        rundir.clear(run_dir, manifest)  # only the files earlier runs wrote
-    manifest.write(run_dir)  # marked before the first file is written
-    tracker = rundir.Tracker(run_dir, manifest)
-    if not decision.reuse:
-        io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        tracker.record()
-    return tracker
-
-
 def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
     """metrics.json of the leading finished stages (each needs its checkpoint if it changes models)."""
     registry = stage_types()
@@ -282,11 +177,11 @@ def run(
     caution = warn or (lambda _msg: None)  # stage warnings: shown even when log lines are off (--quiet)
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
     init_distributed(pick_device(recipe.body.device))  # under torchrun: rank 0 decides for every rank
-    claim, decision = _claim_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
+    claim, decision = rundir.claim(recipe, run_dir, resume=resume, overwrite=overwrite)
     try:  # the lock is held until the run ends (and dropped by the kernel if the process is killed)
         barrier()
         prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
-        tracker = _init_run_dir(recipe, run_dir, decision, overwrite=overwrite)
+        tracker = rundir.start(recipe, run_dir, decision, overwrite=overwrite)
         try:
             return _run_stages(prep, run_dir, decision.reuse, tracker, say, caution)
         except BaseException:

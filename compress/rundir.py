@@ -9,6 +9,9 @@ Files are recorded by comparing the folder with a listing taken when the run beg
 or was replaced since is the run's. The pipeline records after every stage and when the run ends
 (an exception or Ctrl-C included); a run killed by SIGKILL mid-stage leaves that stage's files
 unlisted, so ``--overwrite`` keeps them (never the other way round) and the next run replaces them.
+
+A run is claimed (:func:`claim`: locked, then decided; nothing written) before the inputs are
+checked, and started (:func:`start`: cleared if asked, marked, the recipe recorded) once they are good.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
 
 from compress import io
-from compress.errors import CompressError
+from compress.errors import CompressError, RecipeError
+from compress.recipe import Recipe
 from compress.runlock import LOCK_NAME, RunLock
+from compress.train import broadcast_object, is_main_process
 
 MARKER = ".compress-run.json"
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # io.atomic_path's temporary files (mkstemp names)
@@ -221,3 +229,120 @@ class Claim:
             except OSError:  # not empty: the run wrote there
                 break
         self._created = []
+
+
+# --------------------------------------------------------------------------------------------
+# How a run uses its directory (the pipeline calls claim, then start once its inputs are known good)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}.{i}")
+    return f"{path or '(top level)'}: {a!r} then, {b!r} now"
+
+
+def _run_dirs(recipe: Recipe) -> list[str]:
+    """The folders (relative) a run of ``recipe`` writes into, beside the run directory itself."""
+    return ["stages", "triton", *(f"stages/{spec.dirname}" for spec in recipe.stages)]
+
+
+@dataclass
+class Decision:
+    """How a run uses its directory: reuse finished stages or not, and the marker's file list so far."""
+
+    reuse: bool  # finished stages may be reused (--resume of a matching run)
+    manifest: Manifest
+
+
+def _decide(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> Decision:
+    """Decide how to use the run directory, writing nothing.
+
+    Raises:
+        CompressError: the folder is not compress's, holds a run and neither flag says what to do with it,
+            has a link where the run would write, or (``--resume``) was run with another recipe.
+    """
+    found = kind(run_dir)
+    if found is Kind.foreign:
+        raise CompressError(f"{run_dir}: is not a compress run directory (no {MARKER}) and is not empty; "
+                            "nothing was touched; name a new or empty folder with --out")
+    if found is Kind.legacy:
+        raise CompressError(f"{run_dir}: has a recipe.yaml but no {MARKER} marker (a run by compress 0.1.0 or "
+                            "older, or not a compress run); only marked folders are resumed or overwritten, and "
+                            "nothing was touched; run into a new --out (or delete the folder yourself)")
+    manifest = Manifest.read(run_dir) or Manifest()
+    check_links(run_dir, manifest, _run_dirs(recipe))
+    saved = run_dir / "recipe.yaml"
+    if not (saved.exists() or manifest.files):
+        return Decision(False, manifest)
+    if resume:
+        if not saved.exists():
+            raise CompressError(f"--resume: {run_dir} has no recipe.yaml (its run stopped before it began); "
+                                "use --overwrite to start it again")
+        try:
+            before = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError as exc:
+            raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
+        resolved = recipe.resolved()
+        if before != resolved:
+            raise RecipeError(
+                f"--resume: {run_dir} was run with a different recipe ({_first_difference(before, resolved)}); "
+                "run without --resume into another --out"
+            )
+        return Decision(True, manifest)
+    if not overwrite:
+        raise CompressError(
+            f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
+        )
+    return Decision(False, manifest)
+
+
+def claim(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[Claim | None, Decision]:
+    """Rank 0 locks the run directory and decides how to use it; every rank gets the decision or the error.
+
+    Returns:
+        The claim (rank 0; release it when the run ends) and the decision.
+
+    Raises:
+        CompressError: the folder is locked by another run, cannot be written, or may not be used (see ``_decide``).
+    """
+    held, decision, error = None, Decision(False, Manifest()), None
+    if is_main_process():
+        try:
+            held = Claim(run_dir)
+            decision = _decide(recipe, run_dir, resume=resume, overwrite=overwrite)
+        except CompressError as exc:
+            error = exc
+        except OSError as exc:  # e.g. a folder we may not list
+            error = CompressError(f"{run_dir}: cannot use the run directory ({exc.strerror or exc})")
+    reuse, error = broadcast_object((decision.reuse, error))  # under torchrun every rank stops, or none
+    if error is not None:
+        if held is not None:
+            held.release()
+        raise error
+    decision.reuse = reuse
+    return held, decision
+
+
+def start(recipe: Recipe, run_dir: Path, decision: Decision, *, overwrite: bool) -> Tracker | None:
+    """Called once the recipe, model and data are known good: clear (if asked), mark, and record the recipe.
+
+    Returns the tracker that lists the run's files in the marker (rank 0 only; None on the other ranks).
+    """
+    if not is_main_process():
+        return None
+    manifest = decision.manifest
+    remove_temp_files(run_dir, manifest, _run_dirs(recipe))  # left by a run killed mid-write
+    if overwrite and not decision.reuse:
+        clear(run_dir, manifest)  # only the files earlier runs wrote
+    manifest.write(run_dir)  # marked before the first file is written
+    tracker = Tracker(run_dir, manifest)
+    if not decision.reuse:
+        io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        tracker.record()
+    return tracker

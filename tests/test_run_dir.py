@@ -206,6 +206,24 @@ def test_a_killed_holder_does_not_block_resume(cli, finished_run) -> None:
     assert not (run_dir / LOCK_NAME).exists()
 
 
+def test_a_folder_holding_only_a_dead_runs_lock_file_counts_as_empty(cli, tmp_path, write_recipe,
+                                                                      tiny_recipe_text) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("999999\n")  # a run killed before it wrote anything
+    assert cli("run", write_recipe(tiny_recipe_text), "--out", out, "--quiet").code == 0
+    assert _listed(out) == _files(out) - {MARKER} and not (out / LOCK_NAME).exists()
+
+
+def test_resume_lists_the_new_files_and_never_the_users(cli, finished_run) -> None:
+    run_dir = finished_run.run_dir
+    (run_dir / "my-notes.txt").write_text("mine")
+    (run_dir / "model.pt").unlink()
+    assert cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").code == 0
+    assert "model.pt" in _listed(run_dir) and "my-notes.txt" not in _listed(run_dir)
+    assert _listed(run_dir) == _files(run_dir) - {MARKER, "my-notes.txt"}
+
+
 def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, write_recipe, tiny_recipe_text) -> None:
     recipe = load_recipe(write_recipe(tiny_recipe_text))
     out = tmp_path / "run"

@@ -54,7 +54,7 @@ def is_compress_checkpoint(obj: Mapping[Any, Any]) -> bool:
 def _json_problem(value: Any, path: str, depth: int = 0) -> str | None:
     """Where ``value`` stops being plain JSON-like data (None, bool, int, float, str, lists, str-keyed dicts)."""
     if depth > _MAX_DEPTH:
-        return f"{path}: nested more than {_MAX_DEPTH} levels deep"
+        return f"'{path}' nests more than {_MAX_DEPTH} levels deep"
     if value is None or isinstance(value, (bool, int, float, str)):
         return None
     if isinstance(value, (list, tuple)):
@@ -62,11 +62,11 @@ def _json_problem(value: Any, path: str, depth: int = 0) -> str | None:
     if isinstance(value, dict):
         for key, v in value.items():
             if not isinstance(key, str):
-                return f"{path}: key {key!r} is a {type(key).__name__}, expected a string"
+                return f"'{path}' has key {key!r} of type {type(key).__name__}, expected a string"
             if problem := _json_problem(v, f"{path}.{key}", depth + 1):
                 return problem
         return None
-    return f"{path}: is a {type(value).__name__}, expected plain data (numbers, strings, lists, dicts)"
+    return f"'{path}' is of type {type(value).__name__}, expected plain data (numbers, strings, lists, dicts)"
 
 
 def check_state_dict(state_dict: object, source: str, field: str = "state_dict") -> dict[str, torch.Tensor]:
@@ -76,14 +76,14 @@ def check_state_dict(state_dict: object, source: str, field: str = "state_dict")
         CheckpointError: one line naming ``source`` and the first bad key or entry.
     """
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"checkpoint {source}: field '{field}' is a {type(state_dict).__name__}, expected a "
+        raise CheckpointError(f"checkpoint {source}: field '{field}' is of type {type(state_dict).__name__}, expected a "
                               "dict of tensors")
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise CheckpointError(f"checkpoint {source}: field '{field}' has key {key!r} of type "
                                   f"{type(key).__name__}; tensor names are strings")
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is a {type(value).__name__}, "
+            raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is of type {type(value).__name__}, "
                                   "expected a tensor")
         if value.layout != torch.strided or value.is_quantized:
             raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is a {value.layout} "
@@ -114,12 +114,12 @@ def parse(obj: dict[Any, Any], source: str) -> Checkpoint:
     if version > VERSION:
         raise CheckpointError(f"{where}: format version {version} is newer than this compress reads ({VERSION})")
     if not isinstance(obj["factory"], str):
-        raise CheckpointError(f"{where}: field 'factory' is a {type(obj['factory']).__name__}, expected a "
+        raise CheckpointError(f"{where}: field 'factory' is of type {type(obj['factory']).__name__}, expected a "
                               "'module:callable' string")
     for field in ("kwargs", "metadata"):
         value = obj.get(field, {})
         if not isinstance(value, dict):
-            raise CheckpointError(f"{where}: field '{field}' is a {type(value).__name__}, expected a dict")
+            raise CheckpointError(f"{where}: field '{field}' is of type {type(value).__name__}, expected a dict")
         if problem := _json_problem(value, field):
             raise CheckpointError(f"{where}: field {problem}")
     digest = obj.get("weights_sha256")

@@ -13,7 +13,7 @@ changes or allocates anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -94,10 +94,20 @@ def record(model: nn.Module, kind: str, payload: dict[str, Any]) -> None:
     origin.structure.append({"kind": kind, "payload": payload})
 
 
-def field_path(loc: Sequence[Any]) -> str:
-    """``("modules", "fc", "shapes", "weight", 0)`` -> ``modules.fc.shapes.weight[0]``."""
-    out = ""
-    for part in loc:
+def field_path(data: Any, error: Mapping[str, Any]) -> str:
+    """Where a pydantic error is, as keys of ``data``: ``modules.fc.shapes.weight[0]``.
+
+    Pydantic's ``loc`` also names union members (``constrained-int``); only keys and indexes that are in
+    ``data`` are kept, and a missing key at the end.
+    """
+    out, value, loc = "", data, list(error["loc"])
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif not (i == len(loc) - 1 and error["type"] == "missing"):
+            continue
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out.lstrip(".")
 
@@ -109,12 +119,12 @@ def parse(structure: object, source: str) -> list[Change]:
         CheckpointError: one line naming ``source`` and the bad field.
     """
     if not isinstance(structure, list):
-        raise CheckpointError(f"checkpoint {source}: field 'structure' is a {type(structure).__name__}, expected a list")
+        raise CheckpointError(f"checkpoint {source}: field 'structure' is of type {type(structure).__name__}, expected a list")
     changes = []
     for i, entry in enumerate(structure):
         where = f"checkpoint {source}: field 'structure[{i}]'"
         if not isinstance(entry, dict):
-            raise CheckpointError(f"{where} is a {type(entry).__name__}, expected a dict with 'kind' and 'payload'")
+            raise CheckpointError(f"{where} is of type {type(entry).__name__}, expected a dict with 'kind' and 'payload'")
         extra = sorted(map(str, set(entry) - {"kind", "payload"}))
         if extra or "payload" not in entry:
             raise CheckpointError(f"{where}: " + (f"unknown key '{extra[0]}'" if extra else "missing 'payload'")
@@ -127,8 +137,8 @@ def parse(structure: object, source: str) -> list[Change]:
             payload = _REBUILDERS[kind].schema.model_validate(entry["payload"])
         except ValidationError as exc:
             err = exc.errors()[0]
-            path = field_path(("payload", *err["loc"]))
-            raise CheckpointError(f"{where} ({kind}) {path}: {err['msg']}") from None
+            path = field_path(entry, {**err, "loc": ("payload", *err["loc"])})
+            raise CheckpointError(f"checkpoint {source}: field 'structure[{i}].{path}' ({kind}): {err['msg']}") from None
         changes.append(Change(kind, payload))
     return changes
 

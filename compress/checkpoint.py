@@ -24,6 +24,7 @@ import torch
 
 from compress import structure
 from compress.errors import CheckpointError
+from compress.structure import Change
 
 FORMAT = "compress.checkpoint"
 VERSION = 1
@@ -40,7 +41,7 @@ class Checkpoint:
     factory: str
     kwargs: dict[str, Any]
     structure: list[dict[str, Any]]
-    changes: list[structure.Change]
+    changes: list[Change]
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     weights_sha256: str | None
@@ -142,7 +143,7 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         tensor = state_dict[name].detach().cpu().contiguous()
         header = f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0{tensor.numel()}\0"
         digest.update(header.encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

@@ -48,8 +48,9 @@ class Checkpoint:
 
 
 def is_compress_checkpoint(obj: Mapping[Any, Any]) -> bool:
-    """Whether a loaded dict claims to be a compress checkpoint (a plain state_dict has no ``format`` key)."""
-    return "format" in obj and not isinstance(obj["format"], torch.Tensor)
+    """Whether a loaded dict claims to be a compress checkpoint: its ``format`` says so, or it has a ``format``
+    next to compress's ``factory``/``structure`` (a damaged one). Other wrappers load as raw state_dicts."""
+    return obj.get("format") == FORMAT or ("format" in obj and ("factory" in obj or "structure" in obj))
 
 
 def _json_problem(value: Any, path: str, depth: int = 0) -> str | None:

@@ -163,6 +163,22 @@ def test_malformed_checkpoints_are_refused_by_validate_and_as_reference(mlp_chec
         assert expected in reference.error_line(), case
 
 
+def test_malformed_files_naming_a_hostile_factory_run_nothing(mlp_checkpoint, tmp_path, cli) -> None:
+    """The same damage on a file whose factory is ``os:system``: refused in one line, and the command never runs."""
+    marker = tmp_path / "marker"
+
+    def hostile(ckpt: dict[str, Any]) -> None:
+        ckpt["factory"], ckpt["kwargs"] = "os:system", {"command": f"touch {marker}"}
+
+    refused = 0
+    for case, mutate, _ in CASES:
+        bad = _write(mlp_checkpoint, tmp_path / f"{case}.pt", lambda c, m=mutate: (hostile(c), m(c)))
+        one_line_error(CheckpointError, compress.load, bad)
+        cli(*_check_args(bad, mlp_checkpoint, tmp_path)).error_line()
+        refused += 1
+    assert refused == len(CASES) and not marker.exists()
+
+
 def test_absurd_plan_is_refused_before_allocating(mlp_checkpoint, tmp_path) -> None:
     """Replaying the plan would allocate 4e14 x 64 floats; the refusal must come from the size check."""
     bad = _write(mlp_checkpoint, tmp_path / "absurd.pt",
@@ -321,3 +337,11 @@ def test_uncalibrated_quantized_checkpoint_loads_but_inf_amax_is_refused(tmp_pat
         for _, q in compress.quant.quantizers(qmodel):
             q.set_amax(torch.full(q.amax.shape, 2.0))
     _assert_round_trip(qmodel, tmp_path / "calibrated.pt", x)
+
+
+def test_a_foreign_wrapper_with_its_own_format_key_still_loads_as_a_state_dict(tmp_path) -> None:
+    torch.manual_seed(0)
+    state = build(MLP, {"hidden": 8}).state_dict()
+    torch.save({"format": "lightning", "epoch": 3, "state_dict": state}, tmp_path / "wrapped.pt")
+    loaded = load_model(tmp_path / "wrapped.pt", MLP, {"hidden": 8})
+    assert weights_digest(loaded.state_dict()) == weights_digest(state)

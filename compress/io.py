@@ -58,8 +58,10 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` atomically, and reproducibly: saved through a file object, so the zip's inner folder
+    is torch's fixed ``archive`` rather than the temporary file's random name (same content, same bytes)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def why_unwritable(path: str | os.PathLike[str]) -> str | None:

@@ -235,10 +235,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from compress.data import split_batch
         from compress.export.localize import localize
 
-        layers, unmatched = localize(args.model, args.reference, (split_batch(b)[0] for b in batches),
-                                     trust=_trust(args))
-        doc["layers"] = [e.to_dict() for e in layers]
-        doc["unmatched_layers"] = unmatched
+        found = localize(args.model, args.reference, (split_batch(b)[0] for b in batches), trust=_trust(args))
+        doc["layers"] = [e.to_dict() for e in found.layers]
+        doc["unmatched_layers"] = found.unmatched
+        doc["layers_view"] = found.view  # the taps' view; the verdict above ran at the deployed level
     if args.save_reference is not None:
         from compress.report import _versions
 

@@ -30,10 +30,17 @@ class _Layer:
         if node is None:
             raise KeyError(f"no weighted node for layer {layer}")
         w, s, b = _WEIGHTS[node.op_type]
-        self.weight = self.inits[node.input[w]]
-        self.scale = self.inits[node.input[s]] if s is not None else None
-        self.bias = self.inits[node.input[b]] if len(node.input) > b and node.input[b] else None
-        self.op = node.op_type
+        dq = {o: n for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        weight = node.input[w]
+        if weight in dq:  # a float op fed by DequantizeLinear(int8 weight, scale): fault the int8 weight and scale
+            weight, scale = dq[weight].input[0], dq[weight].input[1]
+        else:
+            scale = node.input[s] if s is not None else None
+        bias = node.input[b] if len(node.input) > b and node.input[b] else None
+        bias = dq[bias].input[0] if bias in dq else bias
+        self.weight = self.inits[weight]
+        self.scale = self.inits[scale] if scale is not None else None
+        self.bias = self.inits[bias] if bias is not None else None
 
     def get(self, t: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(t).copy()

@@ -230,11 +230,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         max_rel_error = FLOAT_TOLERANCE if fp32 else args.max_rel_error
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
                      min_agreement=args.min_agreement, min_cosine=args.min_cosine, max_rel_error=max_rel_error)
+    drift = _saved_drift(args, saved_ref, out, result) if saved_ref is not None else None  # may fail the result
     data = args.data if recipe is None else f"{args.recipe} (data.eval)"
     doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
-           **result.to_dict()}
-    if saved_ref is not None:
-        doc["drift"] = _saved_drift(args, saved_ref, out, result)
+           **result.to_dict(), **({"drift": drift} if drift is not None else {})}
     if spec is not None:  # what was read, every option in effect: a factory's default split shows here
         from compress.data import describe_spec
 

@@ -227,7 +227,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ref_runner = as_runner(args.reference, optimization=level, trust=_trust(args))
         out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference])
         fp32 = args.max_rel_error is None and is_fp32(runner) and is_fp32(ref_runner)
-        max_rel_error = FLOAT_TOLERANCE if fp32 else args.max_rel_error
+        max_rel_error = FLOAT_TOLERANCE if fp32 else _finite(args.max_rel_error)
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
                      min_agreement=args.min_agreement, min_cosine=args.min_cosine, max_rel_error=max_rel_error)
     drift = _saved_drift(args, saved_ref, out, result) if saved_ref is not None else None  # may fail the result
@@ -274,7 +274,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             d = doc["drift"]
             print(f"drift vs the outputs saved for {d['saved_from']}: max |error| {d['rel_error']:.3g} of their RMS "
                   f"(bound {d['max_rel_error']:.3g}) | {d['changed']} samples changed their arg-max"
-                  if d["max_rel_error"] is not None else "drift: not checked (the reference file holds no model outputs)")
+                  if d["max_rel_error"] is not None else f"drift: not checked ({d['note']})")
         for entry in doc.get("layers", [])[: args.layers]:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
         if doc.get("layers_view", {}).get("model", {}).get("unfused"):
@@ -295,7 +295,9 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     if saved.model_outputs is None:
         return {"max_rel_error": None, "note": "the reference file holds no model outputs (written before v2)"}
     meta = saved.meta["drift"]
-    bound = args.max_rel_error if args.max_rel_error is not None else float(meta["tolerance"])
+    bound = float(meta["tolerance"]) if args.max_rel_error is None else _finite(args.max_rel_error)
+    if bound is None:
+        return {"max_rel_error": None, "note": "turned off by --max-rel-error inf", "calibration": meta}
     drift = compare(out, Outputs(saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
     result.failures.extend(f"drift: {f}" for f in drift.failures)
     result.passed = not result.failures
@@ -303,6 +305,11 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
             "passed": drift.passed, "saved_from": meta.get("model"),
             "same_file": meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model),
             "calibration": meta}
+
+
+def _finite(bound: float | None) -> float | None:
+    """A bound as compare takes it: ``inf`` (the user turning it off) is no bound."""
+    return None if bound is None or bound == float("inf") else bound
 
 
 def _trust(args: argparse.Namespace) -> list[str]:

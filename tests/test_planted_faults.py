@@ -144,3 +144,16 @@ def test_the_unfused_view_computes_what_the_int8_engine_computes(engines) -> Non
         steps = np.abs(a.astype(np.int32) - b.astype(np.int32))
         # integer accumulation vs float: where a value sits on a rounding tie it lands one step apart, rarely
         assert steps.max() <= 1 and steps.mean() < 0.01, (name, steps.max(), steps.mean())
+
+
+def test_max_rel_error_is_checked_and_inf_turns_it_off(engines, digits_cnn_checkpoint, tmp_path) -> None:
+    bad = plant(engines["fp32"], tmp_path / "bad.onnx", "layer2.conv1", "x1.02")
+    live = ("--reference", digits_cnn_checkpoint, "--data", "digits:test")
+    for flag in ("nan", "-1"):
+        assert main(["check", str(bad), *map(str, live), "--max-rel-error", flag, "--quiet"]) == 2
+    code, doc = _check(tmp_path / "r.json", bad, *live, "--max-rel-error", "inf")
+    assert code == 0 and doc["thresholds"]["max_rel_error"] is None and doc["rel_error"] > 0.01  # reported, not held
+    code, doc = _check(tmp_path / "r.json", bad, "--reference", engines["fp32"].with_suffix(".npz"), "--max-rel-error", "inf")
+    assert code == 0 and doc["drift"]["max_rel_error"] is None
+    code, doc = _check(tmp_path / "r.json", bad, "--reference", engines["fp32"].with_suffix(".npz"), "--max-rel-error", "0.1")
+    assert code == 0 and doc["drift"]["max_rel_error"] == 0.1  # x1.02 moves the outputs by 0.084 of their RMS

@@ -124,7 +124,8 @@ def test_every_layer_is_localised_in_every_engine(engines, kind, tmp_path) -> No
 
 
 def _tapped_session(model: onnx.ModelProto, tensors: list[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -157,3 +158,21 @@ def test_max_rel_error_is_checked_and_inf_turns_it_off(engines, digits_cnn_check
     assert code == 0 and doc["drift"]["max_rel_error"] is None
     code, doc = _check(tmp_path / "r.json", bad, "--reference", engines["fp32"].with_suffix(".npz"), "--max-rel-error", "0.1")
     assert code == 0 and doc["drift"]["max_rel_error"] == 0.1  # x1.02 moves the outputs by 0.084 of their RMS
+
+
+def test_the_unfused_view_of_clip_and_gemm_fusions_matches_the_engine(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.LeakyReLU(0.1), torch.nn.Flatten(), torch.nn.Linear(144, 10),
+                                torch.nn.ReLU()).eval()
+    compress.export.onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    engine = onnx.load(str(build_engine(tmp_path / "m.onnx", tmp_path / "e.onnx").path))
+    fused = sorted(n.op_type for n in engine.graph.node if n.op_type.startswith("Fused"))
+    assert fused == ["FusedConv", "FusedConv", "FusedGemm"]
+    view, taps = unfuse(engine)
+    x = torch.randn(16, 1, 8, 8).numpy()
+    out = engine.graph.output[0].name
+    a = _tapped_session(engine, [out])(x)[0]
+    b = _tapped_session(view, [out])(x)[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # the same float ops, unfused: rounding only
+    assert len(taps) == 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -40,7 +41,7 @@ class _Rewriter:
         self.count += 1
         return f"{base}__unfused_{what}_{self.count}"
 
-    def node(self, op: str, inputs: list[str], output: str, name: str, **attrs: object) -> onnx.NodeProto:
+    def node(self, op: str, inputs: list[str], output: str, name: str, **attrs: Any) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [output], name=name, **attrs)
 
     def dequantize(self, out: list[onnx.NodeProto], base: str, x: str, scale: str, zero: str | None,
@@ -56,7 +57,7 @@ class _Rewriter:
         return y
 
 
-def _attrs(node: onnx.NodeProto, drop: tuple[str, ...] = ()) -> dict[str, object]:
+def _attrs(node: onnx.NodeProto, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in drop}
 
 
@@ -71,8 +72,8 @@ def _activation_of(node: onnx.NodeProto) -> tuple[str, list[float]]:
     kind = attrs.get("activation", b"")
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     if "activation_params" in attrs:
-        return kind, [float(v) for v in attrs["activation_params"]]  # type: ignore[union-attr]
-    return kind, [float(attrs[k]) for k in ("activation_alpha", "activation_beta") if k in attrs]  # type: ignore[arg-type]
+        return kind, [float(v) for v in attrs["activation_params"]]
+    return kind, [float(attrs[k]) for k in ("activation_alpha", "activation_beta") if k in attrs]
 
 
 def _activation(r: _Rewriter, out: list[onnx.NodeProto], node: onnx.NodeProto, x: str, y: str) -> None:

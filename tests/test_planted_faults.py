@@ -176,3 +176,15 @@ def test_the_unfused_view_of_clip_and_gemm_fusions_matches_the_engine(tmp_path) 
     b = _tapped_session(view, [out])(x)[0]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # the same float ops, unfused: rounding only
     assert len(taps) == 3
+
+
+def test_the_python_api_applies_the_float_tolerance_to_fp32_pairs(engines, digits_cnn_checkpoint, tmp_path) -> None:
+    model = compress.load(digits_cnn_checkpoint)
+    test = build_loader(DigitsData(source="digits", split="test", batch_size=128), "digits:test")
+    bad = plant(engines["fp32"], tmp_path / "bad.onnx", "layer2.conv1", "x1.02")
+    result = compress.check(bad, reference=model, data=test)
+    assert not result.passed and result.drop == 0.0 and result.thresholds["max_rel_error"] == FLOAT_TOLERANCE
+    assert compress.check(bad, reference=model, data=test, fp32_tolerance=False).passed  # accuracy alone: unmoved
+    assert compress.check(engines["fp32"], reference=model, data=test).passed
+    int8 = compress.check(engines["int8"], reference=model, data=test)  # not an FP32 pair: no float tolerance
+    assert int8.passed and int8.thresholds["max_rel_error"] is None

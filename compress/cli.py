@@ -299,12 +299,12 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     if bound is None:
         return {"max_rel_error": None, "note": "turned off by --max-rel-error inf", "calibration": meta}
     drift = compare(out, Outputs(saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
-    result.failures.extend(f"drift: {f}" for f in drift.failures)
+    same = meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model)
+    other = "" if same else f" ({args.model} is not the file these outputs were saved for: {meta.get('model')})"
+    result.failures.extend(f"drift: {f}{other}" for f in drift.failures)
     result.passed = not result.failures
     return {"rel_error": drift.rel_error, "max_rel_error": bound, "changed": drift.changed, "max_abs": drift.max_abs,
-            "passed": drift.passed, "saved_from": meta.get("model"),
-            "same_file": meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model),
-            "calibration": meta}
+            "passed": drift.passed, "saved_from": meta.get("model"), "same_file": same, "calibration": meta}
 
 
 def _finite(bound: float | None) -> float | None:

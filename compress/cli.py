@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--save-reference", type=Path, metavar="FILE.npz",
                      help="also store the inputs and the reference's outputs, to check against later")
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
-                     help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most")
+                     help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most "
+                          "(an optimised engine is tapped on its un-fused view; the verdict runs at --optimization)")
     chk.add_argument("--metric", help="top1 (default, or the recipe's), agreement, cosine or module:callable")
     chk.add_argument("--max-drop", type=float, help="largest allowed metric drop in points (default 0.5 unless "
                                                     "--max-drop-samples is given)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,4 +80,22 @@ def why_unwritable(path: str | os.PathLike[str]) -> str | None:
         return f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"the folder {folder} is not writable"
+    return None
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a regular file we may read (missing, a folder, a device/FIFO/socket), or None.
+
+    ``stat`` follows links and never opens the file, so ``/dev/zero`` or a FIFO cannot block or stream forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:  # ENAMETOOLONG, EACCES, ELOOP, ...
+        return f"cannot open it: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, expected a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, FIFO or socket)"
     return None

@@ -59,8 +59,8 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
         CompressError: missing, damaged, not a reference file, or inputs and outputs that do not pair up.
     """
     file = Path(path)
-    if not file.is_file():
-        raise CompressError(f"{file}: no such reference file")
+    if (problem := io.file_problem(file)) is not None:
+        raise CompressError(f"{file}: reference file: {problem}")
     try:
         with np.load(file, allow_pickle=False) as data:
             if "compress_reference" not in data.files:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from compress import io
 from compress.errors import CompressError, one_line
 from compress.export.onnxruntime import Optimization
 
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--save-reference", type=Path, metavar="FILE.npz",
                      help="also store the inputs and the reference's outputs, to check against later")
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
-                     help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most")
+                     help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most "
+                          "(an optimised engine is tapped on its un-fused view; the verdict runs at --optimization)")
     chk.add_argument("--metric", help="top1 (default, or the recipe's), agreement, cosine or module:callable")
     chk.add_argument("--max-drop", type=float, help="largest allowed metric drop in points (default 0.5 unless "
                                                     "--max-drop-samples is given)")
@@ -77,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="largest allowed drop in samples, lost minus gained (top1 or agreement)")
     chk.add_argument("--min-agreement", type=float)
     chk.add_argument("--min-cosine", type=float)
+    chk.add_argument("--max-rel-error", type=float, metavar="F",
+                     help="largest max|MODEL - REF| / RMS(REF); default 1e-4 when both run in float32, and against "
+                          "a saved reference the drift bound calibrated for MODEL's own saved outputs")
     chk.add_argument("--batch-size", type=int, help="default 64, or the recipe's data.eval batch_size")
     chk.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
                      help="ONNX Runtime graph optimisation level for .onnx files (default all, as a deployed session)")
@@ -116,6 +121,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             or (args.threads is not None and not 0 < args.threads <= 1024)):
         raise CompressError(f"bench: --batch-sizes, --iters and --threads must be positive (batch sizes at most "
                             f"{MAX_BATCH}, threads at most 1024), --warmup >= 0")
+    _check_writable("--report", args.report)
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")
     if args.data is not None:
@@ -134,8 +140,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                             trust=_trust(args),
                             warmup=args.warmup, iters=args.iters, optimization=Optimization(args.optimization))
     if args.report is not None:
-        from compress import io
-
         io.write_json(args.report, results)
     print(json.dumps(results, indent=2) if args.json else "\n".join(bench.table(results)))
     return 0
@@ -175,13 +179,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from compress import io, metrics
+    from compress import metrics
     from compress.export.check import as_runner, compare
+    from compress.export.drift import FLOAT_TOLERANCE, calibrate, file_digest, is_fp32
     from compress.export.reference import is_reference_file, load_reference, save_reference
 
     if args.batch_size is not None and args.batch_size <= 0:
         raise CompressError(f"--batch-size: must be positive, not {args.batch_size}")
     _check_thresholds(args)
+    _check_writable("--report", args.report)
+    _check_writable("--report", args.report.with_suffix(".md"))
+    _check_writable("--save-reference", args.save_reference)
     recipe = None
     if args.recipe is not None:
         from compress.recipe import load_recipe
@@ -223,14 +231,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if tuple(out.logits.shape) != tuple(ref.logits.shape):
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
+        max_rel_error = None  # REF's saved outputs: the thresholds as given; MODEL's own: the drift bound below
     else:
-        out, ref = metrics.collect_many([runner, as_runner(args.reference, optimization=level, trust=_trust(args))], batches,
-                                        names=[args.model, args.reference])
+        ref_runner = as_runner(args.reference, optimization=level, trust=_trust(args))
+        out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference])
+        fp32 = args.max_rel_error is None and is_fp32(runner) and is_fp32(ref_runner)
+        max_rel_error = FLOAT_TOLERANCE if fp32 else _finite(args.max_rel_error)
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
-                     min_agreement=args.min_agreement, min_cosine=args.min_cosine)
+                     min_agreement=args.min_agreement, min_cosine=args.min_cosine, max_rel_error=max_rel_error)
+    drift = _saved_drift(args, saved_ref, out, result) if saved_ref is not None else None  # may fail the result
     data = args.data if recipe is None else f"{args.recipe} (data.eval)"
     doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
-           **result.to_dict()}
+           **result.to_dict(), **({"drift": drift} if drift is not None else {})}
     if spec is not None:  # what was read, every option in effect: a factory's default split shows here
         from compress.data import describe_spec
 
@@ -240,15 +252,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from compress.data import split_batch
         from compress.export.localize import localize
 
-        layers, unmatched = localize(args.model, args.reference, (split_batch(b)[0] for b in batches),
-                                     trust=_trust(args))
-        doc["layers"] = [e.to_dict() for e in layers]
-        doc["unmatched_layers"] = unmatched
+        found = localize(args.model, args.reference, (split_batch(b)[0] for b in batches), trust=_trust(args))
+        doc["layers"] = [e.to_dict() for e in found.layers]
+        doc["unmatched_layers"] = found.unmatched
+        doc["layers_view"] = found.view  # the taps' view; the verdict above ran at the deployed level
     if args.save_reference is not None:
         from compress.report import _versions
 
+        bound = calibrate(args.model, inputs, out.logits, args.batch_size or 64)
+        drift = {**bound.to_dict(), "model": str(args.model), "model_sha256": file_digest(args.model),
+                 "optimization": level.value}
         save_reference(args.save_reference, inputs, ref.logits, ref.labels,
-                       {"reference": str(args.reference), "data": data, "versions": _versions()})
+                       {"reference": str(args.reference), "data": data, "versions": _versions(), "drift": drift},
+                       model_outputs=out.logits)
+        doc["saved_drift_tolerance"] = bound.tolerance
         doc["saved_reference"] = str(args.save_reference)
     io.write_json(args.report, doc)
     io.write_text(args.report.with_suffix(".md"), _check_markdown(doc))
@@ -262,10 +279,53 @@ def _cmd_check(args: argparse.Namespace) -> int:
             f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
             f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
         )
+        if "drift" in doc:
+            d = doc["drift"]
+            print(f"drift vs the outputs saved for {d['saved_from']}: max |error| {d['rel_error']:.3g} of their RMS "
+                  f"(bound {d['max_rel_error']:.3g}) | {d['changed']} samples changed their arg-max"
+                  if d["max_rel_error"] is not None else f"drift: not checked ({d['note']})")
         for entry in doc.get("layers", [])[: args.layers]:
             print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
+        if doc.get("layers_view", {}).get("model", {}).get("unfused"):
+            ops = ", ".join(f"{n} {op}" for op, n in doc["layers_view"]["model"]["unfused"].items())
+            print(f"  (layers tapped on MODEL's un-fused view: {ops} rewritten as plain ops, optimisation off; "
+                  f"the verdict ran at {level.value})")
         print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
     return 0 if result.passed else 1
+
+
+def _check_writable(flag: str, path: Path | None) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    problem = None if path is None else io.why_unwritable(path)
+    if problem is not None:
+        raise CompressError(f"{flag} {path}: cannot be written ({problem})")
+
+
+def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: Any) -> dict[str, Any]:
+    """MODEL against its own outputs saved in the reference file, under the bound calibrated then (or
+    --max-rel-error); a failure is added to ``result``'s."""
+    from compress.export.check import compare
+    from compress.export.drift import file_digest
+    from compress.metrics import Outputs
+
+    if saved.model_outputs is None:
+        return {"max_rel_error": None, "note": "the reference file holds no model outputs (written before v2)"}
+    meta = saved.meta["drift"]
+    bound = float(meta["tolerance"]) if args.max_rel_error is None else _finite(args.max_rel_error)
+    if bound is None:
+        return {"max_rel_error": None, "note": "turned off by --max-rel-error inf", "calibration": meta}
+    drift = compare(out, Outputs(saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
+    same = meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model)
+    other = "" if same else f" ({args.model} is not the file these outputs were saved for: {meta.get('model')})"
+    result.failures.extend(f"drift: {f}{other}" for f in drift.failures)
+    result.passed = not result.failures
+    return {"rel_error": drift.rel_error, "max_rel_error": bound, "changed": drift.changed, "max_abs": drift.max_abs,
+            "passed": drift.passed, "saved_from": meta.get("model"), "same_file": same, "calibration": meta}
+
+
+def _finite(bound: float | None) -> float | None:
+    """A bound as compare takes it: ``inf`` (the user turning it off) is no bound."""
+    return None if bound is None or bound == float("inf") else bound
 
 
 def _trust(args: argparse.Namespace) -> list[str]:
@@ -282,7 +342,8 @@ def _check_thresholds(args: argparse.Namespace) -> None:
     """Refuse thresholds no result can be measured against (NaN, out of range); default --max-drop to 0.5."""
     import math
 
-    bounds = {"max_drop": (0.0, math.inf), "min_agreement": (0.0, 1.0), "min_cosine": (-1.0, 1.0)}
+    bounds = {"max_drop": (0.0, math.inf), "min_agreement": (0.0, 1.0), "min_cosine": (-1.0, 1.0),
+              "max_rel_error": (0.0, math.inf)}
     for name, (low, high) in bounds.items():
         value = getattr(args, name)
         if value is not None and not low <= value <= high:  # NaN fails every comparison

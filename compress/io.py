@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,5 +59,43 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` atomically, and reproducibly: saved through a file object, so the zip's inner folder
+    is torch's fixed ``archive`` rather than the temporary file's random name (same content, same bytes)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def why_unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why :func:`atomic_path` could not write ``path``, or None when it can (as far as modes tell).
+
+    Checked before a command does its work, so a bad output path fails in a second, not after it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # atomic_path creates the missing folders below the first existing one
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a regular file we may read (missing, a folder, a device/FIFO/socket), or None.
+
+    ``stat`` follows links and never opens the file, so ``/dev/zero`` or a FIFO cannot block or stream forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:  # ENAMETOOLONG, EACCES, ELOOP, ...
+        return f"cannot open it: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, expected a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, FIFO or socket)"
+    return None

@@ -4,10 +4,12 @@ A compress checkpoint is a plain dict saved with ``torch.save`` and read back wi
 ``torch.load(weights_only=True)``::
 
     {"format": "compress.checkpoint", "version": 1, "factory": "pkg.mod:fn", "kwargs": {...},
-     "structure": [{"kind": ..., "payload": {...}}, ...], "state_dict": {...}, "metadata": {...}}
+     "structure": [{"kind": ..., "payload": {...}}, ...], "state_dict": {...}, "metadata": {...},
+     "weights_sha256": "..."}
 
-Loading builds ``factory(**kwargs)``, replays ``structure`` (pruning plans, quantizers, masks) and
-loads ``state_dict`` strictly. Whole pickled modules are refused.
+Loading checks every field's type (:mod:`compress.checkpoint`) and the weights' sha256, builds
+``factory(**kwargs)``, replays ``structure`` (pruning plans, quantizers, masks) and loads
+``state_dict`` strictly. Whole pickled modules are refused. Identical content saves to identical bytes.
 """
 
 from __future__ import annotations
@@ -16,22 +18,32 @@ import copy
 import json
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from compress import io, structure
+from compress.checkpoint import (
+    FORMAT,
+    VERSION,
+    Checkpoint,
+    check_finite,
+    check_state_dict,
+    is_compress_checkpoint,
+    parse,
+    verify_digest,
+    weights_digest,
+)
 from compress.errors import CheckpointError, CompressError, first_line
 from compress.imports import resolve
 from compress.trust import check_factory, safe_kwargs
 
-FORMAT = "compress.checkpoint"
-VERSION = 1
 # Common wrappers around a raw state_dict (Lightning, torchvision references, many repos).
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 
@@ -58,41 +70,55 @@ def build(factory: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     return model
 
 
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file: never a device, FIFO or socket, which
+    could block or never end (``/dev/zero``)."""
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path}: is a directory, expected a checkpoint file") from None
+    except OSError as exc:  # ENAMETOOLONG, EACCES, ELOOP, ...
+        raise CheckpointError(f"checkpoint {path}: cannot open it: {exc.strerror or first_line(exc)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise CheckpointError(f"checkpoint {path}: is {kind}, expected a checkpoint file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that say what is wrong and how to fix it.
 
     Raises:
-        CheckpointError: missing file, pickled objects, corrupt/truncated file, or not a dict.
+        CheckpointError: missing or non-regular file, pickled objects, corrupt/truncated file, or not a dict.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: is a directory, expected a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # garbage bytes also fail in the weights-only unpickler
+    with _open_regular(path) as fh:
+        try:
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):  # garbage bytes also fail in the weights-only unpickler
+                raise CheckpointError(
+                    f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(exc)}"
+                ) from None
+            raise CheckpointError(
+                f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), which compress never "
+                "unpickles; save weights instead: torch.save(model.state_dict(), path) or compress.save(model, path)"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError, struct.error,
+                RecursionError, MemoryError, OverflowError) as exc:
+            # A truncated or non-torch file fails in the legacy unpickler in many ways (EOFError with no
+            # message, KeyError on a memo index, ...): all of them mean "not a checkpoint".
             raise CheckpointError(
                 f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(exc)}"
             ) from None
-        raise CheckpointError(
-            f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), which compress never "
-            "unpickles; save weights instead: torch.save(model.state_dict(), path) or compress.save(model, path)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError, struct.error) as exc:
-        # A truncated or non-torch file fails in the legacy unpickler in many ways (EOFError with no
-        # message, KeyError on a memo index, ...): all of them mean "not a checkpoint".
-        raise CheckpointError(
-            f"checkpoint {path}: not a readable torch checkpoint (truncated or corrupt?): {first_line(exc)}"
-        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, expected a state_dict (a dict)")
     return obj
-
-
-def is_compress_checkpoint(obj: dict[str, Any]) -> bool:
-    return obj.get("format") == FORMAT
 
 
 def _raw_state_dict(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -103,9 +129,16 @@ def _raw_state_dict(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"checkpoint {path}: contains no tensors; expected a state_dict")
+    check_state_dict(tensors, str(path))  # string names, dense tensors
     if all(k.startswith("module.") for k in tensors):  # saved from a DDP/DataParallel wrapper
         tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
     return tensors
+
+
+def _unset_buffers(model: nn.Module) -> set[str]:
+    """Buffers the freshly built model holds as all-NaN ("not set yet", e.g. an uncalibrated quantizer's amax)."""
+    return {name for name, b in model.named_buffers() if b.is_floating_point() and b.numel()
+            and bool(torch.isnan(b).all())}
 
 
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -129,7 +162,10 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # e.g. a complex tensor into a float parameter
+        raise CheckpointError(f"checkpoint {source} does not load into the model: {first_line(exc)}") from None
 
 
 def load_model(
@@ -147,11 +183,14 @@ def load_model(
     and ``trust``), and never with the file's pretrained-weights arguments. A raw state_dict needs
     ``factory``.
 
-    Raises:
-        CheckpointError: an untrusted factory, ``trust`` given as one string; and see below.
+    Before anything in a compress checkpoint is used, every field is type-checked
+    (:func:`compress.checkpoint.parse`) and its weights are compared with the sha256 saved with them;
+    NaN/Inf weights are refused in any checkpoint.
 
     Raises:
-        CheckpointError / CompressError: see :func:`read_checkpoint`, :func:`build`.
+        CheckpointError: a malformed or edited file, non-finite weights, an untrusted factory,
+            ``trust`` given as one string (one line naming the file and field).
+        CompressError: see :func:`read_checkpoint`, :func:`build`.
     """
     if isinstance(trust, str) or isinstance(allow, str):
         raise CompressError("load: trust and allow are lists of names, not one string: trust=['mypkg.models']")
@@ -162,46 +201,43 @@ def load_model(
     path = Path(checkpoint)
     obj = read_checkpoint(path)
     if is_compress_checkpoint(obj):
-        if obj.get("version", 0) > VERSION:
-            raise CheckpointError(f"checkpoint {path}: format version {obj['version']} is newer than this compress")
-        own_factory, own_kwargs = obj.get("factory"), obj.get("kwargs", {})
-        if not isinstance(own_factory, str) or not isinstance(own_kwargs, dict) or not isinstance(
-            obj.get("state_dict"), dict
-        ):
-            raise CheckpointError(
-                f"checkpoint {path}: is a damaged compress checkpoint (needs a factory string, kwargs and state_dict dicts)"
-            )
-        check_factory(own_factory, str(path), trust=trust, named={*allow, *([factory] if factory else [])})
-        own_kwargs = safe_kwargs(own_kwargs)  # the file's weights replace pretrained ones: never fetch those
-        if factory is not None and factory != own_factory:
-            raise CheckpointError(
-                f"checkpoint {path}: was saved from factory '{own_factory}', but the recipe says '{factory}'"
-            )
-        if kwargs and safe_kwargs(dict(kwargs)) != own_kwargs:
-            raise CheckpointError(
-                f"checkpoint {path}: was saved with kwargs {own_kwargs}, but the recipe says {dict(kwargs)}"
-            )
-        try:
-            model = build(own_factory, own_kwargs)
-        except CheckpointError:
-            raise
-        except CompressError as exc:
-            raise CheckpointError(f"checkpoint {path}: cannot rebuild its model: {exc}") from None
-        model = structure.replay(model, list(obj.get("structure", [])), str(path))
-        load_state_dict(model, obj["state_dict"], str(path))
-        origin = structure.origin_of(model)
-        if origin is not None:
-            origin.structure = copy.deepcopy(list(obj.get("structure", [])))
-        from compress.sparsity.masks import check_weights  # the sparsity package imports this module
-
-        check_weights(model, str(path))
-        return model
+        return _load_compress(parse(obj, str(path)), path, factory, kwargs, trust=trust, allow=allow)
     if factory is None:
         raise CheckpointError(
             f"checkpoint {path}: is a raw state_dict; the recipe's model.factory must say how to build the model"
         )
+    state_dict = _raw_state_dict(obj, path)
     model = build(factory, kwargs)
-    load_state_dict(model, _raw_state_dict(obj, path), str(path))
+    check_finite(state_dict, str(path), unset=_unset_buffers(model))
+    load_state_dict(model, state_dict, str(path))
+    return model
+
+
+def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: dict[str, Any] | None, *,
+                   trust: Sequence[str], allow: Collection[str]) -> nn.Module:
+    """Rebuild a parsed compress checkpoint's model: weights verified, factory trusted, structure replayed."""
+    verify_digest(ckpt, str(path))
+    check_factory(ckpt.factory, str(path), trust=trust, named={*allow, *([factory] if factory else [])})
+    own_kwargs = safe_kwargs(ckpt.kwargs)  # the file's weights replace pretrained ones: never fetch those
+    if factory is not None and factory != ckpt.factory:
+        raise CheckpointError(f"checkpoint {path}: was saved from factory '{ckpt.factory}', but the recipe says '{factory}'")
+    if kwargs and safe_kwargs(dict(kwargs)) != own_kwargs:
+        raise CheckpointError(f"checkpoint {path}: was saved with kwargs {own_kwargs}, but the recipe says {dict(kwargs)}")
+    try:
+        model = build(ckpt.factory, own_kwargs)
+    except CheckpointError:
+        raise
+    except CompressError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild its model: {exc}") from None
+    model = structure.replay(model, ckpt.changes, str(path))
+    check_finite(ckpt.state_dict, str(path), unset=_unset_buffers(model))
+    load_state_dict(model, ckpt.state_dict, str(path))
+    origin = structure.origin_of(model)
+    if origin is not None:
+        origin.structure = copy.deepcopy(ckpt.structure)
+    from compress.sparsity.masks import check_weights  # the sparsity package imports this module
+
+    check_weights(model, str(path))
     return model
 
 
@@ -236,6 +272,7 @@ def save(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": json.loads(json.dumps(metadata or {})),
     }
+    payload["weights_sha256"] = weights_digest(payload["state_dict"])
     io.torch_save(payload, path)
 
 

@@ -7,16 +7,19 @@ Run directory (DESIGN.md)::
     DIR/stages/NN-TYPE/metrics.json  written last: its presence marks the stage finished
     DIR/model.pt                     the final model;  DIR/model.onnx, DIR/engine.onnx from export
     DIR/report.json, DIR/report.md   (+ report_accuracy_vs_size.png)
+    DIR/.compress-run.json           the marker: compress made DIR; the files its runs wrote (rundir.py)
+    DIR/.compress-run.lock           exists while a run holds DIR (runlock.py)
 
 Every file is written atomically, so a killed run leaves only whole files; ``--resume`` continues
-after the last stage whose metrics.json exists, and refuses if the recipe changed.
+after the last stage whose metrics.json exists, and refuses if the recipe changed. Only a marked
+folder is resumed or overwritten, and ``--overwrite`` removes only the files the marker lists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import shutil
 import sys
 import time
 import warnings
@@ -26,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from compress import io, metrics, models, report, structure
+from compress import io, metrics, models, report, rundir, structure
 from compress.data import check_class_labels, example_input, split_batch
-from compress.errors import CompressError, DataError, RecipeError
+from compress.errors import CompressError, DataError
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
@@ -40,7 +42,6 @@ from compress.stages.train import check_finetune, keep_best_notice
 from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
-_ARTIFACTS = ("model.pt", "model.onnx", "engine.onnx", "report.json", "report.md", report.PLOT_NAME)
 
 
 def log_stderr(msg: str) -> None:
@@ -147,59 +148,6 @@ def _context(
     )
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x != y:
-                return _first_difference(x, y, f"{path}.{i}")
-    return f"{path or '(top level)'}: {a!r} then, {b!r} now"
-
-
-def _check_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Decide how to use the run directory, writing nothing. Returns True when finished stages may be reused."""
-    saved = run_dir / "recipe.yaml"
-    if saved.exists():
-        if resume:
-            try:
-                before = yaml.safe_load(saved.read_text())
-            except yaml.YAMLError as exc:
-                raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
-            resolved = recipe.resolved()
-            if before != resolved:
-                raise RecipeError(
-                    f"--resume: {run_dir} was run with a different recipe ({_first_difference(before, resolved)}); "
-                    "run without --resume into another --out"
-                )
-            return True
-        if not overwrite:
-            raise CompressError(
-                f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
-            )
-    elif resume and (run_dir / "stages").exists():
-        raise CompressError(f"--resume: {run_dir} has stages but no recipe.yaml; it was not written by compress run")
-    return False
-
-
-def _init_run_dir(recipe: Recipe, run_dir: Path, *, reuse: bool, overwrite: bool) -> None:
-    """Called once the recipe, model and data are known good: clear (if asked) and record the recipe."""
-    if not is_main_process():
-        return
-    if reuse:
-        for stale in run_dir.rglob(".*.tmp"):  # left by a run killed mid-write; the targets are whole
-            stale.unlink(missing_ok=True)
-        return
-    if overwrite:
-        for name in _ARTIFACTS:
-            (run_dir / name).unlink(missing_ok=True)
-        if (run_dir / "stages").exists():
-            shutil.rmtree(run_dir / "stages")
-    io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
-
-
 def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
     """metrics.json of the leading finished stages (each needs its checkpoint if it changes models)."""
     registry = stage_types()
@@ -244,12 +192,30 @@ def run(
     say = log or (lambda _msg: None)
     caution = warn or (lambda _msg: None)  # stage warnings: shown even when log lines are off (--quiet)
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
+    init_distributed(pick_device(recipe.body.device))  # under torchrun: rank 0 decides for every rank
+    claim, decision = rundir.claim(recipe, run_dir, resume=resume, overwrite=overwrite)
+    try:  # the lock is held until the run ends (and dropped by the kernel if the process is killed)
+        barrier()
+        prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
+        tracker = rundir.start(recipe, run_dir, decision, overwrite=overwrite)
+        try:
+            return _run_stages(prep, run_dir, decision.reuse, tracker, say, caution)
+        except BaseException:
+            if tracker is not None:
+                with contextlib.suppress(OSError):  # what a failed run wrote is still its own (--overwrite)
+                    tracker.record()
+            raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run_stages(
+    prep: Prepared, run_dir: Path, can_reuse: bool, tracker: rundir.Tracker | None, say: Log, caution: Log
+) -> Outcome:
+    """Run (or, resuming, reuse) each stage, then write the final model and the report (rank 0)."""
+    recipe = prep.recipe
     registry = stage_types()
-    init_distributed(pick_device(recipe.body.device))  # under torchrun: every rank decides before rank 0 writes
-    can_reuse = _check_run_dir(recipe, run_dir, resume=resume, overwrite=overwrite)
-    barrier()
-    prep = prepare(recipe, progress=progress)  # every bad input fails here, before anything is written
-    _init_run_dir(recipe, run_dir, reuse=can_reuse, overwrite=overwrite)
     main = is_main_process()
     baseline_model = prep.baseline_model
     model, current = prep.model, prep.baseline_outputs
@@ -299,6 +265,8 @@ def run(
             record["seconds"] = round(time.perf_counter() - start, 3)
             if main:
                 io.write_json(ctx.stage_dir / "metrics.json", record)
+            if tracker is not None:
+                tracker.record()
             say(f"{step} done in {record['seconds']:.1f}s"
                 + (f": {_fmt_metrics(record['metrics'])}" if "metrics" in record else ""))
             for warning in record.get("warnings", []):
@@ -312,6 +280,8 @@ def run(
         models.save(model, run_dir / "model.pt", metadata={"recipe": recipe.name, "final": True})
         full["provenance"] = report.provenance(recipe, run_dir)
         report.write(run_dir, full)
+    if tracker is not None:
+        tracker.record()
     barrier()  # no rank exits (and gets torchrun to stop the others) before rank 0 has written everything
     for line in report.engine_summary(sections):
         say(line)

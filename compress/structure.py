@@ -4,21 +4,41 @@ Stages that change a model's architecture (channel pruning, quantizer insertion,
 record a ``(kind, payload)`` entry; loading a checkpoint rebuilds the factory model and replays
 the entries in order before loading the state_dict. Payloads hold only tensors, numbers, strings,
 lists and dicts, so checkpoints stay loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint is a file from anywhere, so every kind registers a strict :class:`Payload` schema with
+its rebuild: :func:`parse` checks every entry's types before the factory model is even built, and
+the rebuild checks the payload against that model (names that exist, sizes it can have) before it
+changes or allocates anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, first_line, one_line
 
-Rebuild = Callable[[nn.Module, dict[str, Any]], nn.Module]
 
-_REBUILDERS: dict[str, Rebuild] = {}
+class Payload(BaseModel):
+    """Base of a rebuild's payload schema: strict types (no 1.0 for 1, no "8" for 8), unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+
+P = TypeVar("P", bound=Payload)
+
+
+@dataclass(frozen=True)
+class _Rebuilder(Generic[P]):
+    fn: Callable[[nn.Module, P], nn.Module]
+    schema: type[P]
+
+
+_REBUILDERS: dict[str, _Rebuilder[Any]] = {}
 _ATTR = "_compress_origin"
 
 
@@ -31,11 +51,26 @@ class Origin:
     structure: list[dict[str, Any]] = field(default_factory=list)
 
 
-def register_rebuild(kind: str) -> Callable[[Rebuild], Rebuild]:
-    """Decorator: ``fn(model, payload) -> model`` replays a recorded change of type ``kind``."""
+@dataclass(frozen=True)
+class Change:
+    """One validated structure entry: its kind and its typed payload."""
 
-    def deco(fn: Rebuild) -> Rebuild:
-        _REBUILDERS[kind] = fn
+    kind: str
+    payload: Payload
+
+
+def register_rebuild(kind: str, schema: type[P]) -> Callable[[Callable[[nn.Module, P], nn.Module]],
+                                                           Callable[[nn.Module, P], nn.Module]]:
+    """Decorator: ``fn(model, payload) -> model`` replays a recorded change of type ``kind``.
+
+    ``schema`` types the payload; ``fn`` gets it parsed and raises ``ValueError`` (one line, naming
+    the payload field) when the payload does not fit the model.
+    """
+
+    def deco(fn: Callable[[nn.Module, P], nn.Module]) -> Callable[[nn.Module, P], nn.Module]:
+        if kind in _REBUILDERS:
+            raise ValueError(f"a rebuild for structure kind '{kind}' is already registered")
+        _REBUILDERS[kind] = _Rebuilder(fn, schema)
         return fn
 
     return deco
@@ -59,12 +94,67 @@ def record(model: nn.Module, kind: str, payload: dict[str, Any]) -> None:
     origin.structure.append({"kind": kind, "payload": payload})
 
 
-def replay(model: nn.Module, structure: list[dict[str, Any]], source: str) -> nn.Module:
-    for entry in structure:
+def field_path(data: Any, error: Mapping[str, Any]) -> str:
+    """Where a pydantic error is, as keys of ``data``: ``modules.fc.shapes.weight[0]``.
+
+    Pydantic's ``loc`` also names union members (``constrained-int``); only keys and indexes that are in
+    ``data`` are kept, and a missing key at the end.
+    """
+    out, value, loc = "", data, list(error["loc"])
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif not (i == len(loc) - 1 and error["type"] == "missing"):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+def parse(structure: object, source: str) -> list[Change]:
+    """Check a checkpoint's ``structure`` field: a list of ``{kind, payload}`` of known kinds and types.
+
+    Raises:
+        CheckpointError: one line naming ``source`` and the bad field.
+    """
+    if not isinstance(structure, list):
+        raise CheckpointError(f"checkpoint {source}: field 'structure' is of type {type(structure).__name__}, expected a list")
+    changes = []
+    for i, entry in enumerate(structure):
+        where = f"checkpoint {source}: field 'structure[{i}]'"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} is of type {type(entry).__name__}, expected a dict with 'kind' and 'payload'")
+        extra = sorted(map(str, set(entry) - {"kind", "payload"}))
+        if extra or "payload" not in entry:
+            raise CheckpointError(f"{where}: " + (f"unknown key '{extra[0]}'" if extra else "missing 'payload'")
+                                  + " (expected keys: kind, payload)")
         kind = entry.get("kind")
-        if kind not in _REBUILDERS:
-            raise CheckpointError(
-                f"{source}: records a structural change '{kind}' this version of compress cannot rebuild"
-            )
-        model = _REBUILDERS[kind](model, entry.get("payload", {}))
+        if not isinstance(kind, str) or kind not in _REBUILDERS:
+            raise CheckpointError(f"{where}: kind {kind!r} is not a structural change this compress can rebuild "
+                                  f"(known: {', '.join(sorted(_REBUILDERS))})")
+        try:
+            payload = _REBUILDERS[kind].schema.model_validate(entry["payload"])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            path = field_path(entry, {**err, "loc": ("payload", *err["loc"])})
+            raise CheckpointError(f"checkpoint {source}: field 'structure[{i}].{path}' ({kind}): {err['msg']}") from None
+        changes.append(Change(kind, payload))
+    return changes
+
+
+def replay(model: nn.Module, changes: Sequence[Change], source: str) -> nn.Module:
+    """Replay parsed changes (:func:`parse`) onto a freshly built factory model.
+
+    Raises:
+        CheckpointError: a change does not fit the model (one line naming ``source`` and the field).
+    """
+    for i, change in enumerate(changes):
+        where = f"checkpoint {source}: field 'structure[{i}].payload' ({change.kind})"
+        try:
+            model = _REBUILDERS[change.kind].fn(model, change.payload)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+            # ValueError is the rebuild's own one-line refusal; the others mean a payload that passed the
+            # schema still does not fit this model: bad input either way, never a traceback.
+            raise CheckpointError(f"{where}: {one_line(str(exc)) if isinstance(exc, ValueError) else first_line(exc)}") from None
     return model

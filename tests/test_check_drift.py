@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def test_damaged_files_and_bad_arguments_exit_2_in_one_line(exported, digits_cnn
         (("check", digits_cnn_checkpoint, "--reference", exported, *data, "--layers"), r"--layers: needs MODEL as an .onnx"),
         (("check", exported, "--reference", ref, "--layers"), r"--save-reference/--layers need a reference model"),
         (("check", exported, "--reference", tmp_path / "broken.npz"), r"broken.npz: is a damaged reference file"),
-        (("check", exported, "--reference", tmp_path / "none.npz"), r"none.npz: no such reference file"),
+        (("check", exported, "--reference", tmp_path / "none.npz"), r"none.npz: reference file: no such file"),
+        (("check", exported, "--reference", tmp_path / "fifo.npz"), r"fifo.npz: reference file: is not a regular file"),
     ]
+    os.mkfifo(tmp_path / "fifo.npz")  # opening it would wait for a writer forever
     for args, expected in cases:
         result = cli(*args, "--report", tmp_path / "r.json")
         assert result.code == 2, (args, result.out)

@@ -49,6 +49,7 @@ def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, digits_cnn_checkpoint
     (tmp_path / "engine.plan").write_bytes(b"x")
     cases = [
         (("bench", tmp_path / "none.onnx", "--input-shape", "1,8,8"), r"none.onnx: no such file"),
+        (("bench", "/dev/zero", "--input-shape", "1,8,8"), r"/dev/zero: is not a regular file"),
         (("bench", tmp_path / "engine.plan", "--input-shape", "1,8,8"), r"engine.plan: TensorRT cannot (run here|load it)"),
         (("bench", digits_cnn_checkpoint, "--input-shape", "3,8,8"), r"fails on an input of shape \[3, 8, 8\]"),
         (("bench", digits_cnn_checkpoint, "--input-shape", "1,x"), r"'1,x' is not a list of integers"),

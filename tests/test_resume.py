@@ -93,8 +93,9 @@ _CRASH = """
 import os, sys, torch
 from compress import io
 def torn_save(obj, f):
-    with open(f, "wb") as fh:
-        fh.write(b"PK\\x03\\x04 half a checkpoint")
+    fh = f if hasattr(f, "write") else open(f, "wb")  # compress saves through a file object
+    fh.write(b"PK\\x03\\x04 half a checkpoint")
+    fh.flush()
     os._exit(9)  # killed mid-write: no cleanup code runs
 torch.save = torn_save
 io.torch_save({"x": torch.zeros(3)}, sys.argv[1])

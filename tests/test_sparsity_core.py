@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import compress
 from compress import sparsity, zoo
+from compress.checkpoint import weights_digest
 from compress.errors import CompressError
 from compress.sparsity import pattern
 from compress.sparsity.masks import SparseMasks
@@ -267,15 +268,19 @@ def test_damaged_or_tampered_checkpoints_are_refused(tmp_path):
     def entry(obj):  # the sparsity record
         return next(e for e in obj["structure"] if e["kind"] == "sparsity")["payload"]
 
-    def perturb(obj):
+    def perturb(obj, rehash: bool = True):
         obj["state_dict"]["layer2.conv2.weight"] += 0.01
+        if rehash:  # written by other code: a consistent hash, weights that break the masks
+            obj["weights_sha256"] = weights_digest(obj["state_dict"])
 
     refused(perturb, "layer 'layer2.conv2' has nonzero weights where its 2:4 mask is zero")
-    refused(lambda obj: entry(obj).update(layers=["layer1.conv1"]), "2:4 sparsity record is damaged")
+    refused(lambda obj: perturb(obj, rehash=False), "weights changed since saved")
+    refused(lambda obj: entry(obj).update(layers=["layer1.conv1"]),
+            r"'structure\[0\].payload.layers' \(sparsity\): Input should be a valid dictionary")
     refused(lambda obj: entry(obj)["layers"].update({"layer1.conv1": entry(obj)["layers"]["layer1.conv1"].long()}),
             "mask of layer 'layer1.conv1' does not fit .*uint8")
     refused(lambda obj: entry(obj)["layers"].update({"nope": torch.zeros(4, dtype=torch.uint8)}),
-            "mask of layer 'nope' does not fit")
+            "layers.nope: the 2:4 masks name layer 'nope', which the factory model lacks")
     assert sparsity.is_sparse(compress.load(tmp_path / "ok.pt"))
 
 

@@ -97,7 +97,7 @@ def test_whole_recipe_under_torchrun_rank0_writes_a_complete_run(tmp_path):
     assert report["stages"][0]["metrics"]["top1"] > 0.9
     assert len(report["stages"][0]["finetune"]["history"]) == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["engine.onnx", "model.onnx", "model.pt", "recipe.yaml", "report.json", "report.md",
-         "report_accuracy_vs_size.png", "stages"]
+        [".compress-run.json", "engine.onnx", "model.onnx", "model.pt", "recipe.yaml", "report.json", "report.md",
+         "report_accuracy_vs_size.png", "stages"]  # rank 0 marked the folder; no lock file is left
     )
     assert not list(out.rglob(".*.tmp"))

@@ -99,10 +99,11 @@ def runner_for(
     """
     from compress.errors import CompressError
     from compress.export import tensorrt
+    from compress.io import file_problem
 
     file = Path(path)
-    if not file.is_file():
-        raise CompressError(f"{file}: no such file")
+    if (problem := file_problem(file)) is not None:
+        raise CompressError(f"{file}: {problem}")
     if file.suffix in tensorrt.ENGINE_SUFFIXES:
         return "tensorrt", tensorrt.TrtEngine(file)
     if file.suffix == ".onnx" and backend == "tensorrt":

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from compress import metrics
 from compress.errors import CompressError
+from compress.export.drift import FLOAT_TOLERANCE, is_fp32, rel_error
 from compress.export.onnxruntime import Optimization, OrtEngine
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -38,6 +39,7 @@ class CheckResult:
     cosine: float
     max_abs: float
     mean_abs: float
+    rel_error: float  # max |model - reference| / rms(reference), see compress.export.drift
     samples: int
     thresholds: dict[str, float | None] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -108,6 +110,7 @@ def compare(
     max_drop_samples: int | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
+    max_rel_error: float | None = None,
     worst: int = 5,
 ) -> CheckResult:
     """Compare outputs with reference outputs of the same inputs and apply the thresholds.
@@ -115,6 +118,7 @@ def compare(
     Args:
         max_drop: the largest metric drop in points.
         max_drop_samples: the largest drop in samples (net: lost minus gained); top1 and agreement only.
+        max_rel_error: the largest ``max |model - reference| / rms(reference)`` (see :mod:`compress.export.drift`).
 
     Raises:
         CompressError: ``max_drop_samples`` with a metric that is not a per-sample count.
@@ -140,6 +144,10 @@ def compare(
         failures.append(f"agreement {fid['agreement']:.4f} < min_agreement {min_agreement}")
     if min_cosine is not None and fid["cosine"] < min_cosine:
         failures.append(f"cosine {fid['cosine']:.6f} < min_cosine {min_cosine}")
+    rel = rel_error(outputs.logits, reference.logits)
+    if max_rel_error is not None and not rel <= max_rel_error:  # NaN outputs fail here too
+        failures.append(f"max |error| {rel:.3g} of the reference RMS ({changed} of {len(outputs.logits)} samples "
+                        f"changed their arg-max) > max_rel_error {max_rel_error:.3g}")
     err = (outputs.logits - reference.logits).abs().reshape(len(outputs.logits), -1).amax(1)
     top = torch.topk(err, min(worst, len(err))).indices.tolist()
     worst_rows = [
@@ -164,9 +172,10 @@ def compare(
         cosine=fid["cosine"],
         max_abs=fid["max_abs"],
         mean_abs=fid["mean_abs"],
+        rel_error=rel,
         samples=len(outputs.logits),
         thresholds={"max_drop": max_drop, "max_drop_samples": max_drop_samples, "min_agreement": min_agreement,
-                    "min_cosine": min_cosine},
+                    "min_cosine": min_cosine, "max_rel_error": max_rel_error},
         failures=failures,
         worst=worst_rows,
     )
@@ -182,6 +191,8 @@ def check(
     max_drop_samples: int | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
+    max_rel_error: float | None = None,
+    fp32_tolerance: bool = True,
     device: torch.device | str = "cpu",
     optimization: Optimization = Optimization.all,
     trust: Sequence[str] = (),
@@ -194,14 +205,16 @@ def check(
             A module is not moved and keeps its train/eval mode.
         data: batches of ``(inputs, labels)`` or inputs alone (then use a label-free ``metric``).
         optimization: ONNX Runtime's graph optimisation level for ``.onnx`` files (default ``all``).
+        fp32_tolerance: when ``max_rel_error`` is None and both run in float32 (:func:`is_fp32`),
+            bound their output error by float rounding (``FLOAT_TOLERANCE``, see :mod:`compress.export.drift`).
     """
     try:
         metrics.check_metric_name(metric)
     except ValueError as exc:
         raise CompressError(f"--metric: {exc}") from None
-    out, ref = metrics.collect_many(
-        [as_runner(model, device, optimization, trust), as_runner(reference, device, optimization, trust)], data,
-        names=[_label(model, "model"), _label(reference, "reference")],
-    )
+    runners = [as_runner(model, device, optimization, trust), as_runner(reference, device, optimization, trust)]
+    out, ref = metrics.collect_many(runners, data, names=[_label(model, "model"), _label(reference, "reference")])
+    if max_rel_error is None and fp32_tolerance and all(map(is_fp32, runners)):
+        max_rel_error = FLOAT_TOLERANCE
     return compare(out, ref, metric=metric, max_drop=max_drop, max_drop_samples=max_drop_samples,
-                   min_agreement=min_agreement, min_cosine=min_cosine)
+                   min_agreement=min_agreement, min_cosine=min_cosine, max_rel_error=max_rel_error)

@@ -1,7 +1,10 @@
 """Per-layer localisation: at which layer does a model's output start to depart from its reference?
 
 Both models run as ONNX (a PyTorch reference is exported first, with the same BatchNorm folding), with
-every Conv/ConvTranspose/Gemm/MatMul output exposed. Layers are matched by the PyTorch module path
+every Conv/ConvTranspose/Gemm/MatMul output exposed. An engine ONNX Runtime optimised (``FusedConv``,
+``QLinearConv``, ``QGemm``...) is tapped on its un-fused view (:mod:`compress.export.unfuse`: the same
+weights and scales, plain ops), in a session with graph optimisation off so that no tapped tensor is
+fused away again; the engine's own check and timing still run at its deployed level. Layers are matched by the PyTorch module path
 the exporter wrote into node names (``/layer2/conv1/Conv`` -> ``layer2.conv1``). For each layer the
 relative error ``||out - ref|| / ||ref||`` over the data is computed, and its *jump*: the error minus
 the largest error of the weighted layers feeding it. The layer a fault enters at jumps most; layers
@@ -22,8 +25,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
-
-_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from compress.export.unfuse import TAPPABLE, UNFUSED, unfuse, untapped_ops
 
 
 @dataclass
@@ -38,8 +40,18 @@ class LayerError:
                 "inputs": self.inputs}
 
 
+@dataclass
+class Localization:
+    """Per-layer errors sorted by jump (largest first), the layers found in only one model, and how
+    the model was tapped (``view``: ops rewritten into their un-fused form, weighted ops left untapped)."""
+
+    layers: list[LayerError]
+    unmatched: list[str]
+    view: dict[str, object]
+
+
 class _Tapped:
-    """An ONNX model run in ONNX Runtime with its weighted layers' outputs exposed."""
+    """An ONNX model run in ONNX Runtime with its weighted layers' outputs exposed (on its un-fused view)."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
@@ -51,11 +63,17 @@ class _Tapped:
             model = onnx.load(os.fspath(path))
         except Exception as exc:  # DecodeError, OSError...: a damaged file
             raise CompressError(f"{path}: is not a readable ONNX model ({first_line(exc)})") from None
+        self.rewritten = sorted(n.op_type for n in model.graph.node if n.op_type in UNFUSED)
+        self.untapped = untapped_ops(model)
+        try:
+            model, _ = unfuse(model)
+        except ValueError as exc:
+            raise CompressError(f"{path}: {exc}") from None
         graph = Graph(model)
         self.tensor: dict[str, str] = {}  # layer -> output tensor
         self.order: list[str] = []
         for node in model.graph.node:
-            if node.op_type in _WEIGHTED and len(node.input) >= 2:
+            if node.op_type in TAPPABLE and len(node.input) >= 2:
                 name = layer_name(node, _weight_source(graph, node.input[1]))
                 if name not in self.tensor:
                     self.tensor[name] = node.output[0]
@@ -73,6 +91,11 @@ class _Tapped:
             raise CompressError(f"{path}: ONNX Runtime cannot run it ({first_line(exc)})") from None
         self.input = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
+
+    def view(self) -> dict[str, object]:
+        """What the taps ran on: ops rewritten into plain ONNX ops, weighted ops no tap reads."""
+        counts = {op: self.rewritten.count(op) for op in sorted(set(self.rewritten))}
+        return {"unfused": counts, "untapped": self.untapped, "optimization": "disabled"}
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         values = dict(zip(self.names, self.session.run(None, {self.input: x}), strict=True))
@@ -125,9 +148,8 @@ def localize(
     *,
     limit: int = 256,
     trust: Sequence[str] = (),
-) -> tuple[list[LayerError], list[str]]:
-    """Per-layer errors of ONNX ``model`` against ``reference`` (ONNX, compress checkpoint or module),
-    sorted by jump, largest first; and the layers found in only one of the two.
+) -> Localization:
+    """Per-layer errors of ONNX ``model`` against ``reference`` (ONNX, compress checkpoint or module).
 
     Raises:
         CompressError: a model cannot be read or run.
@@ -162,4 +184,4 @@ def localize(
         upstream = max((rel[f] for f in inputs), default=0.0)
         found.append(LayerError(layer, rel[layer], rel[layer] - upstream, inputs))
     found.sort(key=lambda e: e.jump, reverse=True)
-    return found, unmatched
+    return Localization(found, unmatched, {"model": ours.view(), "reference": theirs.view()})

@@ -1,8 +1,9 @@
 """Saved reference outputs: check an engine against a model that is no longer around.
 
-``compress check ... --save-reference ref.npz`` stores the inputs, the reference's outputs, the labels
-and where they came from; ``compress check ENGINE --reference ref.npz`` later runs the engine on the
-same inputs and compares (drift across library, driver or hardware versions). The file is a plain
+``compress check ... --save-reference ref.npz`` stores the inputs, the reference's outputs, the labels,
+MODEL's own outputs with the drift bound calibrated for it (:mod:`compress.export.drift`) and where they
+came from; ``compress check ENGINE --reference ref.npz`` later runs the engine on the same inputs and
+compares it with both (drift across library, driver or hardware versions, or a changed engine file). The file is a plain
 ``.npz`` read with ``allow_pickle=False``.
 """
 
@@ -21,7 +22,7 @@ from compress import io
 from compress.errors import CompressError, first_line
 
 FORMAT = "compress-reference"
-VERSION = 1
+VERSION = 2  # 2: MODEL's outputs and their drift bound
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Reference:
     outputs: torch.Tensor
     labels: torch.Tensor | None
     meta: dict[str, Any] = field(default_factory=dict)
+    model_outputs: torch.Tensor | None = None  # MODEL's outputs when saved (files from before v2 lack them)
 
 
 def is_reference_file(path: str | os.PathLike[str]) -> bool:
@@ -38,12 +40,14 @@ def is_reference_file(path: str | os.PathLike[str]) -> bool:
 
 
 def save_reference(path: str | os.PathLike[str], inputs: torch.Tensor, outputs: torch.Tensor,
-                   labels: torch.Tensor | None, meta: dict[str, Any]) -> None:
-    """Write a reference file atomically."""
+                   labels: torch.Tensor | None, meta: dict[str, Any], model_outputs: torch.Tensor | None = None) -> None:
+    """Write a reference file atomically (``meta["drift"]`` holds the bound for ``model_outputs``)."""
     arrays = {"inputs": inputs.detach().cpu().numpy(), "outputs": outputs.detach().cpu().float().numpy(),
               "compress_reference": np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}))}
     if labels is not None:
         arrays["labels"] = labels.detach().cpu().numpy()
+    if model_outputs is not None:
+        arrays["model_outputs"] = model_outputs.detach().cpu().float().numpy()
     with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -55,8 +59,8 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
         CompressError: missing, damaged, not a reference file, or inputs and outputs that do not pair up.
     """
     file = Path(path)
-    if not file.is_file():
-        raise CompressError(f"{file}: no such reference file")
+    if (problem := io.file_problem(file)) is not None:
+        raise CompressError(f"{file}: reference file: {problem}")
     try:
         with np.load(file, allow_pickle=False) as data:
             if "compress_reference" not in data.files:
@@ -64,6 +68,7 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
             meta = json.loads(str(data["compress_reference"]))
             inputs, outputs = torch.from_numpy(data["inputs"]), torch.from_numpy(data["outputs"])
             labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+            model_outputs = torch.from_numpy(data["model_outputs"]) if "model_outputs" in data.files else None
     except CompressError:
         raise
     except Exception as exc:  # zipfile/npy/json errors on a damaged file
@@ -73,4 +78,12 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
                             "compress reads")
     if len(inputs) != len(outputs) or len(inputs) == 0 or (labels is not None and len(labels) != len(inputs)):
         raise CompressError(f"{file}: holds {len(inputs)} inputs but {len(outputs)} outputs")
-    return Reference(inputs, outputs, labels, meta)
+    if model_outputs is not None and (model_outputs.shape != outputs.shape or not _bound_ok(meta.get("drift"))):
+        raise CompressError(f"{file}: its saved model outputs {list(model_outputs.shape)} or drift bound do not "
+                            f"pair with its {list(outputs.shape)} outputs")
+    return Reference(inputs, outputs, labels, meta, model_outputs)
+
+
+def _bound_ok(drift: object) -> bool:
+    tol = drift.get("tolerance") if isinstance(drift, dict) else None
+    return isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 <= tol < float("inf")

@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import fx, nn
 
 from compress import structure
@@ -233,9 +234,18 @@ def _keeper(config: QuantConfig):  # noqa: ANN202
     return keep
 
 
-@structure.register_rebuild("quant")
-def _rebuild(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
-    return _apply(model, QuantConfig.from_payload(payload))
+class QuantRecord(structure.Payload):
+    """The ``quant`` payload (:meth:`QuantConfig.to_payload`), typed for checkpoints from anywhere."""
+
+    target: Target = Field(strict=False)  # the enum's value, as to_payload writes it
+    include: list[str] = []
+    exclude: list[str] = []
+    graph: bool = True
+
+
+@structure.register_rebuild("quant", QuantRecord)
+def _rebuild(model: nn.Module, payload: QuantRecord) -> nn.Module:
+    return _apply(model, QuantConfig(payload.target, tuple(payload.include), tuple(payload.exclude), payload.graph))
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -86,17 +86,28 @@ def record(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     structure.record(model, KIND, {"pattern": PATTERN, "layers": {n: encode(m) for n, m in masks.items()}})
 
 
-@structure.register_rebuild(KIND)
-def _rebuild(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
-    layers = payload.get("layers") if isinstance(payload, dict) else None
-    if not isinstance(layers, dict):
-        raise CheckpointError("its 2:4 sparsity record is damaged (no per-layer masks)")
-    for name, codes in layers.items():
+class MaskRecord(structure.Payload):
+    """The ``sparsity`` payload: the pattern and, per layer name, its uint8 mask codes."""
+
+    pattern: Literal["2:4"]
+    layers: dict[str, torch.Tensor]
+
+
+@structure.register_rebuild(KIND, MaskRecord)
+def _rebuild(model: nn.Module, payload: MaskRecord) -> nn.Module:
+    for name, codes in payload.layers.items():
         try:
-            decode(codes, model.get_submodule(str(name)).weight)
-        except (AttributeError, ValueError) as exc:
-            raise CheckpointError(f"the 2:4 mask of layer '{name}' does not fit the model the factory builds "
-                                  f"({exc})") from None
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layers.{name}: the 2:4 masks name layer '{name}', which the factory model lacks") from None
+        if not isinstance(module, eligible.SPARSE_TYPES):
+            raise ValueError(f"layers.{name}: '{name}' is a {type(module).__name__}; 2:4 masks are kept for "
+                             "Conv and Linear layers only")
+        try:
+            decode(codes, module.weight)
+        except ValueError as exc:
+            raise ValueError(f"layers.{name}: the 2:4 mask of layer '{name}' does not fit the model the factory "
+                             f"builds ({exc})") from None
     return model
 
 

@@ -1,0 +1,315 @@
+"""The run directory is compress's alone: a marker says so, a lock keeps a second run out, and
+``--overwrite`` removes only what earlier runs wrote, never through a link, never a user's file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_errors import one_line_error
+from helpers_recipes import stage_recipe
+
+from compress import pipeline
+from compress.errors import CompressError
+from compress.recipe import load_recipe
+from compress.rundir import MARKER
+from compress.runlock import LOCK_NAME, RunLock, holder_pid
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+NO_STAGES = "name: empty\nmodel: {factory: 'compress.zoo:digits_mlp', kwargs: {hidden: 8}}\n" \
+            "data: {eval: {source: digits, split: test}}\nstages: []\n"
+
+
+def _listed(run_dir: Path) -> set[str]:
+    return set(json.loads((run_dir / MARKER).read_text())["files"])
+
+
+def _files(run_dir: Path) -> set[str]:
+    return {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def _user_files(root: Path) -> dict[str, str]:
+    files = {"model.pt": "my own model", "report.json": "{}", "stages/01-train/checkpoint.pt": "my weights",
+             "notes/todo.txt": "keep me"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# The marker: only folders compress made are resumed or overwritten
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_untouched(cli, tmp_path, write_recipe, tiny_recipe_text,
+                                                             snapshot_tree) -> None:
+    out = tmp_path / "mine"
+    _user_files(out)
+    before = snapshot_tree(out)
+    recipe = write_recipe(tiny_recipe_text)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        message = cli("run", recipe, "--out", out, "--quiet", *flags).error_line()
+        assert message == (f"{out}: is not a compress run directory (no {MARKER}) and is not empty; nothing was "
+                           "touched; name a new or empty folder with --out"), flags
+        assert snapshot_tree(out) == before
+        assert sorted(p.name for p in out.iterdir()) == ["model.pt", "notes", "report.json", "stages"]  # no lock left
+
+
+def test_an_empty_folder_is_used_and_the_marker_lists_every_file_written(cli, tmp_path, write_recipe,
+                                                                        mlp_checkpoint) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    stages = ("  - train: {finetune: {epochs: 1, lr: 0.05}}\n  - export:\n      onnx: {target: onnxruntime}\n"
+              "      engine: {batch_sizes: [1], bench_iters: 1}\n      triton: {name: mlp}\n")
+    recipe = stage_recipe(write_recipe, mlp_checkpoint, stages, target=None)
+    assert cli("run", recipe, "--out", out, "--quiet").code == 0
+    written = _files(out) - {MARKER}
+    assert {"recipe.yaml", "model.pt", "model.onnx", "engine.onnx", "report.json", "report.md",
+            "stages/01-train/checkpoint.pt", "stages/02-export/metrics.json", "triton/mlp/1/model.onnx",
+            "triton/mlp/config.pbtxt"} <= written
+    assert _listed(out) == written  # every file, triton's and the export's included; nothing else
+    assert not (out / LOCK_NAME).exists()  # the lock goes with the run
+
+
+def test_a_run_by_an_older_compress_is_refused_with_the_fix(cli, finished_run, snapshot_tree) -> None:
+    (finished_run.run_dir / MARKER).unlink()  # what compress 0.1.0 left: recipe.yaml, no marker
+    before = snapshot_tree(finished_run.run_dir)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        message = cli("run", finished_run.recipe, "--out", finished_run.run_dir, "--quiet", *flags).error_line()
+        assert f"has a recipe.yaml but no {MARKER} marker" in message
+        assert "nothing was touched; run into a new --out (or delete the folder yourself)" in message
+        assert snapshot_tree(finished_run.run_dir) == before
+
+
+def test_a_damaged_marker_is_refused(cli, finished_run, snapshot_tree) -> None:
+    marker = finished_run.run_dir / MARKER
+    marker.write_text(json.dumps({"tool": "compress", "format": 1, "files": ["../outside.txt"]}))
+    before = snapshot_tree(finished_run.run_dir)
+    message = cli("run", finished_run.recipe, "--out", finished_run.run_dir, "--quiet", "--overwrite").error_line()
+    assert message.startswith(f"{marker}: 'files' must list paths inside the folder")
+    assert snapshot_tree(finished_run.run_dir) == before
+
+
+# --------------------------------------------------------------------------------------------
+# --overwrite removes only the files earlier runs wrote
+
+
+def test_overwrite_keeps_the_users_files_and_removes_the_old_runs(cli, finished_run, write_recipe) -> None:
+    run_dir = finished_run.run_dir
+    (run_dir / "my-notes.txt").write_text("mine")
+    (run_dir / "stages" / "01-train" / "plot.png").write_bytes(b"my plot")
+    old = _listed(run_dir)
+    assert {"stages/01-train/checkpoint.pt", "model.pt", "report.json"} <= old
+    recipe = write_recipe(NO_STAGES, "empty.yaml")  # writes no stages/: the old run's stage files must go
+    assert cli("run", recipe, "--out", run_dir, "--quiet", "--overwrite").code == 0
+    assert (run_dir / "my-notes.txt").read_text() == "mine"
+    assert (run_dir / "stages" / "01-train" / "plot.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in (run_dir / "stages" / "01-train").iterdir()) == ["plot.png"]  # the run's files gone
+    assert _listed(run_dir) == {"recipe.yaml", "model.pt", "report.json", "report.md", "report_accuracy_vs_size.png"}
+    assert "my-notes.txt" not in _listed(run_dir)
+
+
+def test_overwrite_prunes_the_folders_it_emptied(cli, finished_run, write_recipe) -> None:
+    recipe = write_recipe(NO_STAGES, "empty.yaml")
+    assert cli("run", recipe, "--out", finished_run.run_dir, "--quiet", "--overwrite").code == 0
+    assert not (finished_run.run_dir / "stages").exists()
+
+
+def test_overwrite_never_follows_a_stages_link(cli, finished_run, tmp_path, snapshot_tree) -> None:
+    run_dir = finished_run.run_dir
+    elsewhere = tmp_path / "elsewhere"
+    (run_dir / "stages").rename(elsewhere)  # the user's real files now live outside the run directory
+    (run_dir / "stages").symlink_to(elsewhere)
+    before, outside = snapshot_tree(run_dir), snapshot_tree(elsewhere)
+    for flags in (["--overwrite"], ["--resume"]):
+        message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", *flags).error_line()
+        assert message.startswith(f"{run_dir / 'stages'}: is a symbolic link; compress never reads, writes or deletes "
+                                  "through a link in its run directory, and touched nothing")
+        assert snapshot_tree(elsewhere) == outside and snapshot_tree(run_dir) == before
+    assert (run_dir / "model.pt").exists() and (run_dir / "report.json").exists()
+
+
+def test_overwrite_removes_a_linked_file_but_not_its_target(cli, finished_run, tmp_path) -> None:
+    run_dir = finished_run.run_dir
+    target = tmp_path / "precious.pt"
+    target.write_bytes(b"the user's only copy")
+    (run_dir / "model.pt").unlink()
+    (run_dir / "model.pt").symlink_to(target)
+    assert cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--overwrite").code == 0
+    assert target.read_bytes() == b"the user's only copy"
+    assert not (run_dir / "model.pt").is_symlink() and (run_dir / "model.pt").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------
+# The lock: one run at a time; a killed run never blocks the next
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from compress.runlock import RunLock
+lock = RunLock.acquire(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def _wait_for_lock(proc: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + 120
+    while holder_pid(run_dir) != proc.pid:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_running_folder_exits_2_naming_the_holder(cli, tmp_path, write_recipe,
+                                                                   tiny_recipe_text) -> None:
+    recipe = write_recipe(tiny_recipe_text.replace("epochs: 1,", "epochs: 100000,"))  # runs until killed
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(out), "--quiet"],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_lock(first, out)
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            message = cli("run", recipe, "--out", out, "--quiet", *flags).error_line()
+            assert message == (f"{out}: another compress run (process {first.pid}) is using this run directory; "
+                               "wait for it to finish or use another --out"), flags
+        assert first.poll() is None  # the refused runs did not disturb the first
+    finally:
+        first.kill()
+        first.wait()
+        first.stderr.close()
+
+
+def test_a_killed_holder_does_not_block_resume(cli, finished_run) -> None:
+    run_dir = finished_run.run_dir
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
+        result = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume")
+        assert f"(process {holder.pid}) is using this run directory" in result.error_line()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+        holder.stderr.close()
+    assert holder_pid(run_dir) == holder.pid  # the dead run's lock file is still there ...
+    assert cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").code == 0  # ... and blocks nothing
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_a_folder_holding_only_a_dead_runs_lock_file_counts_as_empty(cli, tmp_path, write_recipe,
+                                                                      tiny_recipe_text) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("999999\n")  # a run killed before it wrote anything
+    assert cli("run", write_recipe(tiny_recipe_text), "--out", out, "--quiet").code == 0
+    assert _listed(out) == _files(out) - {MARKER} and not (out / LOCK_NAME).exists()
+
+
+def test_resume_lists_the_new_files_and_never_the_users(cli, finished_run) -> None:
+    run_dir = finished_run.run_dir
+    (run_dir / "my-notes.txt").write_text("mine")
+    (run_dir / "model.pt").unlink()
+    assert cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").code == 0
+    assert "model.pt" in _listed(run_dir) and "my-notes.txt" not in _listed(run_dir)
+    assert _listed(run_dir) == _files(run_dir) - {MARKER, "my-notes.txt"}
+
+
+def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, write_recipe, tiny_recipe_text) -> None:
+    recipe = load_recipe(write_recipe(tiny_recipe_text))
+    out = tmp_path / "run"
+    seen: list[str] = []
+
+    def log(line: str) -> None:  # called mid-run: the lock must be ours then
+        if holder_pid(out) == os.getpid():
+            seen.append(one_line_error(CompressError, RunLock.acquire, out))
+
+    pipeline.run(recipe, out, progress=False, log=log)
+    assert seen and all(f"(process {os.getpid()})" in msg for msg in seen)
+    assert not (out / LOCK_NAME).exists()
+    RunLock.acquire(out).release()  # free again
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths that cannot be written: one line, exit 2, before any work
+
+
+def test_out_or_report_inside_a_regular_file_is_one_line(cli, tmp_path, write_recipe, tiny_recipe_text,
+                                                        mlp_checkpoint) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    recipe = write_recipe(tiny_recipe_text)
+    message = cli("run", recipe, "--out", blocker / "run", "--quiet").error_line()
+    assert message == f"{blocker / 'run'}: {blocker} is not a folder; name a new or empty folder for the run"
+    message = cli("run", recipe, "--out", blocker, "--quiet").error_line()
+    assert message == f"{blocker}: is a file, not a folder; name a new or empty folder for the run"
+    message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "digits:test",
+                  "--report", blocker / "report.json").error_line()
+    assert message == f"--report {blocker / 'report.json'}: cannot be written ({blocker} is not a folder)"
+    message = cli("bench", mlp_checkpoint, "--input-shape", "1,8,8", "--report", blocker / "b.json").error_line()
+    assert message == f"--report {blocker / 'b.json'}: cannot be written ({blocker} is not a folder)"
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_read_only_out_or_report_is_one_line(cli, tmp_path, write_recipe, tiny_recipe_text, mlp_checkpoint) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root (CAP_DAC_OVERRIDE) ignores modes
+            pytest.skip("file modes are not enforced for this user; the regular-file test covers it")
+        recipe = write_recipe(tiny_recipe_text)
+        message = cli("run", recipe, "--out", locked / "run", "--quiet").error_line()
+        assert message == f"{locked / 'run'}: cannot create the run directory (Permission denied)"
+        message = cli("run", recipe, "--out", locked, "--quiet").error_line()  # empty, but not writable
+        assert message == f"{locked}: cannot write the run directory (Permission denied)"
+        message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "digits:test",
+                      "--report", locked / "report.json").error_line()
+        assert message == f"--report {locked / 'report.json'}: cannot be written (the folder {locked} is not writable)"
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+# --------------------------------------------------------------------------------------------
+# Under torchrun: rank 0 locks and marks, every rank follows its decision (no rank hangs)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "compress", *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_marks_locks_and_resumes(tmp_path, write_recipe, tiny_recipe_text) -> None:
+    recipe, out = str(write_recipe(tiny_recipe_text)), tmp_path / "run"
+    first = _torchrun("run", recipe, "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _listed(out) == _files(out) - {MARKER} and "stages/01-train/checkpoint.pt" in _listed(out)
+    assert not (out / LOCK_NAME).exists()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
+        refused = _torchrun("run", recipe, "--out", str(out), "--quiet", "--resume")
+        assert refused.returncode != 0  # both ranks stopped (each says the same line), neither hung
+        assert f"compress: error: {out}: another compress run (process {holder.pid})" in refused.stderr
+        assert refused.stderr.count("compress: error: ") == 2  # torchrun adds its own report of the exit codes
+        assert "compress/pipeline.py" not in refused.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+        holder.stderr.close()
+    resumed = _torchrun("run", recipe, "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (out / LOCK_NAME).exists()

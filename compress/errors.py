@@ -7,6 +7,9 @@ else escaping is a bug in compress, not in the user's input.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CompressError(ValueError):
     """Bad input: printed as one line by the CLI, exit code 2."""
@@ -51,3 +54,20 @@ def first_line(exc: BaseException) -> str:
 def one_line(text: str) -> str:
     """Collapse whitespace so a message always prints on a single line."""
     return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def located(where: str, source: str) -> Iterator[None]:
+    """Prefix a :class:`CompressError` raised inside with ``where`` (a recipe's ``file:line key``).
+
+    Used around work a recipe field leads to (loading its checkpoint, running a stage), so an error
+    from deep inside (a checkpoint that does not fit, a metric that fails) still names the recipe line.
+    An error that already names ``source`` (the recipe file) is left as it is.
+    """
+    try:
+        yield
+    except CompressError as exc:
+        message = str(exc)
+        if source in message:
+            raise
+        raise type(exc)(f"{where}: {message}") from None

@@ -33,7 +33,7 @@ from torch import nn
 
 from compress import io, metrics, models, report, rundir, structure
 from compress.data import check_class_labels, example_input, split_batch
-from compress.errors import CompressError, DataError
+from compress.errors import CompressError, DataError, located
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
@@ -84,7 +84,9 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
     body = recipe.body
     device = pick_device(body.device)
     torch.manual_seed(body.seed)
-    model = models.load_model(body.model.checkpoint, body.model.factory, body.model.kwargs, trust=body.model.trust)
+    key = "checkpoint" if body.model.checkpoint is not None else "factory"
+    with located(recipe.locate("model", key), recipe.source):
+        model = models.load_model(body.model.checkpoint, body.model.factory, body.model.kwargs, trust=body.model.trust)
     model.to(device).eval()
     splits = Splits(body.data, seed=body.seed, where=lambda split: recipe.locate("data", split))
     eval_loader = splits.loader("eval")
@@ -106,18 +108,21 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
     where_eval = recipe.locate("data", "eval")
     outputs = metrics.collect(model, eval_loader, name=f"{where_eval}: model {body.model.factory or body.model.checkpoint}")
     _check_labels(outputs, where_eval)
-    baseline = {"metrics": metrics.score(body.metric, outputs), **size_stats(model, example.to(device))}
+    with located(recipe.locate("metric"), recipe.source):
+        scores = metrics.score(body.metric, outputs)
+    baseline = {"metrics": scores, **size_stats(model, example.to(device))}
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     prep = Prepared(recipe, model, splits, device, example, outputs, baseline, frozen, progress)
     registry = stage_types()
     for spec in recipe.stages:
         check = registry[spec.type].check
         ctx = _context(prep, spec, Path("."), frozen, outputs)
-        if check is not None:  # stage options that name layers or splits resolve now, not mid-run
-            note = check(model, spec.config, ctx)
-            if isinstance(note, str):
-                prep.notes[spec.index] = note
-        check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
+        with located(ctx.where, recipe.source):
+            if check is not None:  # stage options that name layers or splits resolve now, not mid-run
+                note = check(model, spec.config, ctx)
+                if isinstance(note, str):
+                    prep.notes[spec.index] = note
+            check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
     return prep
 
 
@@ -244,7 +249,8 @@ def _run_stages(
             start = time.perf_counter()
             record = {"type": spec.type}
             if stage.changes_model:  # every rank trains (DDP); rank 0 writes
-                result = stage.run(model, spec.config, ctx)
+                with located(ctx.where, recipe.source):
+                    result = stage.run(model, spec.config, ctx)
                 model = result.model
                 current = ctx.outputs(model)
                 record["metrics"] = metrics.score(recipe.body.metric, current, prep.baseline_outputs)
@@ -257,7 +263,8 @@ def _run_stages(
                     models.save(model, run_dir / spec.checkpoint, metadata={"recipe": recipe.name, "stage": spec.dirname})
             else:  # file-producing stages (export) run on rank 0; the others get its record
                 if main:
-                    result = stage.run(model, spec.config, ctx)
+                    with located(ctx.where, recipe.source):
+                        result = stage.run(model, spec.config, ctx)
                     record.update(result.info, report=result.report, passed=result.passed)
                     if result.warnings:
                         record["warnings"] = result.warnings

@@ -57,7 +57,7 @@ def test_finetune_labels_beyond_the_models_classes_is_data_error():
 def test_failing_custom_metric_is_bad_input(cli, tmp_path):
     recipe = _recipe(tmp_path, "{factory: compress.zoo:digits_mlp}", metric="helpers_models:failing_metric")
     message = cli("validate", recipe).error_line()
-    assert message == "metric 'helpers_models:failing_metric' failed: ZeroDivisionError: no samples"
+    assert message == f"{recipe}:6 metric: metric 'helpers_models:failing_metric' failed: ZeroDivisionError: no samples"
 
 
 def test_check_unknown_metric_and_wrong_shape_data(cli, tmp_path, mlp_checkpoint):

@@ -52,7 +52,7 @@ def test_missing_checkpoint_file(cli, write_recipe, tiny_recipe_text, tmp_path) 
     ckpt = tmp_path / "missing.pt"
     recipe = write_recipe(_with_checkpoint(tiny_recipe_text, ckpt))
     message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
-    assert message == f"checkpoint {ckpt}: file not found"
+    assert message == f"{recipe}:5 model.checkpoint: checkpoint {ckpt}: file not found"  # the recipe line that led there
 
 
 def test_pickled_module_checkpoint(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
@@ -60,7 +60,7 @@ def test_pickled_module_checkpoint(cli, write_recipe, tiny_recipe_text, tmp_path
     torch.save(build("compress.zoo:digits_mlp", {"hidden": 8}), ckpt)
     recipe = write_recipe(_with_checkpoint(tiny_recipe_text, ckpt))
     message = cli("run", recipe, "--out", tmp_path / "out", "--quiet").error_line()
-    assert message.startswith(f"checkpoint {ckpt}: holds pickled Python objects")
+    assert message.startswith(f"{recipe}:5 model.checkpoint: checkpoint {ckpt}: holds pickled Python objects")
     assert "state_dict" in message
 
 
@@ -69,7 +69,7 @@ def test_truncated_checkpoint(cli, write_recipe, tiny_recipe_text, mlp_checkpoin
     mlp_checkpoint.write_bytes(data[: len(data) // 3])
     recipe = write_recipe(_with_checkpoint(tiny_recipe_text, mlp_checkpoint))
     message = cli("validate", recipe, "--quiet").error_line()
-    assert message.startswith(f"checkpoint {mlp_checkpoint}: not a readable torch checkpoint")
+    assert message.startswith(f"{recipe}:5 model.checkpoint: checkpoint {mlp_checkpoint}: not a readable torch checkpoint")
 
 
 def test_empty_eval_dataset(cli, write_recipe, tiny_recipe_text, tmp_path) -> None:
@@ -110,7 +110,8 @@ def test_model_and_data_shape_mismatch(cli, write_recipe, tiny_recipe_text, tmp_
 def test_bad_model_kwargs(cli, write_recipe, tiny_recipe_text) -> None:
     recipe = write_recipe(tiny_recipe_text.replace("{hidden: 8}", "{hidden: 8, depth: 2}"))
     message = cli("validate", recipe, "--quiet").error_line()
-    assert message.startswith("model factory 'compress.zoo:digits_mlp' failed with kwargs {'hidden': 8, 'depth': 2}")
+    assert message.startswith(f"{recipe}:3 model.factory: model factory 'compress.zoo:digits_mlp' failed with kwargs "
+                              "{'hidden': 8, 'depth': 2}")
 
 
 @pytest.mark.parametrize(

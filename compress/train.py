@@ -44,7 +44,7 @@ class ScheduleKind(str, Enum):
 class FinetuneConfig(Strict):
     """Options shared by every stage's ``finetune`` block."""
 
-    epochs: Annotated[int, Field(ge=0)] = 1
+    epochs: Annotated[int, Field(ge=0, le=100_000)] = 1  # a bound: a typo like 1e9 must not run forever
     lr: Annotated[float, Field(gt=0)] = 0.01
     optimizer: OptimizerKind = OptimizerKind.sgd
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9

@@ -93,6 +93,10 @@ def test_anchors_and_aliases_within_bounds_still_work(tiny_recipe_text: str) -> 
     ("model.checkpoint=" + "a" * 300, "--set model.checkpoint: path too long (300 characters"),
     ("model.input_shape=[1, true, 8]", "--set model.input_shape: expected a number, got true"),
     ("device=cuda:99999999999999999999", "--set device: unknown device 'cuda:99999999999999999999'"),
+    ("stages.0.train.finetune.epochs=1000000000",  # a typo must not mean a run that never ends
+     "--set stages.0.train.finetune.epochs: Input should be less than or equal to 100000"),
+    ("stages=[{export: {engine: {bench_iters: 1000000000}}}]",
+     "--set stages.0.export.engine.bench_iters: Input should be less than or equal to 100000"),
     # a process each: validate itself starts them to read the first batch
     ("data.eval.workers=100000", "--set data.eval.workers: Input should be less than or equal to 128"),
     ("data.eval={source: imagefolder, root: x, resize: 1000000}",

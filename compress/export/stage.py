@@ -60,7 +60,7 @@ class EngineOptions(Strict):
     precision: Precision = Precision.fp32
     keep_fp32: list[str] = Field(default_factory=list)  # op types or node names left in float32 by fp16
     batch_sizes: list[Batch] = Field(default_factory=lambda: [1, 8, 32])
-    bench_iters: Annotated[int, Field(ge=0)] = 20
+    bench_iters: Annotated[int, Field(ge=0, le=100_000)] = 20
     # onnxruntime only
     threads: Annotated[int, Field(gt=0, le=1024)] | None = None
     # the level the engine is deployed at, so timed and checked at (ONNX Runtime's own default); the

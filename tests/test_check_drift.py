@@ -173,3 +173,30 @@ def test_outputs_with_nan_or_inf_fail_whatever_the_metric() -> None:
         result = compare(broken, reference, metric=metric, max_drop=None)
         assert not result.passed and result.failures[0] == "model outputs hold 2 NaN/Inf value(s)", metric
     assert compare(reference, broken, metric="cosine", max_drop=None).failures == ["reference outputs hold 2 NaN/Inf value(s)"]
+
+
+def test_hand_made_reference_files_exit_2_in_one_line(exported, cli, tmp_path):
+    """A reference file is a file from anywhere: its meta JSON of the wrong type, a version that is not an
+    int, a 0-d array or an overflowing drift bound are refused in one line (each was a traceback)."""
+    import numpy as np
+
+    ref = tmp_path / "ref.npz"
+    assert cli("check", exported, "--reference", exported, "--data", "digits:test", "--save-reference", ref,
+               "--report", tmp_path / "x.json").code == 0
+    arrays = dict(np.load(ref, allow_pickle=False))
+    meta = json.loads(str(arrays["compress_reference"]))
+    cases = {
+        "list": ({"compress_reference": np.array("[1, 2]")}, r"compress_reference entry is a JSON list"),
+        "version": ({"compress_reference": np.array(json.dumps({**meta, "version": "2"}))}, r"v'2' is not one"),
+        "nan": ({"compress_reference": np.array(json.dumps({**meta, "version": float("nan")}))}, r"vnan is not one"),
+        "0d": ({"inputs": np.array(1.0, dtype=np.float32)}, r"holds a 0-d array"),
+        "bigint": ({"compress_reference": np.array(json.dumps({**meta, "drift": {**meta["drift"],
+                                                                                "tolerance": 10**400}}))},
+                   r"drift bound do not pair"),
+    }
+    for name, (change, expected) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **{**arrays, **change})
+        result = cli("check", exported, "--reference", path, "--report", tmp_path / "r.json")
+        assert result.code == 2, (name, result.out, result.err)
+        assert re.search(expected, result.error_line()), result.error_line()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -85,6 +86,14 @@ class Manifest:
 def _inside(rel: str) -> bool:
     parts = PurePosixPath(rel).parts
     return bool(parts) and not PurePosixPath(rel).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+
+
+def is_plain_file(path: Path) -> bool:
+    """``path`` is a regular file itself: not a link (never followed), folder, FIFO or device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def kind(run_dir: Path) -> Kind:
@@ -284,9 +293,12 @@ def _decide(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> 
         if not saved.exists():
             raise CompressError(f"--resume: {run_dir} has no recipe.yaml (its run stopped before it began); "
                                 "use --overwrite to start it again")
+        if not is_plain_file(saved):  # a FIFO would block the read forever; a link would be read through
+            raise CompressError(f"--resume: {saved} is not a regular file (a link, folder, FIFO or device); compress "
+                                "never reads through one in its run directory; use --overwrite or another --out")
         try:
             before = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
         resolved = recipe.resolved()
         if before != resolved:

@@ -313,3 +313,48 @@ def test_torchrun_marks_locks_and_resumes(tmp_path, write_recipe, tiny_recipe_te
     resumed = _torchrun("run", recipe, "--out", str(out), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / LOCK_NAME).exists()
+
+
+def test_resume_never_reads_a_stage_through_a_link_or_a_hand_edited_record(cli, finished_run, tmp_path,
+                                                                           mlp_checkpoint) -> None:
+    """A stage whose files are links (or a FIFO) or whose metrics.json names another checkpoint or is not a
+    record is not taken as finished: it runs again (each was read through, hung, or gave a traceback)."""
+    run_dir = finished_run.run_dir
+    stage = run_dir / "stages" / "01-train"
+    foreign = tmp_path / "foreign.pt"  # another model (hidden 8 vs the recipe's own): never loaded
+    foreign.write_bytes(mlp_checkpoint.read_bytes())
+    record = json.loads((stage / "metrics.json").read_text())
+
+    def link_checkpoint() -> None:
+        (stage / "checkpoint.pt").unlink()
+        (stage / "checkpoint.pt").symlink_to(foreign)
+
+    damages = {
+        "linked checkpoint": link_checkpoint,
+        "record names another checkpoint": lambda: (stage / "metrics.json").write_text(
+            json.dumps({**record, "checkpoint": str(foreign)})),
+        "record is a list": lambda: (stage / "metrics.json").write_text("[1]"),
+        "record is not UTF-8": lambda: (stage / "metrics.json").write_bytes(b"\xff\xfe"),
+        "record is a FIFO": lambda: ((stage / "metrics.json").unlink(), os.mkfifo(stage / "metrics.json")),
+    }
+    for name, damage in damages.items():
+        damage()
+        result = cli("run", finished_run.recipe, "--out", run_dir, "--resume")
+        assert result.code == 0, (name, result.err)
+        assert "resume: 1 finished stage" not in result.err, name  # the stage ran again
+        assert not (stage / "checkpoint.pt").is_symlink() and (stage / "metrics.json").is_file(), name
+        assert json.loads((run_dir / "report.json").read_text())["stages"][0]["checkpoint"] == \
+            "stages/01-train/checkpoint.pt", name
+    assert foreign.read_bytes() == mlp_checkpoint.read_bytes()
+
+
+def test_resume_refuses_a_recipe_yaml_that_is_a_fifo_a_link_or_not_utf8(cli, finished_run, tmp_path) -> None:
+    run_dir, saved = finished_run.run_dir, finished_run.run_dir / "recipe.yaml"
+    target = tmp_path / "theirs.yaml"
+    target.write_text(saved.read_text())
+    for name, make in (("fifo", lambda: os.mkfifo(saved)), ("link", lambda: saved.symlink_to(target)),
+                       ("bytes", lambda: saved.write_bytes(b"\xff\xfe"))):
+        saved.unlink()
+        make()
+        message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").error_line()
+        assert message.startswith(f"--resume: {saved} is not "), (name, message)

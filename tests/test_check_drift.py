@@ -200,3 +200,24 @@ def test_hand_made_reference_files_exit_2_in_one_line(exported, cli, tmp_path):
         result = cli("check", exported, "--reference", path, "--report", tmp_path / "r.json")
         assert result.code == 2, (name, result.out, result.err)
         assert re.search(expected, result.error_line()), result.error_line()
+
+
+def test_an_output_path_naming_an_input_is_refused_and_the_input_kept(exported, digits_cnn_checkpoint, cli, tmp_path):
+    """``--save-reference ENGINE`` replaced the engine with an .npz (exit 0), ``--report CKPT`` the checkpoint with
+    JSON: an output that is MODEL, REF, the recipe or another output is refused before anything is written."""
+    link = tmp_path / "link.onnx"
+    link.symlink_to(exported)
+    before = {p: p.read_bytes() for p in (exported, digits_cnn_checkpoint)}
+    data = ("--data", "digits:test")
+    cases = [
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--save-reference", exported),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--report", digits_cnn_checkpoint),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--save-reference", link),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--report", tmp_path / "r.json",
+         "--save-reference", tmp_path / "r.md"),
+        ("bench", exported, "--input-shape", "1,1,8,8", "--report", exported),
+    ]
+    for args in cases:
+        message = cli(*args, "--quiet").error_line()
+        assert "which this command reads or writes; writing it would replace that file" in message, (args, message)
+    assert {p: p.read_bytes() for p in before} == before

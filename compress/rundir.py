@@ -349,6 +349,7 @@ def start(recipe: Recipe, run_dir: Path, decision: Decision, *, overwrite: bool)
     if not is_main_process():
         return None
     manifest = decision.manifest
+    check_links(run_dir, manifest, _run_dirs(recipe))  # again: a link may have appeared while the inputs were checked
     remove_temp_files(run_dir, manifest, _run_dirs(recipe))  # left by a run killed mid-write
     if overwrite and not decision.reuse:
         clear(run_dir, manifest)  # only the files earlier runs wrote

@@ -358,3 +358,23 @@ def test_resume_refuses_a_recipe_yaml_that_is_a_fifo_a_link_or_not_utf8(cli, fin
         make()
         message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").error_line()
         assert message.startswith(f"--resume: {saved} is not "), (name, message)
+
+
+def test_a_stages_link_made_while_the_inputs_are_checked_is_still_refused(finished_run, tmp_path, snapshot_tree) -> None:
+    """The links are checked when the run is claimed and again just before --overwrite removes anything: a
+    link swapped in while the model and data were being checked (seconds) made the removal go through it."""
+    from compress import rundir
+
+    run_dir = finished_run.run_dir
+    recipe = load_recipe(finished_run.recipe)
+    held, decision = rundir.claim(recipe, run_dir, resume=False, overwrite=True)
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        (run_dir / "stages").rename(elsewhere)
+        (run_dir / "stages").symlink_to(elsewhere)
+        outside = snapshot_tree(elsewhere)
+        message = one_line_error(CompressError, rundir.start, recipe, run_dir, decision, overwrite=True)
+        assert message.startswith(f"{run_dir / 'stages'}: is a symbolic link"), message
+    finally:
+        held.release()
+    assert snapshot_tree(elsewhere) == outside and (run_dir / "model.pt").exists()

@@ -378,3 +378,21 @@ def test_a_stages_link_made_while_the_inputs_are_checked_is_still_refused(finish
     finally:
         held.release()
     assert snapshot_tree(elsewhere) == outside and (run_dir / "model.pt").exists()
+
+
+def test_a_lock_path_that_is_a_link_folder_or_fifo_is_named_and_nothing_is_touched(cli, finished_run, tmp_path,
+                                                                                   snapshot_tree) -> None:
+    """Was "cannot write the run directory (Too many levels of symbolic links)" or "(Invalid argument)"."""
+    run_dir, lock = finished_run.run_dir, finished_run.run_dir / LOCK_NAME
+    target = tmp_path / "theirs.txt"
+    target.write_text("keep")
+    for make in (lambda: lock.symlink_to(target), lambda: lock.symlink_to(tmp_path / "missing"), lock.mkdir,
+                 lambda: os.mkfifo(lock)):
+        make()
+        before = snapshot_tree(run_dir)
+        message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--overwrite").error_line()
+        assert message == f"{lock}: is not compress's lock file (a link, folder, FIFO or device); nothing was " \
+                          "touched; remove it"
+        assert snapshot_tree(run_dir) == before and target.read_text() == "keep"
+        assert not (tmp_path / "missing").exists()
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()

@@ -209,7 +209,10 @@ class Claim:
             missing.append(folder)
             folder = folder.parent
         if not folder.is_dir():
-            what = "is a file, not a folder" if folder == run_dir else f"{folder} is not a folder"
+            if folder.is_symlink():
+                what = "is a link to a missing folder" if folder == run_dir else f"{folder} is a link to no folder"
+            else:
+                what = "is a file, not a folder" if folder == run_dir else f"{folder} is not a folder"
             raise CompressError(f"{run_dir}: {what}; name a new or empty folder for the run")
         for folder in reversed(missing):
             try:

@@ -252,6 +252,10 @@ def test_out_or_report_inside_a_regular_file_is_one_line(cli, tmp_path, write_re
     assert message == f"{blocker / 'run'}: {blocker} is not a folder; name a new or empty folder for the run"
     message = cli("run", recipe, "--out", blocker, "--quiet").error_line()
     assert message == f"{blocker}: is a file, not a folder; name a new or empty folder for the run"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")  # was "is a file, not a folder"
+    message = cli("run", recipe, "--out", dangling, "--quiet").error_line()
+    assert message == f"{dangling}: is a link to a missing folder; name a new or empty folder for the run"
     message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "digits:test",
                   "--report", blocker / "report.json").error_line()
     assert message == f"--report {blocker / 'report.json'}: cannot be written ({blocker} is not a folder)"

@@ -132,6 +132,8 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "1.weight", torch.empty(8, 64, device="meta"))), "field 'state_dict.1.weight' is a meta tensor"),
     ("float8-nan", _state(lambda sd: sd.__setitem__("1.weight", torch.full((8, 64), float("nan")).to(
         torch.float8_e4m3fn)), rehash=True), "tensor '1.weight' holds NaN or Inf (512 of 512 values)"),  # no isfinite kernel
+    ("complex-into-real", _state(lambda sd: sd.__setitem__("1.weight", sd["1.weight"] * (1 + 1j)), rehash=True),
+     "complex into real: 1.weight checkpoint torch.complex64 vs model torch.float32"),  # loaded, imaginary part dropped
     ("one-inf-bias", _state(lambda sd: sd["3.bias"].__setitem__(0, float("inf")), rehash=True),
      "tensor '3.bias' holds NaN or Inf (1 of 10 values)"),
 ]

@@ -314,7 +314,28 @@ def _decide(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> 
         raise CompressError(
             f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
         )
+    read = _read_from(recipe.resolved(), run_dir, manifest)
+    if read is not None:
+        key, path = read
+        raise RecipeError(f"{recipe.locate(*(int(p) if p.isdigit() else p for p in key.split('.')))}: --overwrite would delete {path}, which this recipe "
+                          "reads; copy it out of the run directory first, or run into another --out")
     return Decision(False, manifest)
+
+
+def _read_from(resolved: Any, run_dir: Path, manifest: Manifest) -> tuple[str, str] | None:
+    """The first ``checkpoint`` the recipe reads (model, teacher, student) that --overwrite would remove."""
+    listed = {os.path.realpath(run_dir / rel) for rel in manifest.files}
+
+    def walk(value: Any, key: str) -> tuple[str, str] | None:
+        if isinstance(value, dict):
+            return next((hit for k, v in value.items() if (hit := walk(v, f"{key}.{k}" if key else str(k)))), None)
+        if isinstance(value, list):
+            return next((hit for i, v in enumerate(value) if (hit := walk(v, f"{key}.{i}"))), None)
+        if key.rsplit(".", 1)[-1] == "checkpoint" and isinstance(value, str) and os.path.realpath(value) in listed:
+            return key, value
+        return None
+
+    return walk(resolved, "")
 
 
 def claim(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[Claim | None, Decision]:

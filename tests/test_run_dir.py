@@ -400,3 +400,30 @@ def test_a_lock_path_that_is_a_link_folder_or_fifo_is_named_and_nothing_is_touch
         assert snapshot_tree(run_dir) == before and target.read_text() == "keep"
         assert not (tmp_path / "missing").exists()
         lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+
+
+def test_overwrite_refuses_to_delete_a_checkpoint_the_recipe_reads(cli, finished_run, write_recipe,
+                                                                   snapshot_tree) -> None:
+    """Distilling from the old run's stage into the same --out --overwrite deleted the whole old run, teacher
+    included, then failed with "file not found"; the model checkpoint is refused too (its file would change)."""
+    run_dir = finished_run.run_dir
+    before = snapshot_tree(run_dir)
+    teacher = run_dir / "stages" / "01-train" / "checkpoint.pt"
+    recipe = write_recipe(f"""\
+        name: dist
+        model: {{factory: 'compress.zoo:digits_mlp', kwargs: {{hidden: 8}}}}
+        data: {{train: {{source: digits, split: train, limit: 128}}, eval: {{source: digits, split: test}}}}
+        stages:
+          - distill:
+              teacher: {{checkpoint: {teacher}}}
+              finetune: {{epochs: 1}}
+        """, name="dist.yaml")
+    message = cli("run", recipe, "--out", run_dir, "--quiet", "--overwrite").error_line()
+    assert message == (f"{recipe}:6 stages.0.distill.teacher.checkpoint: --overwrite would delete {teacher}, which "
+                       "this recipe reads; copy it out of the run directory first, or run into another --out")
+    own = write_recipe(finished_run.recipe.read_text().replace("kwargs: {hidden: 8}",
+                                                               f"kwargs: {{hidden: 8}}\n  checkpoint: {run_dir}/model.pt"),
+                       name="own.yaml")
+    assert "model.checkpoint: --overwrite would delete" in cli("run", own, "--out", run_dir, "--quiet",
+                                                               "--overwrite").error_line()
+    assert snapshot_tree(run_dir) == before

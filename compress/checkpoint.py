@@ -87,9 +87,12 @@ def check_state_dict(state_dict: object, source: str, field: str = "state_dict")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is of type {type(value).__name__}, "
                                   "expected a tensor")
-        if value.layout != torch.strided or value.is_quantized:
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
             raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is a {value.layout} "
                                   f"{value.dtype} tensor; compress checkpoints hold dense tensors")
+        if value.is_meta:  # shapes without data: nothing to load, hash or check
+            raise CheckpointError(f"checkpoint {source}: field '{field}.{key}' is a meta tensor (a shape without "
+                                  "values); compress checkpoints hold the weights themselves")
     return state_dict
 
 
@@ -176,8 +179,9 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str, unset: Col
     for name, tensor in state_dict.items():
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        finite = torch.isfinite(tensor)
-        if bool(finite.all()) or (name in unset and bool(torch.isnan(tensor).all())):
+        values = tensor if tensor.itemsize > 1 else tensor.float()  # float8 has no isfinite; float32 holds it exactly
+        finite = torch.isfinite(values)
+        if bool(finite.all()) or (name in unset and bool(torch.isnan(values).all())):
             continue
         bad = int((~finite).sum())
         raise CheckpointError(f"checkpoint {source}: tensor '{name}' holds NaN or Inf ({bad} of {tensor.numel()} "

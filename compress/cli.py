@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise CompressError(f"bench: --batch-sizes, --iters and --threads must be positive (batch sizes at most "
                             f"{MAX_BATCH}, threads at most 1024), --warmup >= 0")
     _check_writable("--report", args.report)
+    _check_outputs_spare_inputs([("--report", args.report)], args.models)
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")
     if args.data is not None:
@@ -190,6 +192,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     _check_writable("--report", args.report)
     _check_writable("--report", args.report.with_suffix(".md"))
     _check_writable("--save-reference", args.save_reference)
+    _check_outputs_spare_inputs([("--report", args.report), ("--report", args.report.with_suffix(".md")),
+                                 ("--save-reference", args.save_reference)], [args.model, args.reference, args.recipe])
     recipe = None
     if args.recipe is not None:
         from compress.recipe import load_recipe
@@ -299,6 +303,24 @@ def _check_writable(flag: str, path: Path | None) -> None:
     problem = None if path is None else io.why_unwritable(path)
     if problem is not None:
         raise CompressError(f"{flag} {path}: cannot be written ({problem})")
+
+
+def _same_file(a: Path, b: object) -> bool:
+    try:
+        return os.path.samefile(a, b)  # a link or another spelling of the same file included
+    except (OSError, TypeError, ValueError):  # not there (yet): compare the paths
+        return Path(a).resolve() == Path(str(b)).resolve()
+
+
+def _check_outputs_spare_inputs(outputs: Sequence[tuple[str, Path | None]], inputs: Sequence[object]) -> None:
+    """Refuse an output path that names an input of the command (or another output): writing it would
+    replace the user's model, checkpoint or recipe (``--report model.pt``, ``--save-reference engine.onnx``)."""
+    named = [(flag, path) for flag, path in outputs if path is not None]
+    for i, (flag, path) in enumerate(named):
+        for other in [p for p in inputs if p is not None] + [p for _, p in named[i + 1:]]:
+            if _same_file(path, other):
+                raise CompressError(f"{flag} {path}: is also {other}, which this command reads or writes; writing "
+                                    "it would replace that file; name another file")
 
 
 def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: Any) -> dict[str, Any]:

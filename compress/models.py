@@ -155,8 +155,11 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
         for k, v in own.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
+    complex_ = [f"{k} checkpoint {state_dict[k].dtype} vs model {v.dtype}" for k, v in own.items()
+                if k in state_dict and state_dict[k].is_complex() and not v.is_complex()]  # copy_ drops the imaginary part
     problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes),
+                         ("complex into real", complex_)):
         if items:
             shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
             problems.append(f"{label}: {shown}")

@@ -154,18 +154,28 @@ def _context(
 
 
 def _finished(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
-    """metrics.json of the leading finished stages (each needs its checkpoint if it changes models)."""
+    """metrics.json of the leading finished stages (each needs its checkpoint if it changes models).
+
+    A stage counts as finished only if its files are regular files (never read through a link, never a FIFO
+    that would block) and its metrics.json is a record of that stage naming its own checkpoint; anything
+    else (a damaged or hand-edited file) makes the stage run again.
+    """
     registry = stage_types()
     done = []
     for spec in recipe.stages:
         stage_dir = spec.stage_dir(run_dir)
         record = stage_dir / "metrics.json"
-        if not record.exists() or (registry[spec.type].changes_model and not (stage_dir / "checkpoint.pt").exists()):
+        changes_model = registry[spec.type].changes_model
+        if not rundir.is_plain_file(record) or (changes_model and not rundir.is_plain_file(stage_dir / "checkpoint.pt")):
             break
         try:
-            done.append(json.loads(record.read_text()))
-        except json.JSONDecodeError:
+            entry = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             break
+        if not (isinstance(entry, dict) and entry.get("type") == spec.type and (not changes_model or (
+                entry.get("checkpoint") == spec.checkpoint and isinstance(entry.get("metrics"), dict)))):
+            break
+        done.append(entry)
     return done
 
 

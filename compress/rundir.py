@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -85,6 +86,14 @@ class Manifest:
 def _inside(rel: str) -> bool:
     parts = PurePosixPath(rel).parts
     return bool(parts) and not PurePosixPath(rel).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+
+
+def is_plain_file(path: Path) -> bool:
+    """``path`` is a regular file itself: not a link (never followed), folder, FIFO or device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def kind(run_dir: Path) -> Kind:
@@ -200,7 +209,10 @@ class Claim:
             missing.append(folder)
             folder = folder.parent
         if not folder.is_dir():
-            what = "is a file, not a folder" if folder == run_dir else f"{folder} is not a folder"
+            if folder.is_symlink():
+                what = "is a link to a missing folder" if folder == run_dir else f"{folder} is a link to no folder"
+            else:
+                what = "is a file, not a folder" if folder == run_dir else f"{folder} is not a folder"
             raise CompressError(f"{run_dir}: {what}; name a new or empty folder for the run")
         for folder in reversed(missing):
             try:
@@ -284,9 +296,12 @@ def _decide(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> 
         if not saved.exists():
             raise CompressError(f"--resume: {run_dir} has no recipe.yaml (its run stopped before it began); "
                                 "use --overwrite to start it again")
+        if not is_plain_file(saved):  # a FIFO would block the read forever; a link would be read through
+            raise CompressError(f"--resume: {saved} is not a regular file (a link, folder, FIFO or device); compress "
+                                "never reads through one in its run directory; use --overwrite or another --out")
         try:
             before = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CompressError(f"--resume: {saved} is not readable YAML: {exc}") from None
         resolved = recipe.resolved()
         if before != resolved:
@@ -299,7 +314,28 @@ def _decide(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> 
         raise CompressError(
             f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
         )
+    read = _read_from(recipe.resolved(), run_dir, manifest)
+    if read is not None:
+        key, path = read
+        raise RecipeError(f"{recipe.locate(*(int(p) if p.isdigit() else p for p in key.split('.')))}: --overwrite would delete {path}, which this recipe "
+                          "reads; copy it out of the run directory first, or run into another --out")
     return Decision(False, manifest)
+
+
+def _read_from(resolved: Any, run_dir: Path, manifest: Manifest) -> tuple[str, str] | None:
+    """The first ``checkpoint`` the recipe reads (model, teacher, student) that --overwrite would remove."""
+    listed = {os.path.realpath(run_dir / rel) for rel in manifest.files}
+
+    def walk(value: Any, key: str) -> tuple[str, str] | None:
+        if isinstance(value, dict):
+            return next((hit for k, v in value.items() if (hit := walk(v, f"{key}.{k}" if key else str(k)))), None)
+        if isinstance(value, list):
+            return next((hit for i, v in enumerate(value) if (hit := walk(v, f"{key}.{i}"))), None)
+        if key.rsplit(".", 1)[-1] == "checkpoint" and isinstance(value, str) and os.path.realpath(value) in listed:
+            return key, value
+        return None
+
+    return walk(resolved, "")
 
 
 def claim(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> tuple[Claim | None, Decision]:
@@ -337,6 +373,7 @@ def start(recipe: Recipe, run_dir: Path, decision: Decision, *, overwrite: bool)
     if not is_main_process():
         return None
     manifest = decision.manifest
+    check_links(run_dir, manifest, _run_dirs(recipe))  # again: a link may have appeared while the inputs were checked
     remove_temp_files(run_dir, manifest, _run_dirs(recipe))  # left by a run killed mid-write
     if overwrite and not decision.reuse:
         clear(run_dir, manifest)  # only the files earlier runs wrote

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -45,10 +46,16 @@ class RunLock:
         """
         path = run_dir / LOCK_NAME
         for _ in range(_TRIES):
+            not_ours = f"{path}: is not compress's lock file (a link, folder, FIFO or device); nothing was touched; remove it"
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as exc:
+                if os.path.islink(path) or os.path.isdir(path):
+                    raise CompressError(not_ours) from None
                 raise CompressError(f"{run_dir}: cannot write the run directory ({exc.strerror})") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise CompressError(not_ours)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

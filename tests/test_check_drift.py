@@ -173,3 +173,51 @@ def test_outputs_with_nan_or_inf_fail_whatever_the_metric() -> None:
         result = compare(broken, reference, metric=metric, max_drop=None)
         assert not result.passed and result.failures[0] == "model outputs hold 2 NaN/Inf value(s)", metric
     assert compare(reference, broken, metric="cosine", max_drop=None).failures == ["reference outputs hold 2 NaN/Inf value(s)"]
+
+
+def test_hand_made_reference_files_exit_2_in_one_line(exported, cli, tmp_path):
+    """A reference file is a file from anywhere: its meta JSON of the wrong type, a version that is not an
+    int, a 0-d array or an overflowing drift bound are refused in one line (each was a traceback)."""
+    import numpy as np
+
+    ref = tmp_path / "ref.npz"
+    assert cli("check", exported, "--reference", exported, "--data", "digits:test", "--save-reference", ref,
+               "--report", tmp_path / "x.json").code == 0
+    arrays = dict(np.load(ref, allow_pickle=False))
+    meta = json.loads(str(arrays["compress_reference"]))
+    cases = {
+        "list": ({"compress_reference": np.array("[1, 2]")}, r"compress_reference entry is a JSON list"),
+        "version": ({"compress_reference": np.array(json.dumps({**meta, "version": "2"}))}, r"v'2' is not one"),
+        "nan": ({"compress_reference": np.array(json.dumps({**meta, "version": float("nan")}))}, r"vnan is not one"),
+        "0d": ({"inputs": np.array(1.0, dtype=np.float32)}, r"holds a 0-d array"),
+        "bigint": ({"compress_reference": np.array(json.dumps({**meta, "drift": {**meta["drift"],
+                                                                                "tolerance": 10**400}}))},
+                   r"drift bound do not pair"),
+    }
+    for name, (change, expected) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **{**arrays, **change})
+        result = cli("check", exported, "--reference", path, "--report", tmp_path / "r.json")
+        assert result.code == 2, (name, result.out, result.err)
+        assert re.search(expected, result.error_line()), result.error_line()
+
+
+def test_an_output_path_naming_an_input_is_refused_and_the_input_kept(exported, digits_cnn_checkpoint, cli, tmp_path):
+    """``--save-reference ENGINE`` replaced the engine with an .npz (exit 0), ``--report CKPT`` the checkpoint with
+    JSON: an output that is MODEL, REF, the recipe or another output is refused before anything is written."""
+    link = tmp_path / "link.onnx"
+    link.symlink_to(exported)
+    before = {p: p.read_bytes() for p in (exported, digits_cnn_checkpoint)}
+    data = ("--data", "digits:test")
+    cases = [
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--save-reference", exported),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--report", digits_cnn_checkpoint),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--save-reference", link),
+        ("check", exported, "--reference", digits_cnn_checkpoint, *data, "--report", tmp_path / "r.json",
+         "--save-reference", tmp_path / "r.md"),
+        ("bench", exported, "--input-shape", "1,1,8,8", "--report", exported),
+    ]
+    for args in cases:
+        message = cli(*args, "--quiet").error_line()
+        assert "which this command reads or writes; writing it would replace that file" in message, (args, message)
+    assert {p: p.read_bytes() for p in before} == before

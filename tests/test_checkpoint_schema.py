@@ -126,6 +126,14 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("altered-weights", _state(lambda sd: sd["1.weight"].add_(0.5)), "weights changed since saved"),
     ("renamed-tensor", _state(lambda sd: sd.__setitem__("1.w", sd.pop("1.weight"))), "weights changed since saved"),
     ("all-nan-weights", _state(_nan_weight, rehash=True), "tensor '1.weight' holds NaN or Inf (512 of 512 values)"),
+    ("meta-tensor", _state(lambda sd: sd.__setitem__("1.weight", torch.empty(8, 64, device="meta"))),
+     "field 'state_dict.1.weight' is a meta tensor"),  # was a traceback: no data to hash or check
+    ("meta-tensor-no-hash", lambda c: (c.pop("weights_sha256"), c["state_dict"].__setitem__(
+        "1.weight", torch.empty(8, 64, device="meta"))), "field 'state_dict.1.weight' is a meta tensor"),
+    ("float8-nan", _state(lambda sd: sd.__setitem__("1.weight", torch.full((8, 64), float("nan")).to(
+        torch.float8_e4m3fn)), rehash=True), "tensor '1.weight' holds NaN or Inf (512 of 512 values)"),  # no isfinite kernel
+    ("complex-into-real", _state(lambda sd: sd.__setitem__("1.weight", sd["1.weight"] * (1 + 1j)), rehash=True),
+     "complex into real: 1.weight checkpoint torch.complex64 vs model torch.float32"),  # loaded, imaginary part dropped
     ("one-inf-bias", _state(lambda sd: sd["3.bias"].__setitem__(0, float("inf")), rehash=True),
      "tensor '3.bias' holds NaN or Inf (1 of 10 values)"),
 ]
@@ -346,3 +354,13 @@ def test_a_foreign_wrapper_with_its_own_format_key_still_loads_as_a_state_dict(t
     torch.save({"format": "lightning", "epoch": 3, "state_dict": state}, tmp_path / "wrapped.pt")
     loaded = load_model(tmp_path / "wrapped.pt", MLP, {"hidden": 8})
     assert weights_digest(loaded.state_dict()) == weights_digest(state)
+
+
+def test_float8_and_bfloat16_weights_load_and_convert(mlp_checkpoint, tmp_path) -> None:
+    """Finite low-precision weights are checked (float8 has no isfinite kernel) and load into the float model."""
+    good = compress.load(mlp_checkpoint).state_dict()
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+        path = _write(mlp_checkpoint, tmp_path / f"{dtype}.pt",
+                      _state(lambda sd, dtype=dtype: sd.__setitem__("1.weight", sd["1.weight"].to(dtype)), rehash=True))
+        loaded = compress.load(path).state_dict()["1.weight"]
+        assert torch.equal(loaded, good["1.weight"].to(dtype).float())

@@ -252,6 +252,10 @@ def test_out_or_report_inside_a_regular_file_is_one_line(cli, tmp_path, write_re
     assert message == f"{blocker / 'run'}: {blocker} is not a folder; name a new or empty folder for the run"
     message = cli("run", recipe, "--out", blocker, "--quiet").error_line()
     assert message == f"{blocker}: is a file, not a folder; name a new or empty folder for the run"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")  # was "is a file, not a folder"
+    message = cli("run", recipe, "--out", dangling, "--quiet").error_line()
+    assert message == f"{dangling}: is a link to a missing folder; name a new or empty folder for the run"
     message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "digits:test",
                   "--report", blocker / "report.json").error_line()
     assert message == f"--report {blocker / 'report.json'}: cannot be written ({blocker} is not a folder)"
@@ -313,3 +317,113 @@ def test_torchrun_marks_locks_and_resumes(tmp_path, write_recipe, tiny_recipe_te
     resumed = _torchrun("run", recipe, "--out", str(out), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / LOCK_NAME).exists()
+
+
+def test_resume_never_reads_a_stage_through_a_link_or_a_hand_edited_record(cli, finished_run, tmp_path,
+                                                                           mlp_checkpoint) -> None:
+    """A stage whose files are links (or a FIFO) or whose metrics.json names another checkpoint or is not a
+    record is not taken as finished: it runs again (each was read through, hung, or gave a traceback)."""
+    run_dir = finished_run.run_dir
+    stage = run_dir / "stages" / "01-train"
+    foreign = tmp_path / "foreign.pt"  # another model (hidden 8 vs the recipe's own): never loaded
+    foreign.write_bytes(mlp_checkpoint.read_bytes())
+    record = json.loads((stage / "metrics.json").read_text())
+
+    def link_checkpoint() -> None:
+        (stage / "checkpoint.pt").unlink()
+        (stage / "checkpoint.pt").symlink_to(foreign)
+
+    damages = {
+        "linked checkpoint": link_checkpoint,
+        "record names another checkpoint": lambda: (stage / "metrics.json").write_text(
+            json.dumps({**record, "checkpoint": str(foreign)})),
+        "record is a list": lambda: (stage / "metrics.json").write_text("[1]"),
+        "record is not UTF-8": lambda: (stage / "metrics.json").write_bytes(b"\xff\xfe"),
+        "record is a FIFO": lambda: ((stage / "metrics.json").unlink(), os.mkfifo(stage / "metrics.json")),
+    }
+    for name, damage in damages.items():
+        damage()
+        result = cli("run", finished_run.recipe, "--out", run_dir, "--resume")
+        assert result.code == 0, (name, result.err)
+        assert "resume: 1 finished stage" not in result.err, name  # the stage ran again
+        assert not (stage / "checkpoint.pt").is_symlink() and (stage / "metrics.json").is_file(), name
+        assert json.loads((run_dir / "report.json").read_text())["stages"][0]["checkpoint"] == \
+            "stages/01-train/checkpoint.pt", name
+    assert foreign.read_bytes() == mlp_checkpoint.read_bytes()
+
+
+def test_resume_refuses_a_recipe_yaml_that_is_a_fifo_a_link_or_not_utf8(cli, finished_run, tmp_path) -> None:
+    run_dir, saved = finished_run.run_dir, finished_run.run_dir / "recipe.yaml"
+    target = tmp_path / "theirs.yaml"
+    target.write_text(saved.read_text())
+    for name, make in (("fifo", lambda: os.mkfifo(saved)), ("link", lambda: saved.symlink_to(target)),
+                       ("bytes", lambda: saved.write_bytes(b"\xff\xfe"))):
+        saved.unlink()
+        make()
+        message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--resume").error_line()
+        assert message.startswith(f"--resume: {saved} is not "), (name, message)
+
+
+def test_a_stages_link_made_while_the_inputs_are_checked_is_still_refused(finished_run, tmp_path, snapshot_tree) -> None:
+    """The links are checked when the run is claimed and again just before --overwrite removes anything: a
+    link swapped in while the model and data were being checked (seconds) made the removal go through it."""
+    from compress import rundir
+
+    run_dir = finished_run.run_dir
+    recipe = load_recipe(finished_run.recipe)
+    held, decision = rundir.claim(recipe, run_dir, resume=False, overwrite=True)
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        (run_dir / "stages").rename(elsewhere)
+        (run_dir / "stages").symlink_to(elsewhere)
+        outside = snapshot_tree(elsewhere)
+        message = one_line_error(CompressError, rundir.start, recipe, run_dir, decision, overwrite=True)
+        assert message.startswith(f"{run_dir / 'stages'}: is a symbolic link"), message
+    finally:
+        held.release()
+    assert snapshot_tree(elsewhere) == outside and (run_dir / "model.pt").exists()
+
+
+def test_a_lock_path_that_is_a_link_folder_or_fifo_is_named_and_nothing_is_touched(cli, finished_run, tmp_path,
+                                                                                   snapshot_tree) -> None:
+    """Was "cannot write the run directory (Too many levels of symbolic links)" or "(Invalid argument)"."""
+    run_dir, lock = finished_run.run_dir, finished_run.run_dir / LOCK_NAME
+    target = tmp_path / "theirs.txt"
+    target.write_text("keep")
+    for make in (lambda: lock.symlink_to(target), lambda: lock.symlink_to(tmp_path / "missing"), lock.mkdir,
+                 lambda: os.mkfifo(lock)):
+        make()
+        before = snapshot_tree(run_dir)
+        message = cli("run", finished_run.recipe, "--out", run_dir, "--quiet", "--overwrite").error_line()
+        assert message == f"{lock}: is not compress's lock file (a link, folder, FIFO or device); nothing was " \
+                          "touched; remove it"
+        assert snapshot_tree(run_dir) == before and target.read_text() == "keep"
+        assert not (tmp_path / "missing").exists()
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+
+
+def test_overwrite_refuses_to_delete_a_checkpoint_the_recipe_reads(cli, finished_run, write_recipe,
+                                                                   snapshot_tree) -> None:
+    """Distilling from the old run's stage into the same --out --overwrite deleted the whole old run, teacher
+    included, then failed with "file not found"; the model checkpoint is refused too (its file would change)."""
+    run_dir = finished_run.run_dir
+    before = snapshot_tree(run_dir)
+    teacher = run_dir / "stages" / "01-train" / "checkpoint.pt"
+    recipe = write_recipe(f"""\
+        name: dist
+        model: {{factory: 'compress.zoo:digits_mlp', kwargs: {{hidden: 8}}}}
+        data: {{train: {{source: digits, split: train, limit: 128}}, eval: {{source: digits, split: test}}}}
+        stages:
+          - distill:
+              teacher: {{checkpoint: {teacher}}}
+              finetune: {{epochs: 1}}
+        """, name="dist.yaml")
+    message = cli("run", recipe, "--out", run_dir, "--quiet", "--overwrite").error_line()
+    assert message == (f"{recipe}:6 stages.0.distill.teacher.checkpoint: --overwrite would delete {teacher}, which "
+                       "this recipe reads; copy it out of the run directory first, or run into another --out")
+    own = write_recipe(finished_run.recipe.read_text().replace("kwargs: {hidden: 8}",
+                                                               f"kwargs: {{hidden: 8}}\n  checkpoint: {run_dir}/model.pt"),
+                       name="own.yaml")
+    assert "model.checkpoint: --overwrite would delete" in cli("run", own, "--out", run_dir, "--quiet",
+                                                               "--overwrite").error_line()
+    assert snapshot_tree(run_dir) == before

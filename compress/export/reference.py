@@ -73,11 +73,18 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
         raise
     except Exception as exc:  # zipfile/npy/json errors on a damaged file
         raise CompressError(f"{file}: is a damaged reference file ({first_line(exc)})") from None
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise CompressError(f"{file}: reference format {meta.get('format')} v{meta.get('version')} is not one this "
+    if not isinstance(meta, dict):
+        raise CompressError(f"{file}: its compress_reference entry is a JSON {type(meta).__name__}, expected an object")
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) \
+            or not 1 <= version <= VERSION:
+        raise CompressError(f"{file}: reference format {meta.get('format')!r} v{version!r} is not one this "
                             "compress reads")
+    if any(t is not None and t.ndim == 0 for t in (inputs, outputs, labels, model_outputs)):
+        raise CompressError(f"{file}: holds a 0-d array; inputs, outputs and labels have one row per sample")
     if len(inputs) != len(outputs) or len(inputs) == 0 or (labels is not None and len(labels) != len(inputs)):
-        raise CompressError(f"{file}: holds {len(inputs)} inputs but {len(outputs)} outputs")
+        raise CompressError(f"{file}: holds {len(inputs)} inputs but {len(outputs)} outputs"
+                            + ("" if labels is None else f" and {len(labels)} labels"))
     if model_outputs is not None and (model_outputs.shape != outputs.shape or not _bound_ok(meta.get("drift"))):
         raise CompressError(f"{file}: its saved model outputs {list(model_outputs.shape)} or drift bound do not "
                             f"pair with its {list(outputs.shape)} outputs")
@@ -86,4 +93,4 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
 
 def _bound_ok(drift: object) -> bool:
     tol = drift.get("tolerance") if isinstance(drift, dict) else None
-    return isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 <= tol < float("inf")
+    return isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 <= tol < 1e300  # float() must not overflow

@@ -37,8 +37,8 @@ from compress.errors import CompressError, DataError, located
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
+from compress.stages.finetune import check_finetune, keep_best_notice
 from compress.stages.registry import stage_types
-from compress.stages.train import check_finetune, keep_best_notice
 from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]

@@ -32,6 +32,8 @@ LAYERS = ("base", "core", "stages", "recipe", "app")
 _BASE = {"errors", "config", "imports", "io", "select", "callbacks", "structure", "runlock", "distributed"}
 _APP = {"", "__main__", "cli", "pipeline", "report", "rundir"}
 _STAGE_ONLY = {"distill.teacher"}  # stage helpers that live beside their core package
+# shared stage infrastructure under stages/: any stage may import it (every other module there is one stage type)
+_STAGE_INFRA = {"registry", "context", "builtin", "finetune", "order", "quantize"}
 
 
 def layer_of(module: str) -> str:
@@ -53,7 +55,7 @@ def stage_package(module: str) -> str | None:
     rel = module.removeprefix("compress.")
     if rel.endswith(".stage"):
         return rel.removesuffix(".stage")
-    if rel.startswith("stages.") and rel not in ("stages.registry", "stages.context", "stages.builtin"):
+    if rel.startswith("stages.") and rel.removeprefix("stages.") not in _STAGE_INFRA:
         return rel  # one module per stage type under stages/
     return None
 
@@ -158,23 +160,13 @@ KNOWN: set[tuple[str, str]] = {
     ("compress.data_arg", "compress.recipe"),
     ("compress.distill.features", "compress.recipe"),
     ("compress.distill.options", "compress.recipe"),
-    ("compress.distill.stage", "compress.ptq.stage"),
     ("compress.distill.stage", "compress.recipe"),
-    ("compress.distill.stage", "compress.stages.train"),
     ("compress.export.stage", "compress.recipe"),
-    ("compress.prune.stage", "compress.ptq.stage"),
     ("compress.prune.stage", "compress.recipe"),
-    ("compress.prune.stage", "compress.sparsity.stage"),
-    ("compress.prune.stage", "compress.stages.train"),
-    ("compress.ptq.stage", "compress.recipe"),
-    ("compress.qat.stage", "compress.ptq.stage"),
-    ("compress.qat.stage", "compress.stages.train"),
-    ("compress.sparsity.stage", "compress.prune.stage"),
-    ("compress.sparsity.stage", "compress.ptq.stage"),
     ("compress.sparsity.stage", "compress.recipe"),
-    ("compress.sparsity.stage", "compress.stages.train"),
     ("compress.stages.context", "compress.recipe"),
-    ("compress.stages.train", "compress.ptq.stage"),
+    ("compress.stages.finetune", "compress.recipe"),
+    ("compress.stages.quantize", "compress.recipe"),
     ("compress.stages.train", "compress.recipe"),
     ("compress.train", "compress.recipe"),
 }

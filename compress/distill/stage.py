@@ -9,11 +9,11 @@ from compress import models
 from compress.distill.options import DistillOptions
 from compress.distill.teacher import check_distill, load_teacher, make_distiller
 from compress.errors import CompressError
-from compress.ptq.stage import quantized_before
 from compress.recipe import ModelSpec
 from compress.stages.context import StageContext, StageResult
-from compress.stages.registry import register
-from compress.stages.train import stage_finetune
+from compress.stages.finetune import stage_finetune
+from compress.stages.order import quantized_before
+from compress.stages.registry import Effect, register
 from compress.train import FinetuneConfig
 
 
@@ -47,7 +47,8 @@ def _check(model: nn.Module, config: DistillConfig, ctx: StageContext) -> None:
     check_distill(config, _student(model, config, ctx), ctx, ctx.where, student_quantized=quantized)
 
 
-@register("distill", DistillConfig, check=_check)
+@register("distill", DistillConfig, check=_check,
+          effects=lambda config: Effect.NEW_MODEL if config.student is not None else Effect.NONE)
 def run_distill(model: nn.Module, config: DistillConfig, ctx: StageContext) -> StageResult:
     student = _student(model, config, ctx)
     teacher = load_teacher(config, ctx, ctx.where)

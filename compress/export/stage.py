@@ -251,7 +251,8 @@ def _int8_coverage(model: nn.Module, source: Path, engine_path: Path, engine: En
     return info
 
 
-@register("export", ExportConfig, check=_check, changes_model=False)
+@register("export", ExportConfig, check=_check, changes_model=False,
+          deploy_target=lambda config: (config.onnx.target, ("onnx", "target")))
 def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
     _check(model, config, ctx)
     onnx_path = ctx.run_dir / "model.onnx"

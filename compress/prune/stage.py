@@ -19,12 +19,12 @@ from compress.prune import latency
 from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
-from compress.ptq.stage import quantized_before
 from compress.recipe import Strict
 from compress.select import select_names
 from compress.stages.context import StageContext, StageResult
-from compress.stages.registry import register
-from compress.stages.train import stage_finetune
+from compress.stages.finetune import stage_finetune
+from compress.stages.order import quantized_before, refuse_after_sparsity
+from compress.stages.registry import Effect, register
 from compress.train import FinetuneConfig, is_main_process
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]
@@ -114,8 +114,6 @@ def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Modu
 
 
 def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | None:
-    from compress.sparsity.stage import refuse_after_sparsity
-
     refuse_after_sparsity(model, ctx, "prune")
     if quantized_before(model, ctx):
         raise CompressError(f"{ctx.where}: prune must come before quantization (ptq/qat): "
@@ -136,7 +134,8 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
     return note
 
 
-@register("prune", PruneConfig, check=_check)
+@register("prune", PruneConfig, check=_check, dry_run=dry_run,
+          effects=lambda config: Effect.RESHAPES if config.method is Method.channel else Effect.NONE)
 def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> StageResult:
     if config.method is Method.l1_unstructured:
         return StageResult(model, info=_run_l1(model, config, ctx))

@@ -2,131 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field
 from torch import nn
 
-from compress import quant
-from compress.errors import CompressError
-from compress.ptq.calibrate import calibrate
-from compress.ptq.calibrators import Method
-from compress.quant.spec import Target
-from compress.recipe import Strict
 from compress.stages.context import StageContext, StageResult
-from compress.stages.registry import register
-
-
-class QuantOptions(Strict):
-    """Options every quantizing stage shares."""
-
-    target: Target | None = None  # default: the export stage's onnx.target, else tensorrt
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    calibrator: Method = Method.percentile
-    percentile: Annotated[float, Field(gt=0, le=100)] = 99.99
-    limit: Annotated[int, Field(gt=0)] | None = 512
+from compress.stages.quantize import QuantOptions, calibration_warnings, check_quant_options, quantize
+from compress.stages.registry import Effect, register
 
 
 class PtqConfig(QuantOptions):
     pass
 
 
-def export_target(ctx: StageContext) -> tuple[Target | None, str]:
-    """The ``onnx.target`` of the first export stage after this one, and where it is."""
-    for spec in ctx.recipe.stages[ctx.spec.index + 1:]:
-        if spec.type == "export":
-            return spec.config.onnx.target, ctx.recipe.locate("stages", spec.index, "export", "onnx", "target")
-    return None, ""
-
-
-def resolve_target(config: QuantOptions, ctx: StageContext) -> Target:
-    """The target to quantize for; an explicit one must agree with the export stage.
-
-    Raises:
-        CompressError: ``target`` differs from the export stage's ``onnx.target``.
-    """
-    later, where = export_target(ctx)
-    if config.target is not None and later is not None and config.target is not later:
-        raise CompressError(
-            f"{ctx.where}.target: is {config.target.value} but {where} is {later.value}; "
-            "quantizer placement must match the export target"
-        )
-    return config.target or later or Target.tensorrt
-
-
-def calibration_split(ctx: StageContext) -> str:
-    return "calibration" if ctx.splits.has("calibration") else "train"
-
-
-def quantized_before(model: nn.Module, ctx: StageContext) -> bool:
-    """The stage will receive a quantized model: the recipe's model is, or an earlier stage quantizes."""
-    return quant.is_quantized(model) or any(s.type in ("ptq", "qat") for s in ctx.recipe.stages[: ctx.spec.index])
-
-
-def check_quant_options(model: nn.Module, config: QuantOptions, ctx: StageContext) -> None:
-    """Dry-run checks: target agreement, layer patterns, calibration data present, no ignored options."""
-    resolve_target(config, ctx)
-    if quantized_before(model, ctx):
-        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
-    else:
-        quant.select_layers(model, config.include, config.exclude, where=ctx.where)
-    ctx.splits.loader(calibration_split(ctx), needed_by=ctx.where)
-
-
-def refuse_ignored(config: QuantOptions, ctx: StageContext, options: tuple[str, ...], why: str) -> None:
-    """Options the user set that would have no effect are an error, not silently dropped.
-
-    Raises:
-        CompressError: one of ``options`` was given in the recipe.
-    """
-    given = [k for k in options if k in config.model_fields_set]
-    if given:
-        raise CompressError(f"{ctx.where}.{given[0]}: has no effect: {why}; remove it")
-
-
-def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple[nn.Module, dict]:
-    """Prepare (unless already quantized for the same target) and calibrate; returns the report info."""
-    target = resolve_target(config, ctx)
-    if quant.is_quantized(model):
-        if quant.target_of(model) is not target:
-            raise CompressError(
-                f"{ctx.where}: the model is already quantized for {quant.target_of(model).value}, not {target.value}"  # type: ignore[union-attr]
-            )
-        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
-        qmodel = model
-    else:
-        qmodel = quant.prepare(model, target, include=config.include, exclude=config.exclude, where=ctx.where)
-    qmodel.to(ctx.device)
-    split = calibration_split(ctx)
-    cal = calibrate(
-        qmodel,
-        ctx.splits.loader(split, needed_by=ctx.where),
-        config.calibrator,
-        percentile=config.percentile,
-        limit=config.limit,
-        device=ctx.device,
-        progress=ctx.progress,
-        where=f"{ctx.where} ({ctx.recipe.locate('data', split)})",
-    )
-    plan = quant.plan_of(qmodel)
-    info = {
-        "target": target.value,
-        "calibration": {**cal.to_dict(), "split": split},
-        "quantized_layers": len(plan.layers),
-        "graph_quantizers": len(plan.graph_quantizers),
-    }
-    if plan.graph_skipped:
-        info["graph_skipped"] = plan.graph_skipped
-    return qmodel, info
-
-
-def calibration_warnings(info: dict) -> list[str]:
-    """The calibration table's warnings (layers that clip much), for the stage's result."""
-    return list(info.get("calibration", {}).get("warnings", []))
-
-
-@register("ptq", PtqConfig, check=check_quant_options)
+@register("ptq", PtqConfig, check=check_quant_options, effects=Effect.QUANTIZES)
 def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResult:
     qmodel, info = quantize(model, config, ctx)
     return StageResult(qmodel, info=info, warnings=calibration_warnings(info))

@@ -9,19 +9,19 @@ from torch import nn
 
 from compress import quant
 from compress.errors import CompressError
-from compress.ptq.stage import (
+from compress.qat.callback import QatCallback
+from compress.stages.context import StageContext, StageResult
+from compress.stages.finetune import stage_finetune
+from compress.stages.order import quantized_before
+from compress.stages.quantize import (
     QuantOptions,
     calibration_warnings,
     check_quant_options,
     quantize,
-    quantized_before,
     refuse_ignored,
     resolve_target,
 )
-from compress.qat.callback import QatCallback
-from compress.stages.context import StageContext, StageResult
-from compress.stages.registry import register
-from compress.stages.train import stage_finetune
+from compress.stages.registry import Effect, register
 from compress.train import FinetuneConfig
 
 
@@ -41,7 +41,7 @@ def _check(model: nn.Module, config: QatConfig, ctx: StageContext) -> None:
     ctx.splits.loader("train", needed_by=ctx.where)
 
 
-@register("qat", QatConfig, check=_check)
+@register("qat", QatConfig, check=_check, effects=Effect.QUANTIZES)
 def run_qat(model: nn.Module, config: QatConfig, ctx: StageContext) -> StageResult:
     info: dict = {}
     if quant.is_quantized(model) and not quant.uncalibrated(model):

@@ -12,21 +12,20 @@ the masks); quantization after it keeps the pattern (a zero weight quantizes to 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any
 
 from pydantic import Field, field_validator
 from torch import nn
 
 from compress.errors import CompressError
-from compress.ptq.stage import quantized_before
 from compress.recipe import Strict
-from compress.sparsity.masks import Sparsifier, apply_2to4, is_sparse, plan
+from compress.sparsity.masks import Sparsifier, apply_2to4, plan
 from compress.sparsity.pattern import PATTERN
 from compress.sparsity.verify import verify_model
 from compress.stages.context import StageContext, StageResult
-from compress.stages.registry import register
-from compress.stages.train import stage_finetune
+from compress.stages.finetune import stage_finetune
+from compress.stages.order import quantized_before, shaped, sparse_before
+from compress.stages.registry import Effect, register
 from compress.train import FinetuneConfig
 
 
@@ -45,47 +44,6 @@ class SparsityConfig(Strict):
         return value
 
 
-def sparse_before(model: nn.Module, ctx: StageContext) -> str | None:
-    """Where the model became 2:4 sparse before this stage (its checkpoint or an earlier stage), or None.
-
-    A ``distill`` stage with its own ``student`` replaces the model with a dense one.
-    """
-    found = "the input model (its checkpoint carries 2:4 masks)" if is_sparse(model) else None
-    for spec in ctx.recipe.stages[: ctx.spec.index]:
-        if spec.type == "sparsity":
-            found = ctx.recipe.locate("stages", spec.index, spec.type)
-        elif spec.type == "distill" and getattr(spec.config, "student", None) is not None:
-            found = None
-    return found
-
-
-def _shaped(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, str]:
-    """The model with the shapes it will have at this stage, as far as dry runs tell, and how it was judged."""
-    from compress.prune.stage import Method, dry_run
-
-    judged = "the input model"
-    for spec in ctx.recipe.stages[: ctx.spec.index]:
-        config = spec.config
-        if spec.type == "prune" and config.method is Method.channel:  # type: ignore[attr-defined]
-            model = dry_run(model, config, replace(ctx, spec=spec))  # type: ignore[arg-type]
-            judged = f"the model after stage {spec.index + 1}'s dry run"
-        elif spec.type == "distill" and getattr(config, "student", None) is not None:
-            return model, f"the input model, not stage {spec.index + 1}'s new student"
-    return model, judged
-
-
-def refuse_after_sparsity(model: nn.Module, ctx: StageContext, what: str) -> None:
-    """Stages that change weight shapes call this in their check.
-
-    Raises:
-        CompressError: the model is 2:4 sparse by then.
-    """
-    earlier = sparse_before(model, ctx)
-    if earlier is not None:
-        raise CompressError(f"{ctx.where}: {what} cannot follow sparsity ({earlier}): it would break the 2:4 masks; "
-                            f"put it before the sparsity stage")
-
-
 def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
     if quantized_before(model, ctx):
         raise CompressError(f"{ctx.where}: sparsity must come before quantization (ptq/qat): the quantizers' "
@@ -93,13 +51,13 @@ def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
     earlier = sparse_before(model, ctx)
     if earlier is not None:
         raise CompressError(f"{ctx.where}: the model is already 2:4 sparse ({earlier})")
-    shaped, judged = _shaped(model, ctx)
-    survey = Sparsifier(shaped)
+    reshaped, judged = shaped(model, ctx)
+    survey = Sparsifier(reshaped)
     try:
-        plan(shaped, ctx.example_input, config.include, config.exclude, ctx.where, survey)
+        plan(reshaped, ctx.example_input, config.include, config.exclude, ctx.where, survey)
     except CompressError as exc:
         raise CompressError(f"{exc}" + (f" (judged on {judged}; channel pruning with round_to: 16 keeps counts "
-                                         "sparse kernels take)" if shaped is not model else "")) from None
+                                         "sparse kernels take)" if reshaped is not model else "")) from None
     if config.permute:  # the dependency tracer must follow the model; on a copy, nothing changes
         from compress.prune import graph
 
@@ -111,7 +69,7 @@ def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
     est = survey.estimate
-    earlier = any(s.type in ("prune", "distill") for s in ctx.recipe.stages[: ctx.spec.index])
+    earlier = judged != "the input model" or reshaped is not model  # an earlier stage reshaped or replaced it
     weightless = est.get("weightless_macs_share", 0.0)
     return (f"2:4 on {est['eligible_layers']} layers, {est['eligible_macs_share']:.0%} of the MACs: best case "
             f"{est['best_case_speedup']:.2f}x" + (f" (estimated on {judged})" if earlier else "")
@@ -120,7 +78,7 @@ def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
             + "".join(f"; {name} dense ({why})" for name, why in list(survey.skipped.items())[:6]))
 
 
-@register("sparsity", SparsityConfig, check=_check)
+@register("sparsity", SparsityConfig, check=_check, effects=Effect.SPARSIFIES)
 def run_sparsity(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> StageResult:
     sparsifier = apply_2to4(model, example_input=ctx.example_input, permute=config.permute,
                             include=config.include, exclude=config.exclude, where=ctx.where)

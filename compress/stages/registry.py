@@ -6,6 +6,7 @@ built-in stage module so that the registry is complete before a recipe is valida
 
 from __future__ import annotations
 
+import enum
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,22 @@ if TYPE_CHECKING:
 
 RunFn = Callable[["nn.Module", Any, "StageContext"], "StageResult"]
 CheckFn = Callable[["nn.Module", Any, "StageContext"], "str | None"]
+DryRunFn = Callable[["nn.Module", Any, "StageContext"], "nn.Module"]
+
+
+class Effect(enum.Flag):
+    """What a stage does to the model, as later stages need to know (``compress.stages.order`` asks)."""
+
+    NONE = 0
+    QUANTIZES = enum.auto()  # the model leaves with quantizers
+    SPARSIFIES = enum.auto()  # the model leaves with 2:4 masks
+    RESHAPES = enum.auto()  # weight shapes change (channel pruning); the stage offers a dry run
+    NEW_MODEL = enum.auto()  # the stage replaces the model with another (a distill student)
+
+
+EffectsFn = Callable[[Any], Effect]
+# config -> (the deployment target the stage builds for, the option keys that set it)
+DeployTargetFn = Callable[[Any], "tuple[Any, tuple[str, ...]]"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,11 @@ class StageType:
             names/patterns without training; raises ``CompressError``. A returned line (e.g. an
             estimate) is printed under the stage in the plan.
         changes_model: False for stages (export) whose output is files, not a new model.
+        effects: ``config -> Effect``: what the stage does to the model with these options.
+        dry_run: ``(model, config, ctx) -> model`` with the shapes the stage would give, without
+            training (RESHAPES stages); later stages judge their options on it.
+        deploy_target: ``config -> (target, keys)`` for a stage that deploys for a target (export);
+            quantizing stages before it place their quantizers for that target.
     """
 
     name: str
@@ -42,20 +64,34 @@ class StageType:
     run: RunFn
     check: CheckFn | None = None
     changes_model: bool = True
+    effects: EffectsFn = lambda _config: Effect.NONE
+    dry_run: DryRunFn | None = None
+    deploy_target: DeployTargetFn | None = None
 
 
 _REGISTRY: dict[str, StageType] = {}
 
 
 def register(
-    name: str, config: type[BaseModel], *, check: CheckFn | None = None, changes_model: bool = True
+    name: str,
+    config: type[BaseModel],
+    *,
+    check: CheckFn | None = None,
+    changes_model: bool = True,
+    effects: Effect | EffectsFn = Effect.NONE,
+    dry_run: DryRunFn | None = None,
+    deploy_target: DeployTargetFn | None = None,
 ) -> Callable[[RunFn], RunFn]:
-    """Decorator registering ``run`` as the implementation of stage type ``name``."""
+    """Decorator registering ``run`` as the implementation of stage type ``name``.
+
+    ``effects`` is an :class:`Effect` or, when it depends on the options, ``config -> Effect``.
+    """
+    effects_fn: EffectsFn = effects if callable(effects) and not isinstance(effects, Effect) else (lambda _c: effects)
 
     def deco(run: RunFn) -> RunFn:
         if name in _REGISTRY:
             raise RuntimeError(f"stage type '{name}' registered twice")
-        _REGISTRY[name] = StageType(name, config, run, check, changes_model)
+        _REGISTRY[name] = StageType(name, config, run, check, changes_model, effects_fn, dry_run, deploy_target)
         return run
 
     return deco

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from compress.data_arg import check_factory_kwargs, describe_spec, parse_data_arg
+from compress.data_config import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import resolve
-from compress.recipe import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,18 +17,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from compress.errors import DataError
+from compress.config import describe_error
+from compress.data_config import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
+from compress.errors import DataError, did_you_mean
 from compress.imports import resolve
-from compress.recipe import (
-    DataSpec,
-    DigitsData,
-    ImageFolderData,
-    NpzData,
-    PythonData,
-    describe_error,
-    did_you_mean,
-    safe_yaml,
-)
+from compress.safe_yaml import safe_yaml
 
 # each source's spec class and the field its text after "source:" fills
 _SOURCES: dict[str, tuple[type[Any], str]] = {

@@ -8,7 +8,8 @@ else escaping is a bug in compress, not in the user's input.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import difflib
+from collections.abc import Iterable, Iterator
 
 
 class CompressError(ValueError):
@@ -71,3 +72,9 @@ def located(where: str, source: str) -> Iterator[None]:
         if source in message:
             raise
         raise type(exc)(f"{where}: {message}") from None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'X'?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -8,193 +8,29 @@ the dotted field, e.g. ``recipe.yaml:14 stages.2.train.finetune.lr: ...``.
 
 from __future__ import annotations
 
-import difflib
 import re
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
 
-from compress.errors import RecipeError
-from compress.imports import check_reference
-from compress.trust import check_module_name
-
-
-class Strict(BaseModel):
-    """Base for every recipe section: frozen, and unknown keys are errors with a suggestion."""
-
-    # allow_inf_nan: no float option means anything at NaN or infinity (`lr: .inf` would train to NaN)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            allowed = list(cls.model_fields)
-            for key in data:
-                if key not in cls.model_fields:
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        "unknown key '{key}'{hint} (allowed: {allowed})",
-                        {"key": str(key), "hint": did_you_mean(str(key), allowed), "allowed": ", ".join(allowed)},
-                    )
-                _check_number(str(key), data[key], cls.model_fields[key].annotation)
-        return data
-
-
-# Any integer a recipe gives ends up in C (torch, numpy, sklearn) at 64 bits at most.
-_INT64 = 2**63 - 1
-
-
-def _check_number(key: str, value: Any, annotation: Any) -> None:
-    """Refuse a yes/no where a number (or a list of numbers) is wanted, and integers beyond 64 bits."""
-    items = value if isinstance(value, list) else [value]
-    for item in items:
-        if isinstance(item, bool) and _wants_number(annotation):
-            # pydantic's lax mode would turn `epochs: yes` into 1 (and [true, 8] into [1, 8]); a yes/no is never a count
-            raise PydanticCustomError(
-                "bool_for_number", "expected a number, got {value}", {"key": key, "value": str(item).lower()}
-            )
-        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _INT64:
-            raise PydanticCustomError(
-                "number_too_large", "{value} does not fit in 64 bits", {"key": key, "value": str(item)}
-            )
-
-
-def _wants_number(annotation: Any) -> bool:
-    """True when a field takes int/float but not bool (so ``true``/``false`` is a mistake)."""
-    found: set[Any] = set()
-
-    def walk(tp: Any) -> None:
-        found.add(tp)
-        for arg in typing.get_args(tp):
-            walk(arg)
-
-    walk(annotation)
-    return bool(found & {int, float}) and bool not in found and Any not in found
-
-
-# sklearn and numpy take seeds in 0..2**32-1; one range everywhere, so a seed valid in one place is valid in all
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _check_path(value: str) -> str:
-    """A file or folder path the OS can take: not empty, no NUL byte, within Linux's name and path limits."""
-    if not value.strip():
-        raise ValueError("empty path")
-    if "\0" in value:
-        raise ValueError("a path cannot contain a NUL character")
-    if len(value.encode()) > 4095 or any(len(part.encode()) > 255 for part in value.split("/")):
-        raise ValueError(f"path too long ({len(value)} characters; at most 255 per folder or file name, 4095 in all)")
-    return value
-
-
-PathStr = Annotated[str, AfterValidator(_check_path)]
-
+from compress.config import SafeName, Seed, Strict, describe_error
+from compress.data_config import DataSpec
+from compress.data_config import DigitsData as DigitsData  # `X as X`: re-exported, the recipe's names
+from compress.data_config import ImageFolderData as ImageFolderData
+from compress.data_config import NpzData as NpzData
+from compress.data_config import PythonData as PythonData
+from compress.errors import RecipeError, did_you_mean
+from compress.metrics import check_metric_name
+from compress.model_spec import ModelSpec
+from compress.safe_yaml import MAX_YAML_BYTES, safe_yaml
+from compress.safe_yaml import MAX_YAML_DEPTH as MAX_YAML_DEPTH
 
 # --------------------------------------------------------------------------------------------
 # Sections
-
-
-class ModelSpec(Strict):
-    """Where the model comes from. A compress checkpoint carries its own factory."""
-
-    factory: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: PathStr | None = None
-    input_shape: list[Annotated[int, Field(gt=0)]] | None = None
-    trust: list[str] = Field(default_factory=list)  # modules whose factories checkpoints may name (compress.trust)
-
-    @field_validator("factory")
-    @classmethod
-    def _factory_ref(cls, v: str | None) -> str | None:
-        return None if v is None else check_reference(v)
-
-    @field_validator("trust")
-    @classmethod
-    def _trust(cls, v: list[str]) -> list[str]:
-        return [check_module_name(name) for name in v]
-
-    @model_validator(mode="after")
-    def _needs_something(self) -> ModelSpec:
-        if self.factory is None and self.checkpoint is None:
-            raise ValueError("give a 'factory' (module:callable) or a compress 'checkpoint'")
-        return self
-
-
-class _LoaderOptions(Strict):
-    batch_size: Annotated[int, Field(gt=0)] = 64
-    limit: Annotated[int, Field(gt=0)] | None = None
-    shuffle: bool | None = None  # None: shuffle the train split only
-    workers: Annotated[int, Field(ge=0, le=128)] = 0  # each one a process: a typo must not fork thousands
-
-
-class DigitsData(_LoaderOptions):
-    """scikit-learn's ``load_digits`` (1797 8x8 images), split deterministically."""
-
-    source: Literal["digits"]
-    split: Literal["train", "test", "all"] = "train"
-    size: Annotated[int, Field(ge=8, le=512)] = 8
-    channels: Literal[1, 3] = 1
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    seed: Seed = 0
-
-
-class NpzData(_LoaderOptions):
-    """Arrays in an ``.npz`` file; ``y: null`` for unlabeled data."""
-
-    source: Literal["npz"]
-    path: PathStr
-    x: str = "x"
-    y: str | None = "y"
-
-
-class ImageFolderData(_LoaderOptions):
-    """torchvision ``ImageFolder``: one sub-folder per class."""
-
-    source: Literal["imagefolder"]
-    root: PathStr
-    resize: Annotated[int, Field(gt=0, le=4096)] | None = None  # pixels a side: bounded so no image needs terabytes
-    crop: Annotated[int, Field(gt=0, le=4096)] | None = None
-    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
-    grayscale: bool = False
-
-
-class PythonData(_LoaderOptions):
-    """``module:callable(**kwargs)`` returning a ``torch.utils.data.Dataset``."""
-
-    source: Literal["python"]
-    factory: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("factory")
-    @classmethod
-    def _factory_ref(cls, v: str) -> str:
-        return check_reference(v)
-
-
-DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]
 
 
 class Holdout(Strict):
@@ -231,11 +67,6 @@ class DataSection(Strict):
     eval: DataSpec
 
 
-# A name that becomes a folder (runs/NAME, triton/NAME): letters, digits, . _ -, starting with a letter or
-# digit (so never '.', '..' or a hidden folder), at most 100 characters (no OS path-length traceback).
-SafeName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
-
-
 class RecipeBody(Strict):
     """The top level of a recipe; ``stages`` are validated one by one against the stage registry."""
 
@@ -250,8 +81,6 @@ class RecipeBody(Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        from compress.metrics import check_metric_name
-
         return check_metric_name(v)
 
     @field_validator("device")
@@ -427,82 +256,6 @@ def _distill_into_finetune(
     return {**rest, "finetune": {**finetune, "distill": options["distill"]}}
 
 
-# Bounds on what a recipe's YAML may ask of the parser: a recipe is a page of settings, so these are
-# far above any real one, and low enough that a hostile file is refused in milliseconds (a 5 KB
-# "billion laughs" file expands to 10^9 values; `&a [*a]` refers to itself; 5000 nested brackets
-# overflow a recursive walk).
-MAX_YAML_BYTES = 1_000_000
-MAX_YAML_DEPTH = 64
-MAX_YAML_VALUES = 100_000  # values after expanding aliases (each use of an anchor counts again)
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses nesting deeper than :data:`MAX_YAML_DEPTH` while composing."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _expanded_size(root: yaml.Node) -> int:
-    """How many values ``root`` holds once every alias is expanded; refuses an alias inside its own anchor.
-
-    Memoised per node, so a billion-laughs file is measured in as many steps as it has nodes.
-    """
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it", node.start_mark)
-        active.add(key)
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(v) for v in node.value)
-        active.discard(key)
-        sizes[key] = total = min(total, MAX_YAML_VALUES + 1)
-        if total > MAX_YAML_VALUES:
-            raise yaml.composer.ComposerError(
-                None, None, f"expands to more than {MAX_YAML_VALUES:,} values (aliases used too often)", node.start_mark
-            )
-        return total
-
-    return size(root)
-
-
-def safe_yaml(text: str) -> tuple[Any, yaml.Node | None]:
-    """``yaml.safe_load`` with bounded size, nesting depth and alias expansion; also returns the node tree.
-
-    Raises:
-        yaml.YAMLError: malformed YAML, or YAML over the bounds (the message says which).
-    """
-    if len(text) > MAX_YAML_BYTES:
-        raise yaml.YAMLError(f"{len(text):,} characters; a recipe may have at most {MAX_YAML_BYTES:,}")
-    loader = _BoundedLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        _expanded_size(root)
-        return loader.construct_document(root), root
-    finally:
-        loader.dispose()
-
 
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """Parse YAML safely, returning the data and a map from key path to 1-based line number."""
@@ -621,28 +374,3 @@ class _Locator:
 
 # pydantic inserts the discriminator tag of a union member into error locations.
 _TAGS = {"digits", "npz", "imagefolder", "python", _HOLDOUT_TAG, _SPLIT_TAG}
-
-
-def describe_error(err: Any) -> str:
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "missing":
-        return "missing required field"
-    if kind in ("literal_error", "enum"):
-        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))) or re.findall(
-            r"(\S+?)(?:,| or |$)", str(ctx.get("expected", ""))
-        )
-        return f"unknown {value!r}{did_you_mean(str(value), choices)} ({', '.join(choices)})"
-    if kind == "union_tag_invalid":
-        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-        discriminator = str(ctx.get("discriminator", "value")).strip("'")
-        return f"unknown {discriminator} {ctx.get('tag')!r}{did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
-    if kind == "union_tag_not_found":
-        return f"missing {ctx.get('discriminator', 'tag')} (one of digits, npz, imagefolder, python)"
-    msg = err["msg"]
-    msg = msg.removeprefix("Value error, ")
-    if kind != "unknown_key" and value is not None and not isinstance(value, dict | list) and not (
-        isinstance(value, str) and repr(value) in msg
-    ):
-        shown = repr(value)
-        msg += f" (got {shown[:60] + '...' if len(shown) > 64 else shown})"  # a 300-character value stays readable
-    return msg

@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from compress.callbacks import Callback, TrainState
+from compress.config import Seed, Strict
 from compress.data import split_batch
 from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError
-from compress.recipe import Seed, Strict
 
 
 class OptimizerKind(str, Enum):

@@ -29,7 +29,7 @@ import compress
 
 LAYERS = ("base", "core", "stages", "recipe", "app")
 
-_BASE = {"errors", "config", "imports", "io", "select", "callbacks", "structure", "runlock", "distributed"}
+_BASE = {"errors", "config", "safe_yaml", "imports", "io", "select", "callbacks", "structure", "runlock", "distributed"}
 _APP = {"", "__main__", "cli", "pipeline", "report", "rundir"}
 _STAGE_ONLY = {"distill.teacher"}  # stage helpers that live beside their core package
 # shared stage infrastructure under stages/: any stage may import it (every other module there is one stage type)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import compress.distill.stage  # noqa: F401 - registers every stage config (Strict subclasses below)
+from compress.config import _wants_number
 from compress.errors import RecipeError
-from compress.recipe import MAX_YAML_BYTES, MAX_YAML_DEPTH, Strict, _wants_number, load_recipe, parse_recipe
+from compress.recipe import MAX_YAML_BYTES, MAX_YAML_DEPTH, Strict, load_recipe, parse_recipe
 from compress.stages.registry import stage_types
 
 

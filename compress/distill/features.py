@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.errors import CompressError
-from compress.recipe import did_you_mean
+from compress.errors import CompressError, did_you_mean
 
 
 class Features:

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from compress.recipe import ModelSpec, Strict
+from compress.config import Strict
+from compress.model_spec import ModelSpec
 
 _STAGE = re.compile(r"^stage\s+(\d+)$")
 

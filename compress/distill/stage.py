@@ -9,7 +9,7 @@ from compress import models
 from compress.distill.options import DistillOptions
 from compress.distill.teacher import check_distill, load_teacher, make_distiller
 from compress.errors import CompressError
-from compress.recipe import ModelSpec
+from compress.model_spec import ModelSpec
 from compress.stages.context import StageContext, StageResult
 from compress.stages.finetune import stage_finetune
 from compress.stages.order import quantized_before

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress import metrics, quant
+from compress.config import SafeName, Strict
 from compress.errors import CompressError
 from compress.export import bench, tensorrt
 from compress.export.check import SAMPLE_METRICS, compare
@@ -20,7 +21,6 @@ from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, i
 from compress.export.tensorrt_rules import check_tensorrt
 from compress.export.triton import write_repository
 from compress.quant.spec import Target
-from compress.recipe import SafeName, Strict
 from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
 from compress.stages.context import StageContext, StageResult
 from compress.stages.registry import register

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.config import Strict
 from compress.errors import CompressError
 from compress.models import count_params
 from compress.profile import count_macs
@@ -19,7 +20,6 @@ from compress.prune import latency
 from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
-from compress.recipe import Strict
 from compress.select import select_names
 from compress.stages.context import StageContext, StageResult
 from compress.stages.finetune import stage_finetune

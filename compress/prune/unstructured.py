@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from compress.callbacks import Callback, TrainState
 from compress.errors import CompressError
 from compress.prune.schedule import Schedule
 from compress.select import select_names
-from compress.train import Callback, TrainState
 
 E = TypeVar("E", bound=Enum)
 

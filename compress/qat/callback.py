@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from compress.callbacks import Callback, TrainState
 from compress.quant import refresh_weight_amax
 from compress.quant.layers import BATCHNORMS
-from compress.train import Callback, TrainState
 
 
 class QatCallback(Callback):

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from torch import nn
 
+from compress.config import Strict
 from compress.errors import CompressError
-from compress.recipe import Strict
 from compress.sparsity.masks import Sparsifier, apply_2to4, plan
 from compress.sparsity.pattern import PATTERN
 from compress.sparsity.verify import verify_model

@@ -11,11 +11,11 @@ from pydantic import Field
 from torch import nn
 
 from compress import quant
+from compress.config import Strict
 from compress.errors import CompressError
 from compress.ptq.calibrate import calibrate
 from compress.ptq.calibrators import Method
 from compress.quant.spec import Target
-from compress.recipe import Strict
 from compress.stages.context import StageContext
 from compress.stages.order import quantized_before
 from compress.stages.registry import stage_types

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from compress.recipe import Strict
+from compress.config import Strict
 from compress.stages.context import StageContext, StageResult
 from compress.stages.finetune import stage_finetune
 from compress.stages.registry import register

@@ -1,0 +1,65 @@
+"""The data spec of one split: a source (digits, npz, imagefolder, python factory) and its loader options."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from compress.config import PathStr, Seed, Strict
+from compress.imports import check_reference
+
+
+class _LoaderOptions(Strict):
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    limit: Annotated[int, Field(gt=0)] | None = None
+    shuffle: bool | None = None  # None: shuffle the train split only
+    workers: Annotated[int, Field(ge=0, le=128)] = 0  # each one a process: a typo must not fork thousands
+
+
+class DigitsData(_LoaderOptions):
+    """scikit-learn's ``load_digits`` (1797 8x8 images), split deterministically."""
+
+    source: Literal["digits"]
+    split: Literal["train", "test", "all"] = "train"
+    size: Annotated[int, Field(ge=8, le=512)] = 8
+    channels: Literal[1, 3] = 1
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: Seed = 0
+
+
+class NpzData(_LoaderOptions):
+    """Arrays in an ``.npz`` file; ``y: null`` for unlabeled data."""
+
+    source: Literal["npz"]
+    path: PathStr
+    x: str = "x"
+    y: str | None = "y"
+
+
+class ImageFolderData(_LoaderOptions):
+    """torchvision ``ImageFolder``: one sub-folder per class."""
+
+    source: Literal["imagefolder"]
+    root: PathStr
+    resize: Annotated[int, Field(gt=0, le=4096)] | None = None  # pixels a side: bounded so no image needs terabytes
+    crop: Annotated[int, Field(gt=0, le=4096)] | None = None
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    grayscale: bool = False
+
+
+class PythonData(_LoaderOptions):
+    """``module:callable(**kwargs)`` returning a ``torch.utils.data.Dataset``."""
+
+    source: Literal["python"]
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_ref(cls, v: str) -> str:
+        return check_reference(v)
+
+
+DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]

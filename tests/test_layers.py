@@ -156,19 +156,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Violations still being untangled (issue 17); remove a line when its import is gone.
 KNOWN: set[tuple[str, str]] = {
-    ("compress.data", "compress.recipe"),
-    ("compress.data_arg", "compress.recipe"),
-    ("compress.distill.features", "compress.recipe"),
-    ("compress.distill.options", "compress.recipe"),
-    ("compress.distill.stage", "compress.recipe"),
-    ("compress.export.stage", "compress.recipe"),
-    ("compress.prune.stage", "compress.recipe"),
-    ("compress.sparsity.stage", "compress.recipe"),
     ("compress.stages.context", "compress.recipe"),
     ("compress.stages.finetune", "compress.recipe"),
-    ("compress.stages.quantize", "compress.recipe"),
-    ("compress.stages.train", "compress.recipe"),
-    ("compress.train", "compress.recipe"),
 }
 KNOWN_CYCLES = 2  # strongly connected components that are still there
 

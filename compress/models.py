@@ -42,6 +42,7 @@ from compress.checkpoint import (
 )
 from compress.errors import CheckpointError, CompressError, first_line
 from compress.imports import resolve
+from compress.profile import count_nonzero_params, count_params  # noqa: F401  (re-exported: their old home)
 from compress.trust import check_factory, safe_kwargs
 
 # Common wrappers around a raw state_dict (Lightning, torchvision references, many repos).
@@ -238,9 +239,7 @@ def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: di
     origin = structure.origin_of(model)
     if origin is not None:
         origin.structure = copy.deepcopy(ckpt.structure)
-    from compress.sparsity.masks import check_weights  # the sparsity package imports this module
-
-    check_weights(model, str(path))
+    structure.verify(model, str(path))  # each kind's own check of the loaded weights (2:4 masks hold)
     return model
 
 
@@ -288,10 +287,3 @@ def load(path: str | os.PathLike[str], *, trust: Sequence[str] = ()) -> nn.Modul
     """
     return load_model(path, trust=trust)
 
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_nonzero_params(model: nn.Module) -> int:
-    return int(sum(int(torch.count_nonzero(p.detach())) for p in model.parameters()))

@@ -29,9 +29,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from compress.models import count_nonzero_params, count_params
-
 _aten = torch.ops.aten
+
+
+def count_params(model: nn.Module) -> int:
+    """Every parameter element of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Parameter elements of ``model`` that are not zero (pruned or 2:4-masked weights are)."""
+    return int(sum(int(torch.count_nonzero(p.detach())) for p in model.parameters()))
 
 
 @dataclass

@@ -9,6 +9,12 @@ A checkpoint is a file from anywhere, so every kind registers a strict :class:`P
 its rebuild: :func:`parse` checks every entry's types before the factory model is even built, and
 the rebuild checks the payload against that model (names that exist, sizes it can have) before it
 changes or allocates anything.
+
+A kind may also register hooks that the core calls without knowing the kind: :func:`register_verify`
+(run by :func:`verify` after a checkpoint's weights are loaded) and :func:`register_callbacks`
+(training callbacks that keep the structure, asked by :func:`callbacks` at every fine-tune). Kinds
+register when their module is imported; ``compress/__init__`` imports every kind's package, so a
+kind is registered before any checkpoint can be loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from compress.callbacks import Callback
 from compress.errors import CheckpointError, first_line, one_line
 
 
@@ -39,6 +46,8 @@ class _Rebuilder(Generic[P]):
 
 
 _REBUILDERS: dict[str, _Rebuilder[Any]] = {}
+_VERIFIERS: dict[str, Callable[[nn.Module, str], None]] = {}
+_CALLBACKS: dict[str, Callable[[nn.Module], Sequence[Callback]]] = {}
 _ATTR = "_compress_origin"
 
 
@@ -74,6 +83,54 @@ def register_rebuild(kind: str, schema: type[P]) -> Callable[[Callable[[nn.Modul
         return fn
 
     return deco
+
+
+def _hook_registrar(table: dict[str, Any], kind: str, what: str) -> Callable[[Any], Any]:
+    def deco(fn: Any) -> Any:
+        if kind not in _REBUILDERS:
+            raise ValueError(f"structure kind '{kind}' has no rebuild registered; register it before its {what} hook")
+        if kind in table:
+            raise ValueError(f"a {what} hook for structure kind '{kind}' is already registered")
+        table[kind] = fn
+        return fn
+
+    return deco
+
+
+def register_verify(kind: str) -> Callable[[Callable[[nn.Module, str], None]], Callable[[nn.Module, str], None]]:
+    """Decorator: ``fn(model, source)`` checks a loaded model carrying ``kind`` (its weights against its structure).
+
+    ``fn`` raises :class:`~compress.errors.CheckpointError` naming ``source`` when they disagree.
+    """
+    return _hook_registrar(_VERIFIERS, kind, "verify")
+
+
+def register_callbacks(kind: str) -> Callable[[Callable[[nn.Module], Sequence[Callback]]],
+                                              Callable[[nn.Module], Sequence[Callback]]]:
+    """Decorator: ``fn(model) -> callbacks`` that keep a ``kind`` structure intact while the model trains."""
+    return _hook_registrar(_CALLBACKS, kind, "callbacks")
+
+
+def has(model: nn.Module, kind: str) -> bool:
+    """Whether ``model``'s recorded structure holds a change of ``kind``."""
+    origin = origin_of(model)
+    return origin is not None and any(entry.get("kind") == kind for entry in origin.structure)
+
+
+def verify(model: nn.Module, source: str) -> None:
+    """Run the verify hook of every kind ``model`` carries (after a checkpoint's state_dict is loaded).
+
+    Raises:
+        CheckpointError: a kind's check failed (one line naming ``source``).
+    """
+    for kind, fn in _VERIFIERS.items():
+        if has(model, kind):
+            fn(model, source)
+
+
+def callbacks(model: nn.Module) -> list[Callback]:
+    """The training callbacks that keep ``model``'s recorded structure (in kind registration order)."""
+    return [cb for kind, fn in _CALLBACKS.items() if has(model, kind) for cb in fn(model)]
 
 
 def origin_of(model: nn.Module) -> Origin | None:

@@ -23,6 +23,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from compress import structure
 from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
@@ -236,7 +237,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; with ``evaluate`` and ``keep_best``, restore the best epoch.
 
-    A model carrying 2:4 masks (``compress.sparsity``) gets them re-applied after every step.
+    A model carrying structure that training must keep (2:4 masks from ``compress.sparsity``) gets that
+    structure's callbacks first (:func:`compress.structure.callbacks`): the masks are re-applied after every step.
 
     Args:
         model: trained in place (moved to ``device``).
@@ -259,10 +261,9 @@ def finetune(
         raise CompressError("finetune: config.distill names a recipe teacher; in your own code pass "
                             "callbacks=[compress.distill.Distiller(model, teacher, ...).callback()]")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    from compress.sparsity.masks import mask_callback  # the sparsity package imports this module
-
-    masks = mask_callback(model)  # a 2:4 model stays 2:4: masks first, before e.g. QAT reads the weights
-    callbacks = [masks, *callbacks] if masks is not None else list(callbacks)
+    # The model's recorded structure keeps itself (a 2:4 model stays 2:4): its callbacks first, before e.g. QAT
+    # reads the weights.
+    callbacks = [*structure.callbacks(model), *callbacks]
     seed = config.seed if config.seed is not None else 0
     # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

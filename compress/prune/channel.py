@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import structure
 from compress.errors import CompressError, first_line
 from compress.profile import count_macs
 from compress.prune import graph, plan
@@ -39,6 +40,9 @@ class Importance(str, Enum):
 DEFAULT_ROUND_TO = 8
 # A MACs target reached this much further than asked (achieved / requested) is worth saying.
 OVERSHOOT = 1.1
+# The structure kind of 2:4 masks (``compress.sparsity.masks.KIND``): masks fix every weight's shape, so a model
+# carrying them cannot lose channels. Asked through compress.structure: prune stays below sparsity.
+_SPARSITY = "sparsity"
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,7 @@ class ChannelPruner:
     _current: str = field(default="", init=False, repr=False)  # the group being pruned, for error messages
 
     def __post_init__(self) -> None:
-        from compress.sparsity.masks import is_sparse  # the sparsity package imports prune
-
-        if is_sparse(self.model):
+        if structure.has(self.model, _SPARSITY):
             raise CompressError(f"{self.where}: the model is 2:4 sparse; channel pruning would break its masks "
                                 "(prune before sparsity)")
         param = next(self.model.parameters(), None)

@@ -26,8 +26,7 @@ KIND = "sparsity"
 
 def is_sparse(model: nn.Module) -> bool:
     """Whether ``model`` carries 2:4 masks (from :func:`apply_2to4`, the sparsity stage or its checkpoint)."""
-    origin = structure.origin_of(model)
-    return origin is not None and any(e.get("kind") == KIND for e in origin.structure)
+    return structure.has(model, KIND)
 
 
 def sparse_layers(model: nn.Module) -> list[str]:
@@ -111,6 +110,7 @@ def _rebuild(model: nn.Module, payload: MaskRecord) -> nn.Module:
     return model
 
 
+@structure.register_verify(KIND)
 @torch.no_grad()
 def check_weights(model: nn.Module, source: str) -> None:
     """After loading a checkpoint: every weight its masks zero must be zero.
@@ -140,6 +140,13 @@ def mask_callback(model: nn.Module) -> Callback | None:
     """A fine-tune callback keeping ``model``'s 2:4 masks after every step, or None for a dense model."""
     masks = SparseMasks(model)
     return _MaskCallback(masks) if masks else None
+
+
+@structure.register_callbacks(KIND)
+def _keep_masks(model: nn.Module) -> list[Callback]:
+    # Every fine-tune of a 2:4 model keeps it 2:4 (the loop puts these first, before e.g. QAT reads weights).
+    callback = mask_callback(model)
+    return [callback] if callback is not None else []
 
 
 @dataclass

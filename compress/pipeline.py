@@ -37,9 +37,9 @@ from compress.errors import CompressError, DataError, located
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
-from compress.stages.finetune import check_finetune, keep_best_notice
+from compress.stages.finetune import check_finetune
 from compress.stages.registry import stage_types
-from compress.train import barrier, broadcast_object, init_distributed, is_main_process, pick_device
+from compress.train import FinetuneConfig, barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
 
@@ -124,6 +124,19 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
                     prep.notes[spec.index] = note
             check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
     return prep
+
+
+def keep_best_notice(recipe: Recipe) -> str | None:
+    """One line for the terminal when fine-tunes ask for keep_best but the recipe has no data.val."""
+    if recipe.body.data.val is not None:
+        return None
+    asking = [spec.dirname for spec in recipe.stages
+              if isinstance(cfg := getattr(spec.config, "finetune", None), FinetuneConfig) and cfg.keep_best and cfg.epochs]
+    if not asking:
+        return None
+    which = f"stage {asking[0]} keeps its" if len(asking) == 1 else f"stages {', '.join(asking)} keep their"
+    return (f"keep_best off: no data.val split, so {which} last epoch "
+            "(add data.val: {holdout: 0.1} to select the best epoch on held-out training data)")
 
 
 def _check_labels(outputs: metrics.Outputs, where: str) -> None:

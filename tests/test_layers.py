@@ -157,7 +157,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # Violations still being untangled (issue 17); remove a line when its import is gone.
 KNOWN: set[tuple[str, str]] = {
     ("compress.stages.context", "compress.recipe"),
-    ("compress.stages.finetune", "compress.recipe"),
 }
 KNOWN_CYCLES = 1  # strongly connected components that are still there
 

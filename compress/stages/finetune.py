@@ -13,7 +13,6 @@ from torch import nn
 from compress.data import split_batch
 from compress.distill.options import DistillOptions
 from compress.errors import DataError
-from compress.recipe import Recipe
 from compress.stages.context import StageContext
 from compress.stages.order import quantized_before
 from compress.train import Callback, FinetuneConfig, finetune
@@ -43,19 +42,6 @@ def keep_best_status(cfg: FinetuneConfig, has_val: bool) -> str:
     if not cfg.keep_best:
         return "off: keep_best: false"
     return "on: best epoch on data.val" if has_val else "off: no data.val split"
-
-
-def keep_best_notice(recipe: Recipe) -> str | None:
-    """One line for the terminal when fine-tunes ask for keep_best but the recipe has no data.val."""
-    if recipe.body.data.val is not None:
-        return None
-    asking = [spec.dirname for spec in recipe.stages
-              if isinstance(cfg := getattr(spec.config, "finetune", None), FinetuneConfig) and cfg.keep_best and cfg.epochs]
-    if not asking:
-        return None
-    which = f"stage {asking[0]} keeps its" if len(asking) == 1 else f"stages {', '.join(asking)} keep their"
-    return (f"keep_best off: no data.val split, so {which} last epoch "
-            "(add data.val: {holdout: 0.1} to select the best epoch on held-out training data)")
 
 
 def stage_finetune(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 
 from compress.config import PathStr, Seed, Strict
 from compress.imports import check_reference
@@ -63,3 +63,37 @@ class PythonData(_LoaderOptions):
 
 
 DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]
+
+
+class Holdout(Strict):
+    """``val: {holdout: F}``: a fraction F of the train split, held out of training to select on.
+
+    The samples are drawn once, seeded by the recipe's ``seed`` (stratified by label where the
+    labels can be read without loading the samples), and removed from ``train``.
+    """
+
+    holdout: Annotated[float, Field(gt=0, lt=1)]
+
+
+def _val_kind(value: Any) -> str | None:
+    """Which form a ``data.val`` entry takes: a holdout of train, a split of its own, or neither (None)."""
+    if isinstance(value, Holdout) or (isinstance(value, dict) and "holdout" in value):
+        return _HOLDOUT_TAG
+    return _SPLIT_TAG if isinstance(value, dict | BaseModel) else None
+
+
+_HOLDOUT_TAG, _SPLIT_TAG = "val-holdout", "val-split"
+ValSpec = Annotated[
+    Annotated[Holdout, Tag(_HOLDOUT_TAG)] | Annotated[DataSpec, Tag(_SPLIT_TAG)],
+    Discriminator(_val_kind, custom_error_type="val_form",
+                  custom_error_message="expected {holdout: F} (a fraction of data.train) or a split (source: ...)"),
+]
+
+
+class DataSection(Strict):
+    """The splits: ``train`` trains, ``val`` selects (keep_best, searches), ``eval`` is reported on."""
+
+    train: DataSpec | None = None
+    val: ValSpec | None = None
+    calibration: DataSpec | None = None
+    eval: DataSpec

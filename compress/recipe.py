@@ -12,14 +12,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+import compress.stages.builtin  # noqa: F401  every built-in stage type registers itself on import
 from compress.config import SafeName, Seed, Strict, describe_error
-from compress.data_config import DataSpec
+from compress.data_config import _HOLDOUT_TAG, _SPLIT_TAG
+from compress.data_config import DataSection as DataSection
 from compress.data_config import DigitsData as DigitsData  # `X as X`: re-exported, the recipe's names
+from compress.data_config import Holdout as Holdout
 from compress.data_config import ImageFolderData as ImageFolderData
 from compress.data_config import NpzData as NpzData
 from compress.data_config import PythonData as PythonData
@@ -28,43 +31,10 @@ from compress.metrics import check_metric_name
 from compress.model_spec import ModelSpec
 from compress.safe_yaml import MAX_YAML_BYTES, safe_yaml
 from compress.safe_yaml import MAX_YAML_DEPTH as MAX_YAML_DEPTH
+from compress.stages.spec import StageSpec as StageSpec
 
 # --------------------------------------------------------------------------------------------
 # Sections
-
-
-class Holdout(Strict):
-    """``val: {holdout: F}``: a fraction F of the train split, held out of training to select on.
-
-    The samples are drawn once, seeded by the recipe's ``seed`` (stratified by label where the
-    labels can be read without loading the samples), and removed from ``train``.
-    """
-
-    holdout: Annotated[float, Field(gt=0, lt=1)]
-
-
-def _val_kind(value: Any) -> str | None:
-    """Which form a ``data.val`` entry takes: a holdout of train, a split of its own, or neither (None)."""
-    if isinstance(value, Holdout) or (isinstance(value, dict) and "holdout" in value):
-        return _HOLDOUT_TAG
-    return _SPLIT_TAG if isinstance(value, dict | BaseModel) else None
-
-
-_HOLDOUT_TAG, _SPLIT_TAG = "val-holdout", "val-split"
-ValSpec = Annotated[
-    Annotated[Holdout, Tag(_HOLDOUT_TAG)] | Annotated[DataSpec, Tag(_SPLIT_TAG)],
-    Discriminator(_val_kind, custom_error_type="val_form",
-                  custom_error_message="expected {holdout: F} (a fraction of data.train) or a split (source: ...)"),
-]
-
-
-class DataSection(Strict):
-    """The splits: ``train`` trains, ``val`` selects (keep_best, searches), ``eval`` is reported on."""
-
-    train: DataSpec | None = None
-    val: ValSpec | None = None
-    calibration: DataSpec | None = None
-    eval: DataSpec
 
 
 class RecipeBody(Strict):
@@ -89,31 +59,6 @@ class RecipeBody(Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", v):  # torch cannot parse cuda:99999999999999999999
             raise ValueError(f"unknown device '{v}' (auto, cpu, cuda, cuda:N)")
         return v
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One validated entry of ``stages``."""
-
-    index: int
-    type: str
-    config: BaseModel
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.index + 1:02d}-{self.type}"
-
-    def stage_dir(self, run_dir: Path) -> Path:
-        """``DIR/stages/NN-TYPE``: the stage's checkpoint and metrics.json."""
-        return run_dir / "stages" / self.dirname
-
-    @property
-    def checkpoint(self) -> str:
-        """The stage's checkpoint, relative to the run directory (as report.json lists it)."""
-        return f"stages/{self.dirname}/checkpoint.pt"
-
-    def dump(self) -> dict[str, Any]:
-        return {self.type: self.config.model_dump(mode="json")}
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ Layers, lowest first (issue 17):
 - recipe: recipe.py (YAML, --set, locations)
 - app: pipeline, report, rundir, cli, the package ``__init__``
 
-:data:`KNOWN` lists the violations that are still being untangled (issue 17). It is a ratchet: a new
-violation fails, and so does a listed one that is gone (delete it from the list), so the list only shrinks.
+No exemptions: a module that needs something from a higher layer moves that thing down (or asks
+through a hook the lower layer offers, as ``structure`` does for per-kind checks and callbacks).
 """
 
 from __future__ import annotations
@@ -154,28 +154,16 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# Violations still being untangled (issue 17); remove a line when its import is gone.
-KNOWN: set[tuple[str, str]] = {
-    ("compress.stages.context", "compress.recipe"),
-}
-KNOWN_CYCLES = 1  # strongly connected components that are still there
-
-
 ROOT = Path(compress.__file__).parent
 
 
 def test_no_import_goes_against_the_layer_order() -> None:
-    found = violations(import_graph(ROOT))
-    new = sorted(found - KNOWN)
-    gone = sorted(KNOWN - found)
-    assert not new, f"imports against the layer order (see this file's docstring): {new}"
-    assert not gone, f"fixed, so delete them from KNOWN: {gone}"
+    found = sorted(violations(import_graph(ROOT)))
+    assert not found, f"imports against the layer order (see this file's docstring): {found}"
 
 
-def test_no_import_cycle_beyond_the_known_ones() -> None:
-    found = cycles(import_graph(ROOT))
-    assert len(found) <= KNOWN_CYCLES, f"import cycles: {found}"
-    assert len(found) == KNOWN_CYCLES, f"a cycle is gone: lower KNOWN_CYCLES to {len(found)}"
+def test_no_import_cycle() -> None:
+    assert cycles(import_graph(ROOT)) == []
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:

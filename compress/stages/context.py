@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import metrics, structure
 from compress.data import build_dataset, build_loader
+from compress.data_config import DataSection, Holdout
 from compress.errors import DataError
 from compress.holdout import cheap_labels, holdout_indices
-from compress.recipe import DataSection, Holdout, Recipe, StageSpec
+from compress.stages.spec import RecipeView, StageSpec
 
 
 class Splits:
@@ -78,7 +79,7 @@ class Splits:
         )
 
 
-def recipe_factories(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
+def recipe_factories(recipe: RecipeView, model: nn.Module | None = None) -> list[str]:
     """The exact model factories the user named: the recipe's ``model.factory`` and every teacher's and
     student's ``factory``, plus ``model``'s (the input model, whose factory ``prepare`` let in). Checkpoints
     of the run (stage checkpoints, ``stage N`` teachers, ``--resume``) may name these; whole modules only
@@ -106,7 +107,7 @@ def recipe_factories(recipe: Recipe, model: nn.Module | None = None) -> list[str
 class StageContext:
     """Everything a stage may use; stages write files only under ``stage_dir`` (or via the result)."""
 
-    recipe: Recipe
+    recipe: RecipeView
     spec: StageSpec
     run_dir: Path
     stage_dir: Path

@@ -1,13 +1,13 @@
 """Registry of stage types: the only way the pipeline and the recipe schema know about stages.
 
-A stage module registers itself with :func:`register`; ``compress.stages.builtin`` imports every
-built-in stage module so that the registry is complete before a recipe is validated.
+A stage module registers itself with :func:`register`. ``compress.recipe`` (the layer above the
+stages) imports ``compress.stages.builtin``, which imports every built-in stage module, so the
+registry is complete whenever a recipe can be read; the registry itself imports no stage.
 """
 
 from __future__ import annotations
 
 import enum
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,5 @@ def register(
 
 
 def stage_types() -> dict[str, StageType]:
-    """All registered stage types, built-ins included."""
-    importlib.import_module("compress.stages.builtin")
+    """All registered stage types (the built-ins are registered once ``compress`` is imported)."""
     return dict(_REGISTRY)

@@ -10,7 +10,8 @@ from compress.distill.distiller import Distiller
 from compress.distill.options import DistillOptions, teacher_stage
 from compress.errors import CompressError
 from compress.stages.context import StageContext
-from compress.stages.registry import stage_types
+from compress.stages.order import effects, quantizes_within
+from compress.stages.registry import Effect, stage_types
 from compress.train import barrier
 
 
@@ -29,14 +30,14 @@ def _stand_in(n: int, ctx: StageContext) -> nn.Module:
     ``distill`` stage's ``student`` up to there, else the baseline (stages keep outputs and names)."""
     for spec in reversed(ctx.recipe.stages[:n]):
         student = getattr(spec.config, "student", None)
-        if spec.type == "distill" and student is not None:
+        if Effect.NEW_MODEL in effects(spec) and student is not None:
             return models.load_model(student.checkpoint, student.factory, student.kwargs,
                                      trust=ctx.trust, allow=ctx.factories).to(ctx.device).eval()
     return ctx.baseline
 
 
 def _quantized_by(n: int, ctx: StageContext) -> bool:
-    return quant.is_quantized(ctx.baseline) or any(s.type in ("ptq", "qat") for s in ctx.recipe.stages[:n])
+    return quant.is_quantized(ctx.baseline) or quantizes_within(ctx.recipe.stages[:n])
 
 
 def load_teacher(options: DistillOptions, ctx: StageContext, where: str, *, dry_run: bool = False) -> nn.Module:

@@ -23,6 +23,7 @@ from compress.export.triton import write_repository
 from compress.quant.spec import Target
 from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
 from compress.stages.context import StageContext, StageResult
+from compress.stages.order import quantized_before
 from compress.stages.registry import register
 
 
@@ -103,11 +104,6 @@ class ExportConfig(Strict):
 _ORT_ONLY, _TRT_ONLY = ("threads", "optimization"), ("profile", "workspace_mb", "timing_cache")
 
 
-def _quantized_by_export(model: nn.Module, ctx: StageContext) -> bool:
-    """Whether the model reaching this stage is quantized (already, or by an earlier ptq/qat stage)."""
-    return quant.is_quantized(model) or any(s.type in ("ptq", "qat") for s in ctx.recipe.stages[: ctx.spec.index])
-
-
 def _profile(engine: EngineOptions, config: ExportConfig) -> tensorrt.Profile:
     triton = config.triton.max_batch_size if config.triton is not None else 0
     top = max(engine.batch_sizes)
@@ -127,16 +123,16 @@ def _check_engine(model: nn.Module, config: ExportConfig, ctx: StageContext) -> 
                                 f"not {engine.backend.value}")
     if engine.keep_fp32 and engine.precision is not Precision.fp16:
         raise CompressError(f"{where}.keep_fp32: only means something with precision: fp16")
-    if engine.precision is Precision.fp16 and config.onnx.opset < 19 and _quantized_by_export(model, ctx):
+    if engine.precision is Precision.fp16 and config.onnx.opset < 19 and quantized_before(model, ctx):
         raise CompressError(f"{where}.precision: fp16 on a quantized model needs onnx.opset >= 19, where "
                             "QuantizeLinear/DequantizeLinear take float16 scales; set onnx.opset: 19")
     if (engine.backend is Backend.onnxruntime and engine.precision is Precision.fp16
-            and engine.optimization is not Optimization.disabled and _quantized_by_export(model, ctx)):
+            and engine.optimization is not Optimization.disabled and quantized_before(model, ctx)):
         raise CompressError(f"{where}.optimization: ONNX Runtime's CPU graph optimizations miscompute float16 Q/DQ "
                             "graphs (measured: resnet18 top1 94.7 -> 87.2); set optimization: disabled, or keep "
                             "precision: fp32 for onnxruntime (float16 + INT8 is for backend tensorrt)")
     if (engine.backend is Backend.onnxruntime and engine.precision is Precision.fp16 and config.triton is not None
-            and _quantized_by_export(model, ctx)):
+            and quantized_before(model, ctx)):
         raise CompressError(f"{ctx.where}.triton: Triton's ONNX Runtime backend would serve the float16 Q/DQ graph with "
                             "graph optimizations on, which miscompute it; drop triton or use precision: fp32")
     if engine.backend is Backend.tensorrt:

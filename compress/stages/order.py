@@ -3,6 +3,7 @@ declares (:class:`compress.stages.registry.Effect`), never from stage type names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from torch import nn
@@ -12,10 +13,17 @@ from compress.errors import CompressError
 from compress.sparsity import is_sparse
 from compress.stages.context import StageContext
 from compress.stages.registry import Effect, stage_types
+from compress.stages.spec import StageSpec
 
 
-def _effects(spec: object) -> Effect:
-    return stage_types()[spec.type].effects(spec.config)  # type: ignore[attr-defined]
+def effects(spec: StageSpec) -> Effect:
+    """What stage ``spec`` does to the model, as its stage type declares for these options."""
+    return stage_types()[spec.type].effects(spec.config)
+
+
+def quantizes_within(stages: Sequence[StageSpec]) -> bool:
+    """Whether any of ``stages`` quantizes the model."""
+    return any(Effect.QUANTIZES in effects(s) for s in stages)
 
 
 def quantized_before(model: nn.Module, ctx: StageContext, *, including_this: bool = False) -> bool:
@@ -24,7 +32,7 @@ def quantized_before(model: nn.Module, ctx: StageContext, *, including_this: boo
     ``including_this``: also when this stage itself quantizes (a QAT fine-tune trains quantized).
     """
     upto = ctx.spec.index + 1 if including_this else ctx.spec.index
-    return quant.is_quantized(model) or any(Effect.QUANTIZES in _effects(s) for s in ctx.recipe.stages[:upto])
+    return quant.is_quantized(model) or quantizes_within(ctx.recipe.stages[:upto])
 
 
 def sparse_before(model: nn.Module, ctx: StageContext) -> str | None:
@@ -34,10 +42,10 @@ def sparse_before(model: nn.Module, ctx: StageContext) -> str | None:
     """
     found = "the input model (its checkpoint carries 2:4 masks)" if is_sparse(model) else None
     for spec in ctx.recipe.stages[: ctx.spec.index]:
-        effects = _effects(spec)
-        if Effect.SPARSIFIES in effects:
+        done = effects(spec)
+        if Effect.SPARSIFIES in done:
             found = ctx.recipe.locate("stages", spec.index, spec.type)
-        elif Effect.NEW_MODEL in effects:
+        elif Effect.NEW_MODEL in done:
             found = None
     return found
 
@@ -61,10 +69,10 @@ def shaped(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, str]:
     registry = stage_types()
     for spec in ctx.recipe.stages[: ctx.spec.index]:
         stage = registry[spec.type]
-        effects = stage.effects(spec.config)
-        if Effect.RESHAPES in effects and stage.dry_run is not None:
+        done = stage.effects(spec.config)
+        if Effect.RESHAPES in done and stage.dry_run is not None:
             model = stage.dry_run(model, spec.config, replace(ctx, spec=spec))
             judged = f"the model after stage {spec.index + 1}'s dry run"
-        elif Effect.NEW_MODEL in effects:
+        elif Effect.NEW_MODEL in done:
             return model, f"the input model, not stage {spec.index + 1}'s new student"
     return model, judged

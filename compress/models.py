@@ -217,6 +217,37 @@ def load_model(
     return model
 
 
+# A file's kwargs decide how big the factory's model is before any of its weights are read. Pruning
+# only shrinks a model, so the built model may be larger than the file's weights, but not by this much:
+# channel pruning to a quarter of the channels keeps 1/16 of a conv's weights.
+_MAX_GROWTH, _SLACK_BYTES = 64, 1 << 30
+
+
+def _refuse_oversized(ckpt: Checkpoint, kwargs: dict[str, Any], path: Path) -> None:
+    """Build the model on the meta device (no memory) and refuse one far larger than the file's weights.
+
+    Raises:
+        CheckpointError: the file's kwargs would build a model of more than 64x its weights + 1 GiB.
+    """
+    try:
+        with torch.device("meta"):
+            probe = build(ckpt.factory, kwargs)
+    except Exception:  # noqa: BLE001  a factory that cannot build on meta: the real build decides
+        return
+    need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    held = sum(t.numel() * t.element_size() for t in ckpt.state_dict.values())
+    if need > _MAX_GROWTH * held + _SLACK_BYTES:
+        raise CheckpointError(
+            f"checkpoint {path}: kwargs {kwargs} would build a model of {_human(need)}, but the file "
+            f"holds {_human(held)} of weights; refusing to allocate it (kwargs edited?)"
+        )
+
+
+def _human(size: int) -> str:
+    shift, unit = next(((s, u) for s, u in ((30, "GiB"), (20, "MiB")) if size >= 1 << s), (10, "KiB"))
+    return f"{size / (1 << shift):.1f} {unit}"
+
+
 def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: dict[str, Any] | None, *,
                    trust: Sequence[str], allow: Collection[str]) -> nn.Module:
     """Rebuild a parsed compress checkpoint's model: weights verified, factory trusted, structure replayed."""
@@ -228,6 +259,7 @@ def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: di
     if kwargs and safe_kwargs(dict(kwargs)) != own_kwargs:
         raise CheckpointError(f"checkpoint {path}: was saved with kwargs {own_kwargs}, but the recipe says {dict(kwargs)}")
     try:
+        _refuse_oversized(ckpt, own_kwargs, path)
         model = build(ckpt.factory, own_kwargs)
     except CheckpointError:
         raise

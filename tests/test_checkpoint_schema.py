@@ -364,3 +364,18 @@ def test_float8_and_bfloat16_weights_load_and_convert(mlp_checkpoint, tmp_path) 
                       _state(lambda sd, dtype=dtype: sd.__setitem__("1.weight", sd["1.weight"].to(dtype)), rehash=True))
         loaded = compress.load(path).state_dict()["1.weight"]
         assert torch.equal(loaded, good["1.weight"].to(dtype).float())
+
+
+def test_kwargs_that_would_build_a_huge_model_are_refused_before_allocating(tmp_path) -> None:
+    """The factory is trusted, but the file's kwargs ask for hidden=10^8 (7.5 x 10^9 float32 weights, 27.9 GiB):
+    the meta-device probe refuses it in milliseconds instead of allocating and filling it."""
+    path = tmp_path / "mlp.pt"
+    compress.save(build("compress.zoo:digits_mlp", {"hidden": 8}), path)
+    obj = torch.load(path, weights_only=True)
+    obj["kwargs"] = {"hidden": 10**8}
+    torch.save(obj, path)
+    message = one_line_error(CheckpointError, compress.load, path)
+    assert "would build a model of 27.9 GiB, but the file holds 2.4 KiB of weights" in message, message
+    obj["kwargs"] = {"hidden": 8}  # the honest file still loads
+    torch.save(obj, path)
+    assert isinstance(compress.load(path), torch.nn.Module)

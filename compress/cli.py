@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from compress import io
+from compress.data_arg import FORMS as DATA_FORMS
 from compress.errors import CompressError, one_line
 from compress.export.onnxruntime import Optimization
 
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--reference", required=True,
                      help="the reference: .onnx, .plan, .pt, or a reference file written by --save-reference (.npz)")
     source = chk.add_mutually_exclusive_group()
-    source.add_argument("--data", help="digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MOD:FN, options after '?': "
+    source.add_argument("--data", help=f"{DATA_FORMS}, options after '?': "
                                        "python:pkg.mod:fn?split=test&n=32, digits:test?size=32 "
                                        "(not with a saved reference, which carries its inputs)")
     source.add_argument("--recipe", type=Path, help="take the data (its eval split) and the metric from this recipe")

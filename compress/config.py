@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -94,7 +95,12 @@ PathStr = Annotated[str, AfterValidator(_check_path)]
 SafeName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
-def describe_error(err: Any) -> str:
+def describe_error(err: Any, tag_values: Mapping[str, Sequence[str]] | None = None) -> str:
+    """A pydantic error (one of ``ValidationError.errors()``) as one line, without its location.
+
+    ``tag_values``: each discriminated union's tag values by field name (``{"source": ("digits", ...)}``),
+    listed when a mapping lacks the tag.
+    """
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "missing":
         return "missing required field"
@@ -108,7 +114,9 @@ def describe_error(err: Any) -> str:
         discriminator = str(ctx.get("discriminator", "value")).strip("'")
         return f"unknown {discriminator} {ctx.get('tag')!r}{did_you_mean(str(ctx.get('tag')), tags)} ({', '.join(tags)})"
     if kind == "union_tag_not_found":
-        return f"missing {ctx.get('discriminator', 'tag')} (one of digits, npz, imagefolder, python)"
+        discriminator = str(ctx.get("discriminator", "tag"))
+        known = (tag_values or {}).get(discriminator.strip("'"))
+        return f"missing {discriminator}" + (f" (one of {', '.join(known)})" if known else "")
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
     if kind != "unknown_key" and value is not None and not isinstance(value, dict | list) and not (

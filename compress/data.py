@@ -7,7 +7,7 @@ shapes and label/input count mismatches raise :class:`DataError` naming the spli
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -235,22 +235,22 @@ def _origin(spec: DataSpec) -> str:
     return f"{spec.source} split {spec.split}"
 
 
+# one builder per source class of compress.data_config.SOURCES (tests/test_data.py checks none is missing)
+BUILDERS: dict[type[Any], Callable[[Any, str], Dataset]] = {
+    DigitsData: _digits, NpzData: _npz, ImageFolderData: _imagefolder, PythonData: _python,
+}
+
+
 def build_dataset(spec: DataSpec, name: str = "data") -> Dataset:
     """The dataset for a spec, after ``limit``; refuses an empty one.
 
     Raises:
         DataError: the data is missing, empty or malformed.
     """
-    if isinstance(spec, DigitsData):
-        dataset = _digits(spec, name)
-    elif isinstance(spec, NpzData):
-        dataset = _npz(spec, name)
-    elif isinstance(spec, ImageFolderData):
-        dataset = _imagefolder(spec, name)
-    elif isinstance(spec, PythonData):
-        dataset = _python(spec, name)
-    else:  # pragma: no cover - the recipe schema admits only the sources above
+    build = BUILDERS.get(type(spec))
+    if build is None:  # pragma: no cover - the recipe schema admits only compress.data_config.SOURCES
         raise DataError(f"{name}: unsupported data source {type(spec).__name__}")
+    dataset = build(spec, name)
     size = dataset_size(dataset, name)
     if spec.limit is not None and spec.limit < size:
         dataset = Subset(dataset, range(spec.limit))

@@ -12,25 +12,20 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import ValidationError
 
 from compress.config import describe_error
-from compress.data_config import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
+from compress.data_config import SOURCE_NAMES, SOURCES, DataSpec, PythonData
 from compress.errors import DataError, did_you_mean
 from compress.imports import resolve
 from compress.safe_yaml import safe_yaml
 
-# each source's spec class and the field its text after "source:" fills
-_SOURCES: dict[str, tuple[type[Any], str]] = {
-    "digits": (DigitsData, "split"),
-    "npz": (NpzData, "path"),
-    "imagefolder": (ImageFolderData, "root"),
-    "python": (PythonData, "factory"),
-}
-_FORMS = "digits[:SPLIT], npz:FILE, imagefolder:DIR or python:MODULE:FN, each with optional ?key=value&..."
+_SOURCES = dict(zip(SOURCE_NAMES, SOURCES, strict=True))  # each source's spec class
+FORMS = ", ".join(cls.SHORTHAND for cls in SOURCES[:-1]) + f" or {SOURCES[-1].SHORTHAND}"
+_FORMS = f"{FORMS}, each with optional ?key=value&..."
 _LOADER_FIELDS = ("batch_size", "limit", "shuffle", "workers")
 
 
@@ -129,19 +124,20 @@ def parse_data_arg(text: str, batch_size: int = 64, kwargs: str | None = None) -
             raise DataError(f"{where}: option '{twice[0]}' given both after '?' and in --data-kwargs")
         options.update(extra)
     source, _, main = base.partition(":")
-    if source not in _SOURCES or (source != "digits" and not main):
+    cls = _SOURCES.get(source)
+    if cls is None or (not main and cls.model_fields[cls.MAIN_OPTION].is_required()):
         raise DataError(f"{where}: expected {_FORMS}")
-    cls, main_field = _SOURCES[source]
+    main_field = cls.MAIN_OPTION
     fields: dict[str, Any] = {"source": source, "batch_size": batch_size}
-    if source == "python":
+    if cls is PythonData:
         fields.update(factory=main, kwargs=options)
     else:
         if main and main_field in options:
             raise DataError(f"{where}: option '{main_field}' given both after ':' and as an option")
-        fields.update({main_field: main or "test"} if main_field not in options else {})
+        fields.update({main_field: main or "test"} if main_field not in options else {})  # digits: the test split
         fields.update(options)
     try:
-        spec = cls(**fields)
+        spec = cast(DataSpec, cls(**fields))  # one of the SOURCES
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = [*err["loc"], *([err["ctx"]["key"]] if err["type"] == "unknown_key" else [])]
@@ -163,7 +159,8 @@ def describe_spec(spec: DataSpec) -> str:
     ``python:pkg.data:load?split=train&n=16`` says the factory read its train split even when nobody
     asked for one; the built-in sources list the options that differ from their defaults.
     """
-    cls, main_field = _SOURCES[spec.source]
+    cls = _SOURCES[spec.source]
+    main_field = cls.MAIN_OPTION
     options: dict[str, Any] = {}
     if isinstance(spec, PythonData):
         params = factory_parameters(resolve(spec.factory, what="factory"))

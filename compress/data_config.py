@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 
@@ -11,6 +11,10 @@ from compress.imports import check_reference
 
 
 class _LoaderOptions(Strict):
+    # the ``--data`` shorthand (compress.data_arg): its form, and the field the text after "source:" fills
+    SHORTHAND: ClassVar[str]
+    MAIN_OPTION: ClassVar[str]
+
     batch_size: Annotated[int, Field(gt=0)] = 64
     limit: Annotated[int, Field(gt=0)] | None = None
     shuffle: bool | None = None  # None: shuffle the train split only
@@ -19,6 +23,9 @@ class _LoaderOptions(Strict):
 
 class DigitsData(_LoaderOptions):
     """scikit-learn's ``load_digits`` (1797 8x8 images), split deterministically."""
+
+    SHORTHAND = "digits[:SPLIT]"
+    MAIN_OPTION = "split"
 
     source: Literal["digits"]
     split: Literal["train", "test", "all"] = "train"
@@ -31,6 +38,9 @@ class DigitsData(_LoaderOptions):
 class NpzData(_LoaderOptions):
     """Arrays in an ``.npz`` file; ``y: null`` for unlabeled data."""
 
+    SHORTHAND = "npz:FILE"
+    MAIN_OPTION = "path"
+
     source: Literal["npz"]
     path: PathStr
     x: str = "x"
@@ -39,6 +49,9 @@ class NpzData(_LoaderOptions):
 
 class ImageFolderData(_LoaderOptions):
     """torchvision ``ImageFolder``: one sub-folder per class."""
+
+    SHORTHAND = "imagefolder:DIR"
+    MAIN_OPTION = "root"
 
     source: Literal["imagefolder"]
     root: PathStr
@@ -52,6 +65,9 @@ class ImageFolderData(_LoaderOptions):
 class PythonData(_LoaderOptions):
     """``module:callable(**kwargs)`` returning a ``torch.utils.data.Dataset``."""
 
+    SHORTHAND = "python:MODULE:FN"
+    MAIN_OPTION = "factory"
+
     source: Literal["python"]
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -62,7 +78,18 @@ class PythonData(_LoaderOptions):
         return check_reference(v)
 
 
+# The one list of data sources: a new source is a class above, added here (and a builder in compress.data).
 DataSpec = Annotated[DigitsData | NpzData | ImageFolderData | PythonData, Field(discriminator="source")]
+SOURCES: tuple[type[_LoaderOptions], ...] = get_args(get_args(DataSpec)[0])
+
+
+def source_name(cls: type[_LoaderOptions]) -> str:
+    """The ``source:`` value a spec class answers to (``"npz"`` for :class:`NpzData`)."""
+    (name,) = get_args(cls.model_fields["source"].annotation)
+    return str(name)
+
+
+SOURCE_NAMES: tuple[str, ...] = tuple(source_name(cls) for cls in SOURCES)
 
 
 class Holdout(Strict):

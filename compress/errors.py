@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Iterable, Iterator
+from enum import Enum
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=Enum)
 
 
 class CompressError(ValueError):
@@ -78,3 +82,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``"; did you mean 'X'?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def parse_enum(kind: type[E], value: Any, where: str = "", what: str = "") -> E:
+    """``kind(value)``, or a one-line :class:`CompressError` listing the choices and the closest one.
+
+    The message reads ``"{where}: unknown {what} '{value}' (choose from a, b); did you mean 'a'?"``
+    (``where``/``what`` left out when empty).
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        choices = [str(k.value) for k in kind]
+        head = f"{where}: " if where else ""
+        noun = f"{what} " if what else ""
+        raise CompressError(
+            f"{head}unknown {noun}'{value}' (choose from {', '.join(choices)}){did_you_mean(str(value), choices)}"
+        ) from None

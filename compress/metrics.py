@@ -32,6 +32,21 @@ def top1(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((outputs.argmax(1) == labels).float().mean())
 
 
+def check_labels(logits: torch.Tensor, labels: torch.Tensor | None, where: str) -> None:
+    """Class indices must address the model's outputs: 0..classes-1 for ``(N, classes)`` logits.
+
+    Only integer ``(N,)`` labels against ``(N, classes)`` logits are checked (soft or absent labels pass).
+
+    Raises:
+        DataError: a label outside 0..classes-1, naming ``where``.
+    """
+    if labels is None or logits.ndim != 2 or labels.ndim != 1 or labels.is_floating_point():
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
+
+
 def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Agreement of arg-max, mean per-sample cosine, max and mean absolute error vs ``reference``."""
     if outputs.shape != reference.shape:

@@ -107,7 +107,7 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
         raise CompressError(f"{recipe.locate('model', 'input_shape')}: is {body.model.input_shape} but data.eval inputs have {shape}")
     where_eval = recipe.locate("data", "eval")
     outputs = metrics.collect(model, eval_loader, name=f"{where_eval}: model {body.model.factory or body.model.checkpoint}")
-    _check_labels(outputs, where_eval)
+    metrics.check_labels(outputs.logits, outputs.labels, where_eval)
     with located(recipe.locate("metric"), recipe.source):
         scores = metrics.score(body.metric, outputs)
     baseline = {"metrics": scores, **size_stats(model, example.to(device))}
@@ -137,15 +137,6 @@ def keep_best_notice(recipe: Recipe) -> str | None:
     which = f"stage {asking[0]} keeps its" if len(asking) == 1 else f"stages {', '.join(asking)} keep their"
     return (f"keep_best off: no data.val split, so {which} last epoch "
             "(add data.val: {holdout: 0.1} to select the best epoch on held-out training data)")
-
-
-def _check_labels(outputs: metrics.Outputs, where: str) -> None:
-    labels, logits = outputs.labels, outputs.logits
-    if labels is None or logits.ndim != 2 or labels.is_floating_point() or labels.ndim != 1:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= logits.shape[1]:
-        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
 
 
 def _context(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import compress.stages.builtin  # noqa: F401  every built-in stage type registers itself on import
 from compress.config import SafeName, Seed, Strict, describe_error
-from compress.data_config import _HOLDOUT_TAG, _SPLIT_TAG
+from compress.data_config import _HOLDOUT_TAG, _SPLIT_TAG, SOURCE_NAMES
 from compress.data_config import DataSection as DataSection
 from compress.data_config import DigitsData as DigitsData  # `X as X`: re-exported, the recipe's names
 from compress.data_config import Holdout as Holdout
@@ -314,8 +314,8 @@ class _Locator:
         if first["type"] in ("unknown_key", "bool_for_number", "number_too_large"):
             loc = (*loc, first["ctx"]["key"])
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        return self.at(loc, describe_error(first) + more)
+        return self.at(loc, describe_error(first, tag_values={"source": SOURCE_NAMES}) + more)
 
 
 # pydantic inserts the discriminator tag of a union member into error locations.
-_TAGS = {"digits", "npz", "imagefolder", "python", _HOLDOUT_TAG, _SPLIT_TAG}
+_TAGS = {*SOURCE_NAMES, _HOLDOUT_TAG, _SPLIT_TAG}

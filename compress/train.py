@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from compress import structure
+from compress import metrics, structure
 from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
@@ -198,14 +198,6 @@ def _optimizer(model: nn.Module, config: FinetuneConfig, extra: list[nn.Paramete
     return makers[config.optimizer]()
 
 
-def _check_labels(outputs: torch.Tensor, labels: torch.Tensor) -> None:
-    """Class indices must address the model's outputs (checked once, on the first batch)."""
-    if outputs.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= outputs.shape[1]:
-            raise DataError(f"finetune: labels range over {low}..{high} but the model outputs {outputs.shape[1]} classes")
-
-
 def _as_loader(
     data: DataLoader | Dataset, config: FinetuneConfig, seed: int, rank: int, world_size: int
 ) -> DataLoader:
@@ -335,7 +327,7 @@ def _finetune(
                     weight = math.prod(getattr(cb, "task_loss_weight", lambda _s: 1.0)(state) for cb in callbacks)
                     if y is not None:
                         if state.step == 0:
-                            _check_labels(out, y)
+                            metrics.check_labels(out, y, "finetune")
                         if weight > 0:
                             terms.insert(0, weight * criterion(out.float(), y))
                 if not terms:

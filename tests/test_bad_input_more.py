@@ -94,3 +94,12 @@ def test_finetune_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     finetune(model, loader, FinetuneConfig(epochs=1, seed=7), progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_check_and_bench_name_an_unknown_model_kind_alike(cli, tmp_path, mlp_checkpoint):
+    model = tmp_path / "model.txt"
+    model.write_text("not a model")
+    expected = f"{model}: unknown model kind '.txt' (expected .onnx, .plan, .engine, .pt or .pth)"
+    assert cli("check", model, "--reference", mlp_checkpoint, "--data", "digits:test",
+               "--report", tmp_path / "r.json").error_line() == expected
+    assert cli("bench", model, "--input-shape", "1,8,8").error_line() == expected

@@ -301,3 +301,13 @@ def test_recipe_python_factory_refuses_a_keyword_it_does_not_take() -> None:
     spec = PythonData(source="python", factory="helpers_data:digits_like", kwargs={"splt": "test"})
     assert one_line_error(DataError, build_dataset, spec, "data.eval") == (
         "data.eval: helpers_data:digits_like takes no argument 'splt' (takes n, size)")
+
+
+def test_every_data_source_has_a_builder_and_a_shorthand() -> None:
+    from compress.data import BUILDERS
+    from compress.data_config import SOURCE_NAMES, SOURCES, source_name
+
+    assert SOURCE_NAMES == ("digits", "npz", "imagefolder", "python")
+    assert set(BUILDERS) == set(SOURCES)
+    for cls in SOURCES:
+        assert cls.SHORTHAND.startswith(f"{source_name(cls)}") and cls.MAIN_OPTION in cls.model_fields

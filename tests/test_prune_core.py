@@ -52,6 +52,12 @@ def test_schedule_ramps_cubically_and_finishes_by_end_at() -> None:
     assert [round(linear.ratio(k), 6) for k in range(3)] == [0.2, 0.5, 0.8]
 
 
+def test_schedule_curve_typo_names_the_choices_and_the_closest() -> None:
+    sched = Schedule(steps=3, start_ratio=0.2, end_ratio=0.8, curve="cubc")  # type: ignore[arg-type]
+    assert one_line_error(CompressError, sched.check, "prune.schedule") == (
+        "prune.schedule.curve: unknown 'cubc' (choose from cubic, linear); did you mean 'cubic'?")
+
+
 def test_gradual_l1_holds_masks_through_finetune_and_ends_at_the_target(digits_cnn_checkpoint) -> None:
     model = _digits_cnn(digits_cnn_checkpoint)
     before = top1(model, digits("test"))
@@ -186,7 +192,7 @@ def test_plan_naming_a_missing_module_is_a_checkpoint_error() -> None:
         (lambda m, x: compress.prune.channels(m, x, ratio=0.5, importance="l3"),
          "prune.channels.importance: unknown 'l3' (choose from l1, l2, bn_scale)"),
         (lambda m, x: compress.prune.l1_unstructured(m, ratio=0.5, scope="globl"),
-         "prune.l1_unstructured.scope: unknown 'globl' (choose from local, global)"),
+         "prune.l1_unstructured.scope: unknown 'globl' (choose from local, global); did you mean 'global'?"),
     ],
     ids=["ratio-1", "include", "every-channel", "macs-unreachable", "l1-ratio", "l1-exclude", "importance", "scope"],
 )

@@ -130,7 +130,7 @@ def test_a_pattern_that_matches_nothing_is_an_error_listing_the_layers(digits_cn
     model = compress.load(digits_cnn_checkpoint)
     msg = one_line_error(CompressError, quant.prepare, model, "tensorrt", exclude=["layer3.*"])
     assert "exclude: pattern 'layer3.*' matches no quantizable layer" in msg and "layer1.conv1" in msg
-    assert "unknown quantization target 'tensorrtt'" in one_line_error(CompressError, quant.prepare, model, "tensorrtt")
+    assert "unknown quantization target 'tensorrtt' (choose from tensorrt, onnxruntime); did you mean 'tensorrt'?" in one_line_error(CompressError, quant.prepare, model, "tensorrtt")
     qmodel = quant.prepare(model, "tensorrt")
     assert "already quantized" in one_line_error(CompressError, quant.prepare, qmodel)
 

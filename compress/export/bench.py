@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
 
 
@@ -104,33 +105,32 @@ def runner_for(
     file = Path(path)
     if (problem := file_problem(file)) is not None:
         raise CompressError(f"{file}: {problem}")
-    if file.suffix in tensorrt.ENGINE_SUFFIXES:
+    kind = model_kind(file)
+    if kind is ModelKind.engine:
         return "tensorrt", tensorrt.TrtEngine(file)
-    if file.suffix == ".onnx" and backend == "tensorrt":
+    if kind is ModelKind.onnx and backend == "tensorrt":
         if workdir is None:
             raise CompressError(f"{file}: building a TensorRT engine needs a work directory")
         top = max(batch_sizes)
         built, _ = tensorrt.build_engine(file, Path(workdir) / f"{file.stem}.plan", profile=tensorrt.Profile(1, top, top))
         return "tensorrt", built
-    if file.suffix == ".onnx":
+    if kind is ModelKind.onnx:
         return "onnxruntime", OrtEngine(file, threads, optimization, spinning)
-    if file.suffix in (".pt", ".pth"):
-        from compress.models import load_model
+    from compress.models import load_model  # a checkpoint: model_kind raised for anything else
 
-        model = load_model(file, trust=trust).eval()
+    model = load_model(file, trust=trust).eval()
 
-        def eager(x: torch.Tensor) -> object:
-            before = torch.get_num_threads()
-            if threads:  # for this call only: the caller's process keeps its own setting
-                torch.set_num_threads(threads)
-            try:
-                with torch.inference_mode():
-                    return model(x)
-            finally:
-                torch.set_num_threads(before)
+    def eager(x: torch.Tensor) -> object:
+        before = torch.get_num_threads()
+        if threads:  # for this call only: the caller's process keeps its own setting
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(x)
+        finally:
+            torch.set_num_threads(before)
 
-        return "torch", eager
-    raise CompressError(f"{file}: unknown model kind '{file.suffix}' (expected .onnx, .plan, .engine, .pt or .pth)")
+    return "torch", eager
 
 
 def compare(

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from compress import metrics
 from compress.errors import CompressError
 from compress.export.drift import FLOAT_TOLERANCE, is_fp32, rel_error
+from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -63,17 +64,16 @@ def as_runner(obj: nn.Module | str | os.PathLike[str] | Runner, device: torch.de
         return obj
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
-        if path.suffix == ".onnx":
+        kind = model_kind(path)
+        if kind is ModelKind.onnx:
             return OrtEngine(path, level=optimization)
-        from compress.export.tensorrt import ENGINE_SUFFIXES, TrtEngine
+        if kind is ModelKind.engine:
+            from compress.export.tensorrt import TrtEngine
 
-        if path.suffix in ENGINE_SUFFIXES:
             return TrtEngine(path)
-        if path.suffix in (".pt", ".pth"):
-            from compress.models import load_model
+        from compress.models import load_model
 
-            return load_model(path, trust=trust).to(device)
-        raise CompressError(f"{path}: unknown model kind '{path.suffix}' (expected .onnx, .plan, .engine, .pt or .pth)")
+        return load_model(path, trust=trust).to(device)
     if callable(obj):
         return obj
     raise CompressError(f"cannot run a {type(obj).__name__} as a model")

@@ -33,8 +33,8 @@ import torch
 
 from compress import io
 from compress.errors import CompressError, first_line
+from compress.export.model_file import ENGINE_SUFFIXES as ENGINE_SUFFIXES  # re-exported
 
-ENGINE_SUFFIXES = (".plan", ".engine")
 MIN_MAJOR = 10
 
 

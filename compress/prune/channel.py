@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from compress import structure
-from compress.errors import CompressError, first_line
+from compress.errors import CompressError, first_line, parse_enum
 from compress.profile import count_macs
 from compress.prune import graph, plan
-from compress.prune.unstructured import Scope, check_ratio, to_enum, weighted_layers
+from compress.prune.unstructured import Scope, check_ratio, weighted_layers
 from compress.select import select_names
 
 
@@ -352,8 +352,8 @@ def channels(
         raise CompressError("prune.channels: give either ratio or macs_reduction")
     if round_to is not None and round_to < 1:
         raise CompressError(f"prune.channels.round_to: {round_to} must be >= 1")
-    options = ChannelOptions(to_enum(Importance, importance, "prune.channels.importance"),
-                             to_enum(Scope, scope, "prune.channels.scope"),
+    options = ChannelOptions(parse_enum(Importance, importance, "prune.channels.importance"),
+                             parse_enum(Scope, scope, "prune.channels.scope"),
                              DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude))
     pruner = ChannelPruner(model, example_input, options, where="prune.channels")
     if macs_reduction is not None:

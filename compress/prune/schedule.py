@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from compress.errors import CompressError
+from compress.errors import CompressError, parse_enum
 
 
 class Curve(str, Enum):
@@ -38,8 +38,7 @@ class Schedule:
         for key, ok in problems.items():
             if not ok:
                 raise CompressError(f"{where}.{key}: {getattr(self, key)} is out of range")
-        if self.curve not in {c.value for c in Curve}:
-            raise CompressError(f"{where}.curve: unknown '{self.curve}' (choose from cubic, linear)")
+        parse_enum(Curve, self.curve, f"{where}.curve")
 
     def ratio(self, k: int) -> float:
         """The pruning ratio of update ``k`` (0-based)."""

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from compress.callbacks import Callback, TrainState
-from compress.errors import CompressError
+from compress.errors import CompressError, parse_enum
 from compress.prune.schedule import Schedule
 from compress.select import select_names
 
-E = TypeVar("E", bound=Enum)
-
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-
-
-def to_enum(kind: type[E], value: Any, where: str) -> E:
-    """``kind(value)``, or a one-line error listing the choices."""
-    try:
-        return kind(value)
-    except ValueError:
-        raise CompressError(f"{where}: unknown '{value}' (choose from {', '.join(str(k.value) for k in kind)})") from None
 
 
 class Scope(str, Enum):
@@ -101,7 +91,7 @@ class MagnitudePruner:
             raise CompressError(f"{where}: give either ratio (one-shot) or schedule (gradual)")
         if schedule is not None:
             schedule.check(f"{where}.schedule")
-        self.scope = to_enum(Scope, scope, f"{where}.scope")
+        self.scope = parse_enum(Scope, scope, f"{where}.scope")
         names = select_names(weighted_layers(model), include, exclude, where=where, what="Conv/Linear layer to prune")
         self.layers: dict[str, nn.Module] = {n: model.get_submodule(n) for n in names}
         self.masks: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.data import split_batch
-from compress.errors import CompressError, DataError, first_line
+from compress.errors import CompressError, DataError, first_line, parse_enum
 from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method, make
 from compress.ptq.table import LayerCalibration, layer_entry
 from compress.quant import quantizers, refresh_weight_amax
@@ -40,12 +40,12 @@ class Calibration:
 
 
 def to_method(value: Method | str) -> Method:
-    try:
-        return Method(value)
-    except ValueError:
-        raise CompressError(
-            f"unknown calibrator '{value}' (choose from {', '.join(m.value for m in Method)})"
-        ) from None
+    """Convert a calibrator name once, at the edge.
+
+    Raises:
+        CompressError: unknown calibrator (the choices and the closest one named).
+    """
+    return parse_enum(Method, value, what="calibrator")
 
 
 def _activation_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:

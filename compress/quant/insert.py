@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import fx, nn
 
 from compress import structure
-from compress.errors import CompressError, DataError, first_line
+from compress.errors import CompressError, DataError, first_line, parse_enum
 from compress.quant import graph
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
@@ -72,14 +72,9 @@ def to_target(value: Target | str) -> Target:
     """Convert a target name once, at the edge.
 
     Raises:
-        CompressError: unknown target.
+        CompressError: unknown target (the choices and the closest one named).
     """
-    try:
-        return Target(value)
-    except ValueError:
-        raise CompressError(
-            f"unknown quantization target '{value}' (choose from {', '.join(t.value for t in Target)})"
-        ) from None
+    return parse_enum(Target, value, what="quantization target")
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:

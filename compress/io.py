@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -99,3 +100,12 @@ def file_problem(path: str | os.PathLike[str]) -> str | None:
     if not stat.S_ISREG(mode):
         return "is not a regular file (a device, FIFO or socket)"
     return None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (an engine or checkpoint may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -40,16 +40,6 @@ def _tensorrt_version() -> str | None:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def provenance(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     """Where the run's results came from: library versions and the sha256 of every input and output file."""
     files = {
@@ -61,7 +51,7 @@ def provenance(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "fp16_onnx": run_dir / "model.fp16.onnx",
         "engine": next((p for p in (run_dir / "engine.onnx", run_dir / "engine.plan") if p.is_file()), None),
     }
-    hashes = {key: {"path": str(path), "sha256": _sha256(path)} for key, path in files.items()
+    hashes = {key: {"path": str(path), "sha256": io.sha256_file(path)} for key, path in files.items()
               if path is not None and path.is_file()}
     return {"versions": {**_versions(), "tensorrt": _tensorrt_version()}, "files": hashes}
 

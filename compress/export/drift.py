@@ -18,7 +18,6 @@ as a head x1.1 included, which leaves the cosine and often every arg-max alone).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from compress import quant
+from compress import io, quant
 from compress.export.onnxruntime import INT8_OPS, Optimization, OrtEngine
 from compress.export.unfuse import unfuse
 
@@ -110,5 +109,5 @@ def calibrate(model: object, inputs: torch.Tensor, outputs: torch.Tensor, batch_
 def file_digest(path: object) -> str | None:
     """sha256 of a model file (None for an object that is not a file)."""
     if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return io.sha256_file(path)
     return None

@@ -27,7 +27,6 @@ from compress import metrics, structure
 from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
-from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError
 
 
@@ -58,7 +57,6 @@ class FinetuneConfig(Strict):
     keep_best: bool = True
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     seed: Seed | None = None
-    distill: DistillOptions | None = None  # teacher-student loss during this fine-tune (recipe stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,11 +245,7 @@ def finetune(
 
     Raises:
         DataError: no labels and no callback providing a loss.
-        CompressError: ``config.distill`` set (recipe stages resolve it; pass a Distiller callback instead).
     """
-    if config.distill is not None:
-        raise CompressError("finetune: config.distill names a recipe teacher; in your own code pass "
-                            "callbacks=[compress.distill.Distiller(model, teacher, ...).callback()]")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # The model's recorded structure keeps itself (a 2:4 model stays 2:4): its callbacks first, before e.g. QAT
     # reads the weights.

@@ -7,19 +7,18 @@ from torch import nn
 
 from compress import models
 from compress.distill.options import DistillOptions
-from compress.distill.teacher import check_distill, load_teacher, make_distiller
 from compress.errors import CompressError
 from compress.model_spec import ModelSpec
 from compress.stages.context import StageContext, StageResult
-from compress.stages.finetune import stage_finetune
+from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.order import quantized_before
 from compress.stages.registry import Effect, register
-from compress.train import FinetuneConfig
+from compress.stages.teacher import check_distill, load_teacher, make_distiller
 
 
 class DistillConfig(DistillOptions):
     student: ModelSpec | None = None  # train this model instead of the stage's input model
-    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=3))
+    finetune: StageFinetune = Field(default_factory=lambda: StageFinetune(epochs=3))
 
     @model_validator(mode="after")
     def _options_here(self) -> DistillConfig:

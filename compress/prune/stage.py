@@ -22,10 +22,10 @@ from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
 from compress.select import select_names
 from compress.stages.context import StageContext, StageResult
-from compress.stages.finetune import stage_finetune
+from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.order import quantized_before, refuse_after_sparsity
 from compress.stages.registry import Effect, register
-from compress.train import FinetuneConfig, is_main_process
+from compress.train import is_main_process
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]
 
@@ -68,7 +68,7 @@ class PruneConfig(Strict):
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: StageFinetune = Field(default_factory=StageFinetune)
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:

@@ -11,7 +11,7 @@ from compress import quant
 from compress.errors import CompressError
 from compress.qat.callback import QatCallback
 from compress.stages.context import StageContext, StageResult
-from compress.stages.finetune import stage_finetune
+from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.order import quantized_before
 from compress.stages.quantize import (
     QuantOptions,
@@ -22,11 +22,10 @@ from compress.stages.quantize import (
     resolve_target,
 )
 from compress.stages.registry import Effect, register
-from compress.train import FinetuneConfig
 
 
 class QatConfig(QuantOptions):
-    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1, lr=1e-3))
+    finetune: StageFinetune = Field(default_factory=lambda: StageFinetune(epochs=1, lr=1e-3))
     freeze_bn_after: Annotated[int, Field(ge=0)] | None = None  # epoch from which BatchNorm statistics stop
 
 

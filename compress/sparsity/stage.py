@@ -23,10 +23,9 @@ from compress.sparsity.masks import Sparsifier, apply_2to4, plan
 from compress.sparsity.pattern import PATTERN
 from compress.sparsity.verify import verify_model
 from compress.stages.context import StageContext, StageResult
-from compress.stages.finetune import stage_finetune
+from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.order import quantized_before, shaped, sparse_before
 from compress.stages.registry import Effect, register
-from compress.train import FinetuneConfig
 
 
 class SparsityConfig(Strict):
@@ -34,7 +33,7 @@ class SparsityConfig(Strict):
     permute: bool = True  # reorder channels (through their producers) so the masks keep more magnitude
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
-    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=2))
+    finetune: StageFinetune = Field(default_factory=lambda: StageFinetune(epochs=2))
 
     @field_validator("pattern")
     @classmethod

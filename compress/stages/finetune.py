@@ -21,20 +21,32 @@ if TYPE_CHECKING:
     from compress.distill import Distiller
 
 
+class StageFinetune(FinetuneConfig):
+    """A stage's ``finetune`` section: the core loop's options plus the recipe-only ``distill`` block, which
+    names a teacher the stage resolves (``baseline``, ``stage N``, a model spec)."""
+
+    distill: DistillOptions | None = None  # teacher-student loss during this fine-tune
+
+
 def check_finetune(model: nn.Module, config: Any, ctx: StageContext) -> None:
     """Dry-run a stage's ``finetune.distill`` block (any stage type with a ``finetune``), and check that
     data.train has the labels the fine-tune's task loss needs."""
     cfg = getattr(config, "finetune", None)
     if isinstance(cfg, FinetuneConfig) and cfg.epochs and ctx.splits.has("train"):
-        kd = config if isinstance(config, DistillOptions) else cfg.distill
+        kd = config if isinstance(config, DistillOptions) else getattr(cfg, "distill", None)
         if (kd is None or kd.task_weight > 0) and split_batch(next(iter(ctx.splits.loader("train"))))[1] is None:
             fix = "set label_free: true" if kd is not None else "add labels, or fine-tune with distill: {label_free: true}"
             raise DataError(f"{ctx.where}.finetune: the task loss needs labels, but data.train has none; {fix}")
-    if isinstance(cfg, FinetuneConfig) and cfg.distill is not None and cfg.epochs:
-        from compress.distill.teacher import check_distill
+    if isinstance(cfg, StageFinetune) and cfg.distill is not None and cfg.epochs:
+        from compress.stages.teacher import check_distill
 
         quantized = quantized_before(model, ctx, including_this=True)
         check_distill(cfg.distill, model, ctx, f"{ctx.where}.finetune.distill", student_quantized=quantized)
+
+
+def core_options(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The options of ``cfg`` the core loop takes (a stage section's recipe-only fields dropped)."""
+    return {name: getattr(cfg, name) for name in FinetuneConfig.model_fields}
 
 
 def keep_best_status(cfg: FinetuneConfig, has_val: bool) -> str:
@@ -60,7 +72,7 @@ def stage_finetune(
         cfg = cfg.model_copy(update={"seed": ctx.recipe.body.seed + ctx.spec.index})
     owned = None  # a finetune.distill block: this call builds (and closes) the distiller
     if cfg.distill is not None and cfg.epochs:
-        from compress.distill.teacher import make_distiller
+        from compress.stages.teacher import make_distiller
 
         owned = distiller = make_distiller(cfg.distill, model, ctx, f"{ctx.where}.finetune.distill")
     if distiller is not None:
@@ -70,7 +82,7 @@ def stage_finetune(
         result = finetune(
             model,
             ctx.splits.loader("train", needed_by=ctx.where),
-            cfg.model_copy(update={"distill": None, "keep_best": cfg.keep_best and has_val}),
+            FinetuneConfig(**{**core_options(cfg), "keep_best": cfg.keep_best and has_val}),
             evaluate=ctx.val_score if has_val else None,  # never data.eval: it is only reported on
             callbacks=callbacks,
             device=ctx.device,

@@ -7,13 +7,12 @@ from torch import nn
 
 from compress.config import Strict
 from compress.stages.context import StageContext, StageResult
-from compress.stages.finetune import stage_finetune
+from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.registry import register
-from compress.train import FinetuneConfig
 
 
 class TrainConfig(Strict):
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: StageFinetune = Field(default_factory=StageFinetune)
 
 
 def _check(model: nn.Module, config: TrainConfig, ctx: StageContext) -> None:

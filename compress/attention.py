@@ -81,8 +81,9 @@ def attention(
     factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     scores = points.query(query * factor) @ points.key(key).transpose(-2, -1)
     if is_causal:
-        length, source = query.size(-2), key.size(-2)
-        attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        rows = torch.arange(query.size(-2), device=query.device)
+        cols = torch.arange(key.size(-2), device=query.device)
+        attn_mask = cols[None, :] <= rows[:, None]  # tril() without aten::tril, which exports only from opset 14
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))

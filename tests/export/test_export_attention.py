@@ -121,3 +121,29 @@ def test_attention_exports_at_opset_13_as_matmul_softmax(name: str, tmp_path) ->
     rms = float(ref.pow(2).mean().sqrt())
     assert rms > 0
     assert np.abs(out - ref.numpy()).max() <= REL * rms
+
+
+class _Masked(nn.Module):
+    """Causal and boolean-masked attention through F.scaled_dot_product_attention (a decoder's two forms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        keep = torch.arange(x.shape[1])[None, :] <= torch.arange(x.shape[1])[:, None]
+        causal = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        masked = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return (causal + masked).sum(1)
+
+
+def test_causal_and_bool_masks_export_at_opset_13_for_another_batch(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    export_onnx(model, torch.randn(2, 5, 16), tmp_path / "m.onnx", opset=13)
+    x = torch.randn(3, 5, 16)
+    out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert np.abs(out - ref.numpy()).max() <= REL * float(ref.pow(2).mean().sqrt())

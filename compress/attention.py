@@ -84,6 +84,11 @@ def attention(
         rows = torch.arange(query.size(-2), device=query.device)
         cols = torch.arange(key.size(-2), device=query.device)
         attn_mask = cols[None, :] <= rows[:, None]  # tril() without aten::tril, which exports only from opset 14
+    attends = None  # query rows that attend to some key: torch gives the others 0, where softmax gives NaN
+    if attn_mask is not None and not is_causal:  # a causal row always keeps its diagonal
+        attends = (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")).any(-1, keepdim=True)
+        attn_mask = attn_mask | attends.logical_not() if attn_mask.dtype == torch.bool else attn_mask.masked_fill(
+            attends.logical_not(), 0.0)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
@@ -92,7 +97,8 @@ def attention(
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0 and training:
         probs = F.dropout(probs, dropout_p)
-    return points.probs(probs) @ points.value(value)
+    out = points.probs(probs) @ points.value(value)
+    return out if attends is None else out * attends  # after the MatMul: Softmax still feeds it directly
 
 
 def _eval_attention(points: AttentionPoints) -> Callable[..., Tensor]:

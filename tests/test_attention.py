@@ -81,3 +81,14 @@ def test_is_causal_with_a_mask_is_refused(qkv) -> None:
     q, k, v = qkv
     with pytest.raises(ValueError, match="is_causal"):
         attention(q, k, v, torch.ones(7, 7, dtype=torch.bool), is_causal=True)
+
+
+def test_a_query_row_that_attends_to_nothing_is_zero_as_in_torch(qkv) -> None:
+    q, k, v = qkv
+    keep = torch.ones(7, 7, dtype=torch.bool)
+    keep[3] = False
+    bias = torch.zeros(7, 7).masked_fill(~keep, float("-inf"))
+    for mask in (keep, bias):
+        ours = attention(q, k, v, mask)
+        assert torch.equal(ours[..., 3, :], torch.zeros(2, 4, 16))
+        _close(ours, F.scaled_dot_product_attention(q, k, v, mask))

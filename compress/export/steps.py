@@ -17,7 +17,7 @@ from torch import nn
 
 from compress import io, metrics
 from compress.export import bench, tensorrt
-from compress.export.check import CheckResult, compare
+from compress.export.check import CheckResult, Runner, compare
 from compress.export.coverage import coverage
 from compress.export.fp16 import Fp16Info, to_fp16
 from compress.export.onnx import OnnxInfo, export_onnx
@@ -139,7 +139,7 @@ def trt_profile(engine: TensorRTEngine, triton: TritonOptions | None) -> tensorr
 class BuiltEngine:
     """The engine (a callable on tensors), its file, and the backend's own report fields."""
 
-    runner: Any
+    runner: Runner  # OrtEngine or TrtEngine
     path: Path
     fields: dict[str, Any]
 
@@ -150,17 +150,17 @@ def build_engine(source: Path, engine: EngineOptions, run_dir: Path, *, dynamic_
     if isinstance(engine, TensorRTEngine):
         path = run_dir / "engine.plan"
         cache = Path(engine.timing_cache) if engine.timing_cache else run_dir / "timing.cache"
-        runner, info = tensorrt.build_engine(
+        plan, info = tensorrt.build_engine(
             source, path, profile=trt_profile(engine, triton) if dynamic_batch else None,
             workspace_mb=engine.workspace_mb, sparse_weights=sparse_weights, timing_cache=cache,
             layers_json=run_dir / "engine.layers.json",
         )
-        return BuiltEngine(runner, path, {"tensorrt": info.to_dict()})
+        return BuiltEngine(plan, path, {"tensorrt": info.to_dict()})
     path = run_dir / "engine.onnx"
     saved = portable(engine.optimization)
     built = build_ort(source, path, threads=engine.threads, level=saved)
     # timed and checked as deployed: the saved file in a session at the deployed level
-    runner = built if saved is engine.optimization else OrtEngine(path, engine.threads, engine.optimization)
+    runner: OrtEngine = built if saved is engine.optimization else OrtEngine(path, engine.threads, engine.optimization)
     levels = {"file": saved.value, "timed": engine.optimization.value if engine.bench_iters else None,
               "checked": engine.optimization.value}
     return BuiltEngine(runner, path, {"optimization": levels, **int8_summary(path)})
@@ -189,10 +189,10 @@ def evaluate(built: BuiltEngine, exported: ExportedOnnx, threads: int | None, lo
 class BenchResult:
     """Latency per batch size (``bench.latency``'s figures); empty when ``bench_iters`` is 0."""
 
-    timings: dict[int, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # by batch size, as text (JSON keys)
 
     @property
-    def p50_ms(self) -> dict[int, Any]:
+    def p50_ms(self) -> dict[str, float]:
         return {bs: t["p50_ms"] for bs, t in self.timings.items()}
 
 

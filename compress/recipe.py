@@ -27,6 +27,7 @@ from compress.data_config import ImageFolderData as ImageFolderData
 from compress.data_config import NpzData as NpzData
 from compress.data_config import PythonData as PythonData
 from compress.errors import RecipeError, did_you_mean
+from compress.export.options import BACKEND_NAMES
 from compress.metrics import check_metric_name
 from compress.model_spec import ModelSpec
 from compress.safe_yaml import MAX_YAML_BYTES, safe_yaml
@@ -318,4 +319,4 @@ class _Locator:
 
 
 # pydantic inserts the discriminator tag of a union member into error locations.
-_TAGS = {*SOURCE_NAMES, _HOLDOUT_TAG, _SPLIT_TAG}
+_TAGS = {*SOURCE_NAMES, _HOLDOUT_TAG, _SPLIT_TAG, *BACKEND_NAMES}

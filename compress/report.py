@@ -62,7 +62,8 @@ def build(
     """The report.json document (DESIGN.md): recipe, baseline, stages, export, engine, check."""
     return {
         "recipe": recipe.name,
-        "metric": recipe.body.metric,
+        "metric": recipe.body.metric.name,
+        **({"metric_output": recipe.body.metric.output} if recipe.body.metric.output is not None else {}),
         "passed": passed,
         "baseline": baseline,
         "stages": stages,

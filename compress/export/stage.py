@@ -299,7 +299,7 @@ def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> Sta
         if quantized:  # the ONNX as written (Q/DQ as float ops) must agree with the fake-quant model too
             runners.append(OrtEngine(onnx_path, engine.threads, Optimization.disabled, spinning=False))
             names.append(f"onnx {onnx_path}")
-        outs = metrics.collect_many(runners, ctx.splits.loader("eval"), names=names)
+        outs = metrics.collect_many(runners, ctx.splits.loader("eval"), names=names, output=ctx.metric_output)
         engine_out = outs[0]
         timings = bench.latency(runner, ctx.example_input, engine.batch_sizes, iters=engine.bench_iters) if engine.bench_iters else {}
         report["engine"] = {

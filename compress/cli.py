@@ -415,6 +415,11 @@ def _check_markdown(doc: dict) -> str:
              f"| {doc['model_metric']:.4f} | {doc['reference_metric']:.4f} | {doc['drop']:.3f} | {doc['agreement']:.4f} "
              f"| {doc['cosine']:.6f} | {doc['max_abs']:.3g} | {doc['mean_abs']:.3g} |"]
     lines += [f"- {f}" for f in doc["failures"]]
+    if len(doc.get("outputs", {})) > 1:  # every output was compared: one row each (the task output marked)
+        lines += ["", "| output | agreement | cosine | max abs | mean abs | rel. error |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{name}`{' (metric)' if name == doc.get('output') else ''} | {f['agreement']:.4f} | "
+                  f"{f['cosine']:.6f} | {f['max_abs']:.3g} | {f['mean_abs']:.3g} | {f['rel_error']:.3g} |"
+                  for name, f in doc["outputs"].items()]
     if doc.get("layers"):
         lines += ["", "## Layers where the error jumps most", "", "| layer | rel. error | jump |", "|---|---:|---:|"]
         lines += [f"| `{e['layer']}` | {e['rel_error']:.4g} | {e['jump']:+.4g} |" for e in doc["layers"][:10]]

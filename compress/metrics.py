@@ -186,7 +186,7 @@ def fidelity_all(outputs: Outputs, reference: Outputs) -> dict[str, dict[str, fl
     return {name: fidelity(a, b) for name, a, b in pair_outputs(outputs, reference)}
 
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[[torch.Tensor], Any]  # a tensor, or several outputs (see compress.outputs)
 
 
 def _device_of(model: Runner) -> torch.device | None:

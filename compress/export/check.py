@@ -22,7 +22,7 @@ from compress.export.drift import FLOAT_TOLERANCE, is_fp32, rel_error
 from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[[torch.Tensor], Any]  # a tensor, or several outputs (see compress.outputs)
 
 
 @dataclass

@@ -85,7 +85,7 @@ class OrtEngine:
         return self.run_all(x)[0]
 
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return list(self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """One tensor for a graph with the one output ``output``; else ``{output name: tensor}``, the names

@@ -52,6 +52,7 @@ def test_two_outputs_are_exported_and_each_is_checked(two_output_run) -> None:
         assert fid["cosine"] > 0.999, name
     assert check["cosine"] == min(f["cosine"] for f in check["outputs"].values())
     assert report["metric"] == "top1" and report["metric_output"] == "output0"
+    assert "| `output1` |" in (run / "report.md").read_text()
     assert report["stages"][0]["metrics"]["top1"] > 0.8  # trained on output0 for 3 epochs (typically 0.9+)
 
 
@@ -70,6 +71,8 @@ def test_a_fault_in_the_second_output_alone_fails_the_check(two_output_run, cli,
     assert doc["outputs"]["output0"]["max_abs"] == 0.0
     assert doc["outputs"]["output1"]["max_abs"] > 0.01
     assert len(doc["failures"]) == 1 and doc["failures"][0].startswith("output 'output1': max |error|")
+    table = (tmp_path / "bad.md").read_text()
+    assert "| `output0` (metric) | 1.0000 |" in table and "| `output1` |" in table
 
 
 def test_output_names_are_checked_in_validate(write_recipe, cli) -> None:

@@ -35,8 +35,8 @@ def _forward(role: str, fn: Any, x: torch.Tensor, where: str) -> Any:
     """``fn(x)`` for the probe; a model that cannot take the data's inputs is bad input, said in one line."""
     try:
         return fn(x)
-    except CompressError:
-        raise
+    except CompressError as exc:
+        raise exc if str(exc).startswith(where) else CompressError(f"{where}: {exc}") from None
     except Exception as exc:  # a model from the recipe (a zero-width student, a wrong input size): not a compress bug
         raise CompressError(f"{where}: the {role} fails on an input of shape {list(x.shape)}: {first_line(exc)}") from None
 
@@ -120,7 +120,7 @@ class Distiller:
         self._student_features.probing = True
         try:
             with torch.no_grad():
-                student_out = select(_forward("student", self.student, x, self.where), output=self.output)
+                student_out = _forward("student", lambda t: select(self.student(t), self.output), x, self.where)
                 teacher_out = _forward("teacher", self._teacher_forward, x, self.where)
         finally:
             self._student_features.probing = False
@@ -172,11 +172,15 @@ class Distiller:
 
     # ---------------------------------------------------------------- losses
 
+    def _task(self, student_out: Any) -> torch.Tensor:
+        """The output KD takes from what the student returned (the fine-tune loop passes it already taken)."""
+        return student_out if isinstance(student_out, torch.Tensor) else select(student_out, self.output)
+
     def distill_loss(
         self, inputs: torch.Tensor, student_out: torch.Tensor, *, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``alpha * T^2 KL + hint_weight * mean(hints)`` (no task term): what the fine-tune loop adds."""
-        student_out = select(student_out, self.output)
+        student_out = self._task(student_out)
         teacher = self.teacher_outputs(inputs, indices)
         terms = {"kd_loss": kd_loss(student_out, teacher[""].to(student_out.device), self.options.temperature)}
         total = self.options.kd_weight * terms["kd_loss"]
@@ -214,7 +218,7 @@ class Distiller:
         Raises:
             CompressError: labels missing without ``label_free``, or output shapes that differ.
         """
-        student_out = select(student_out, self.output)
+        student_out = self._task(student_out)
         total = self.distill_loss(inputs, student_out, indices=indices)
         if self.task_weight > 0:
             if labels is None:

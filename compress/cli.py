@@ -74,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--layers", type=int, nargs="?", const=5, metavar="N",
                      help="MODEL .onnx: list the N layers (default 5) where the error against the reference jumps most "
                           "(an optimised engine is tapped on its un-fused view; the verdict runs at --optimization)")
-    chk.add_argument("--metric", help="top1 (default, or the recipe's), agreement, cosine or module:callable")
+    chk.add_argument("--metric", help="top1 (default, or the recipe's), pixel_accuracy, miou, agreement, cosine or "
+                                      "module:callable")
+    chk.add_argument("--output", metavar="NAME", help="for models with several outputs: the one the metric applies to "
+                                                      "(default: the recipe's metric.output, the only one, logits or out); "
+                                                      "every output is compared")
     chk.add_argument("--max-drop", type=float, help="largest allowed metric drop in points (default 0.5 unless "
                                                     "--max-drop-samples is given)")
     chk.add_argument("--max-drop-samples", type=int, metavar="N",
@@ -200,7 +204,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from compress.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
-    args.metric = args.metric or (recipe.body.metric if recipe is not None else "top1")
+    args.metric = args.metric or (recipe.body.metric.name if recipe is not None else "top1")
+    args.output = args.output or (recipe.body.metric.output if recipe is not None else None)
     try:
         metrics.check_metric_name(args.metric)
     except ValueError as exc:
@@ -231,7 +236,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     level = Optimization(args.optimization)
     runner = as_runner(args.model, optimization=level, trust=_trust(args))
     if saved_ref is not None:
-        (out,) = metrics.collect_many([runner], batches, names=[args.model])
+        (out,) = metrics.collect_many([runner], batches, names=[args.model], output=args.output)
         ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
         if tuple(out.logits.shape) != tuple(ref.logits.shape):
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
@@ -239,7 +244,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         max_rel_error = None  # REF's saved outputs: the thresholds as given; MODEL's own: the drift bound below
     else:
         ref_runner = as_runner(args.reference, optimization=level, trust=_trust(args))
-        out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference])
+        out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference],
+                                        output=args.output)
         fp32 = args.max_rel_error is None and is_fp32(runner) and is_fp32(ref_runner)
         max_rel_error = FLOAT_TOLERANCE if fp32 else _finite(args.max_rel_error)
     result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
@@ -264,6 +270,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.save_reference is not None:
         from compress.report import _versions
 
+        if len(ref.tensors) > 1:
+            raise CompressError(f"--save-reference: stores one output, but {args.reference} returns "
+                                f"{len(ref.tensors)} ({', '.join(ref.names)})")
         bound = calibrate(args.model, inputs, out.logits, args.batch_size or 64)
         drift = {**bound.to_dict(), "model": str(args.model), "model_sha256": file_digest(args.model),
                  "optimization": level.value}
@@ -406,6 +415,11 @@ def _check_markdown(doc: dict) -> str:
              f"| {doc['model_metric']:.4f} | {doc['reference_metric']:.4f} | {doc['drop']:.3f} | {doc['agreement']:.4f} "
              f"| {doc['cosine']:.6f} | {doc['max_abs']:.3g} | {doc['mean_abs']:.3g} |"]
     lines += [f"- {f}" for f in doc["failures"]]
+    if len(doc.get("outputs", {})) > 1:  # every output was compared: one row each (the task output marked)
+        lines += ["", "| output | agreement | cosine | max abs | mean abs | rel. error |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{name}`{' (metric)' if name == doc.get('output') else ''} | {f['agreement']:.4f} | "
+                  f"{f['cosine']:.6f} | {f['max_abs']:.3g} | {f['mean_abs']:.3g} | {f['rel_error']:.3g} |"
+                  for name, f in doc["outputs"].items()]
     if doc.get("layers"):
         lines += ["", "## Layers where the error jumps most", "", "| layer | rel. error | jump |", "|---|---:|---:|"]
         lines += [f"| `{e['layer']}` | {e['rel_error']:.4g} | {e['jump']:+.4g} |" for e in doc["layers"][:10]]

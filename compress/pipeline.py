@@ -34,6 +34,7 @@ from torch import nn
 from compress import io, metrics, models, report, rundir, structure
 from compress.data import check_class_labels, example_input, split_batch
 from compress.errors import CompressError, DataError, located
+from compress.outputs import task_output, unnamed
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
@@ -97,19 +98,20 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
             other = list(example_input(splits.loader(split)).shape[1:])
             if other != shape:
                 raise CompressError(f"{recipe.locate('data', split)}: inputs have shape {other} but data.eval has {shape}")
-    if splits.has("val") and body.metric == "top1" and split_batch(next(iter(splits.loader("val"))))[1] is None:
-        raise DataError(f"{recipe.locate('data', 'val')}: metric top1 selects on labels, but data.val has none")
+    if splits.has("val") and body.metric.name in metrics.TASK and split_batch(next(iter(splits.loader("val"))))[1] is None:
+        raise DataError(f"{recipe.locate('data', 'val')}: metric {body.metric.name} selects on labels, but data.val has none")
     # the train loop's cross-entropy and top1 take class indices
-    for split in ("train", *(("val", "eval") if body.metric == "top1" else ())):
+    for split in ("train", *(("val", "eval") if body.metric.name in metrics.TASK else ())):
         if splits.has(split):
             check_class_labels(splits.loader(split), recipe.locate("data", split))
     if body.model.input_shape is not None and shape != body.model.input_shape:
         raise CompressError(f"{recipe.locate('model', 'input_shape')}: is {body.model.input_shape} but data.eval inputs have {shape}")
     where_eval = recipe.locate("data", "eval")
     outputs = metrics.collect(model, eval_loader, name=f"{where_eval}: model {body.model.factory or body.model.checkpoint}")
+    _task_output(recipe, outputs)
     metrics.check_labels(outputs.logits, outputs.labels, where_eval)
     with located(recipe.locate("metric"), recipe.source):
-        scores = metrics.score(body.metric, outputs)
+        scores = metrics.score(body.metric.name, outputs)
     baseline = {"metrics": scores, **size_stats(model, example.to(device))}
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     prep = Prepared(recipe, model, splits, device, example, outputs, baseline, frozen, progress)
@@ -124,6 +126,22 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
                     prep.notes[spec.index] = note
             check_finetune(model, spec.config, ctx)  # every stage's finetune.distill block
     return prep
+
+
+def _task_output(recipe: Recipe, outputs: metrics.Outputs) -> None:
+    """Point ``outputs`` at the output the recipe's metric names (or the default rule's).
+
+    Raises:
+        CompressError: the named output does not exist, or several outputs and none named; one line
+            naming the recipe's ``metric`` and the model's outputs.
+    """
+    spec = recipe.body.metric
+    try:
+        outputs.task = task_output(outputs.names, spec.output)
+    except CompressError as exc:
+        raise CompressError(f"{recipe.locate('metric', 'output')}: {exc}") from None
+    if outputs.task is None:
+        raise CompressError(f"{recipe.locate('metric')}: {unnamed(outputs.names)}")
 
 
 def keep_best_notice(recipe: Recipe) -> str | None:
@@ -267,7 +285,7 @@ def _run_stages(
                     result = stage.run(model, spec.config, ctx)
                 model = result.model
                 current = ctx.outputs(model)
-                record["metrics"] = metrics.score(recipe.body.metric, current, prep.baseline_outputs)
+                record["metrics"] = metrics.score(recipe.body.metric.name, current, prep.baseline_outputs)
                 record.update(size_stats(model, prep.example.to(prep.device)))
                 record["checkpoint"] = spec.checkpoint
                 record.update(result.info, report=result.report, passed=result.passed)
@@ -342,7 +360,8 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
             role = " (selects: keep_best)" if split == "val" else ""
             lines.append(f"data    {split}: {prep.splits.origin(split)}, {len(loader.dataset)} samples, "  # type: ignore[arg-type]
                          f"batch {loader.batch_size}{role}")
-    lines.append(f"metric  {body.metric}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
+    output = f" on output '{prep.baseline_outputs.task}'" if len(prep.baseline_outputs.tensors) > 1 else ""
+    lines.append(f"metric  {body.metric.name}{output}: baseline {_fmt_metrics(prep.baseline['metrics'])}")
     for spec in recipe.stages:
         lines.append(f"stage {spec.index + 1} {spec.type} {json.dumps(spec.config.model_dump(mode='json'))}")
         if spec.index in prep.notes:

@@ -28,7 +28,7 @@ from compress.data_config import NpzData as NpzData
 from compress.data_config import PythonData as PythonData
 from compress.errors import RecipeError, did_you_mean
 from compress.export.options import BACKEND_NAMES
-from compress.metrics import check_metric_name
+from compress.metrics import MetricSpec
 from compress.model_spec import ModelSpec
 from compress.safe_yaml import MAX_YAML_BYTES, safe_yaml
 from compress.safe_yaml import MAX_YAML_DEPTH as MAX_YAML_DEPTH
@@ -44,15 +44,10 @@ class RecipeBody(Strict):
     name: SafeName
     model: ModelSpec
     data: DataSection
-    metric: str = "top1"
+    metric: MetricSpec = Field(default_factory=MetricSpec)
     seed: Seed = 0
     device: str = "auto"
     stages: list[Any] = Field(default_factory=list)
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v: str) -> str:
-        return check_metric_name(v)
 
     @field_validator("device")
     @classmethod

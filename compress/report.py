@@ -62,7 +62,8 @@ def build(
     """The report.json document (DESIGN.md): recipe, baseline, stages, export, engine, check."""
     return {
         "recipe": recipe.name,
-        "metric": recipe.body.metric,
+        "metric": recipe.body.metric.name,
+        **({"metric_output": recipe.body.metric.output} if recipe.body.metric.output is not None else {}),
         "passed": passed,
         "baseline": baseline,
         "stages": stages,
@@ -279,6 +280,10 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {c['drop']:.3f} | {c['agreement']:.4f} | {c['cosine']:.6f} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} |",
         ]
         lines += [f"- {f}" for f in c["failures"]]
+        if len(c.get("outputs", {})) > 1:  # every output compared: one row each
+            lines += ["", "| output | agreement | cosine | max abs | rel. error |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| `{name}`{' (metric)' if name == c.get('output') else ''} | {f['agreement']:.4f} | "
+                      f"{f['cosine']:.6f} | {f['max_abs']:.3g} | {f['rel_error']:.3g} |" for name, f in c["outputs"].items()]
         lines += [""] if any(k in c for k in ("onnx_vs_model", "engine_vs_onnx")) else []
         for key, label in (("onnx_vs_model", "ONNX (Q/DQ as written) vs model"), ("engine_vs_onnx", "engine vs ONNX")):
             if key in c:

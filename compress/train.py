@@ -28,6 +28,7 @@ from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
 from compress.errors import CompressError, DataError
+from compress.outputs import select
 
 
 class OptimizerKind(str, Enum):
@@ -224,6 +225,7 @@ def finetune(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "finetune",
+    output: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; with ``evaluate`` and ``keep_best``, restore the best epoch.
 
@@ -239,6 +241,8 @@ def finetune(
         loss_fn: ``(outputs, labels) -> loss``; default cross-entropy.
         device: default: where the model's parameters are.
         progress: show a progress bar (rank 0 only).
+        output: for a model with several outputs, the one the loss (and callbacks' ``state.outputs``)
+            takes (default: the rule of :mod:`compress.outputs`).
 
     Returns:
         Per-epoch history and the best epoch/score.
@@ -254,7 +258,7 @@ def finetune(
     # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _finetune(model, data, config, seed, evaluate, callbacks, loss_fn, device, progress, desc)
+        return _finetune(model, data, config, seed, evaluate, callbacks, loss_fn, device, progress, desc, output)
 
 
 def _finetune(
@@ -268,6 +272,7 @@ def _finetune(
     device: torch.device,
     progress: bool,
     desc: str,
+    output: str | None = None,
 ) -> FinetuneResult:
     from tqdm.auto import tqdm
 
@@ -315,7 +320,7 @@ def _finetune(
                 for cb in callbacks:
                     cb.before_step(state)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = net(x)
+                    out = select(net(x), output)
                     state.outputs = out
                     terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
                     weight = math.prod(getattr(cb, "task_loss_weight", lambda _s: 1.0)(state) for cb in callbacks)

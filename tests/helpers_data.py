@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 
@@ -71,3 +72,21 @@ def float_labels(n: int = 32) -> TensorDataset:
 def unlabeled(n: int = 32) -> TensorDataset:
     """``n`` random images and no labels."""
     return TensorDataset(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def digit_segments(split: str = "train", n: int = 64, size: int = 32, classes: int = 4) -> TensorDataset:
+    """A small segmentation set from sklearn digits: each 8x8 digit upsampled (nearest) to ``size`` x ``size``,
+    3 channels in [0, 1]; the mask ``[size, size]`` labels the digit's strokes (ink above half the maximum)
+    with ``digit + 1`` and the background 0. Only digits 0..classes-2 are used, so labels are 0..classes-1.
+    ``split``: train (first 1000 images) or test (the rest)."""
+    from sklearn.datasets import load_digits
+
+    images, targets = load_digits(return_X_y=True)
+    keep = targets < classes - 1
+    start = 0 if split == "train" else 1000
+    idx = [i for i in range(start, len(targets)) if keep[i]][:n]
+    x = torch.tensor(images[idx], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    x = nn.functional.interpolate(x, size=(size, size), mode="nearest")
+    label = torch.tensor(targets[idx], dtype=torch.long).reshape(-1, 1, 1)
+    mask = torch.where(x[:, 0] > 0.5, label + 1, torch.zeros_like(label))
+    return TensorDataset(x.expand(-1, 3, -1, -1).contiguous(), mask)

@@ -26,3 +26,23 @@ def failing_metric(outputs: torch.Tensor, labels: torch.Tensor) -> float:
 def tiny_linear() -> nn.Module:
     """A model from a module compress does not trust by default (checkpoint trust tests)."""
     return nn.Sequential(nn.Linear(4, 3))
+
+
+class LogitsFeatures(nn.Module):
+    """A digits classifier returning ``(logits, features)``: ``head`` feeds only the logits, ``feat`` only the
+    features, so a fault planted in one layer reaches one output."""
+
+    def __init__(self, classes: int = 10, features: int = 16) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 32),
+                                   nn.ReLU())
+        self.head = nn.Linear(32, classes)
+        self.feat = nn.Linear(32, features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.head(h), self.feat(h)
+
+
+def logits_features(classes: int = 10, features: int = 16) -> LogitsFeatures:
+    return LogitsFeatures(classes, features)

@@ -63,7 +63,7 @@ def test_failing_custom_metric_is_bad_input(cli, tmp_path):
 def test_check_unknown_metric_and_wrong_shape_data(cli, tmp_path, mlp_checkpoint):
     message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", "digits:test",
                   "--metric", "top5", "--report", tmp_path / "r.json").error_line()
-    assert message == "--metric: unknown metric 'top5' (top1, agreement, cosine, or module:callable)"
+    assert message == "--metric: unknown metric 'top5' (top1, pixel_accuracy, miou, agreement, cosine, or module:callable)"
     npz = tmp_path / "rgb.npz"
     np.savez(npz, x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
     message = cli("check", mlp_checkpoint, "--reference", mlp_checkpoint, "--data", f"npz:{npz}",

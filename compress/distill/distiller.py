@@ -28,14 +28,15 @@ from compress.distill.features import Features
 from compress.distill.losses import Projection, hint_loss, kd_loss
 from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError, first_line
+from compress.outputs import select
 
 
 def _forward(role: str, fn: Any, x: torch.Tensor, where: str) -> Any:
     """``fn(x)`` for the probe; a model that cannot take the data's inputs is bad input, said in one line."""
     try:
         return fn(x)
-    except CompressError:
-        raise
+    except CompressError as exc:
+        raise exc if str(exc).startswith(where) else CompressError(f"{where}: {exc}") from None
     except Exception as exc:  # a model from the recipe (a zero-width student, a wrong input size): not a compress bug
         raise CompressError(f"{where}: the {role} fails on an input of shape {list(x.shape)}: {first_line(exc)}") from None
 
@@ -51,6 +52,8 @@ class Distiller:
         example_input: one input batch; checks output shapes and sizes the hint projections now,
             so that :meth:`parameters` can go into the optimizer. Needed when a hint needs one.
         where: prefix of error messages (a recipe location).
+        output: for models with several outputs, the one logits KD and the task loss take (default:
+            the rule of :mod:`compress.outputs`).
 
     Raises:
         CompressError: an option out of range, an unknown hint layer, output shapes that differ.
@@ -71,6 +74,7 @@ class Distiller:
         cache_max_mb: float = 1024.0,
         example_input: torch.Tensor | None = None,
         where: str = "distill",
+        output: str | None = None,
     ) -> None:
         given = {"temperature": temperature, "hints": dict(hints or {}), "hint_loss": hint_loss,
                  "hint_weight": hint_weight, "label_free": label_free, "cache": cache, "cache_max_mb": cache_max_mb}
@@ -85,7 +89,7 @@ class Distiller:
         if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
             raise CompressError(f"{where}.teacher: shares weights with the student; distill from a copy "
                                 "(copy.deepcopy) so the teacher stays fixed")
-        self.student, self.teacher, self.where = student, teacher.eval(), where
+        self.student, self.teacher, self.where, self.output = student, teacher.eval(), where, output
         hint_map = self.options.hints
         self._student_features = Features(student, list(hint_map), where=f"{where}.hints", whose="student", grad_only=True)
         try:
@@ -116,7 +120,7 @@ class Distiller:
         self._student_features.probing = True
         try:
             with torch.no_grad():
-                student_out = _forward("student", self.student, x, self.where)
+                student_out = _forward("student", lambda t: select(self.student(t), self.output), x, self.where)
                 teacher_out = _forward("teacher", self._teacher_forward, x, self.where)
         finally:
             self._student_features.probing = False
@@ -153,9 +157,11 @@ class Distiller:
         if device != inputs.device:
             self.teacher.to(inputs.device)
         with torch.no_grad():
-            out = self.teacher(inputs)
-        if not isinstance(out, torch.Tensor):
-            raise CompressError(f"{self.where}.teacher: returns {type(out).__name__}; distillation needs a tensor output")
+            raw = self.teacher(inputs)
+        try:
+            out = select(raw, self.output)
+        except CompressError as exc:
+            raise CompressError(f"{self.where}.teacher: {exc}") from None
         return {"": out, **{n: self._teacher_features.take(n) for n in dict.fromkeys(self.options.hints.values())}}
 
     def teacher_outputs(self, inputs: torch.Tensor, indices: torch.Tensor | None = None) -> Outputs:
@@ -166,10 +172,15 @@ class Distiller:
 
     # ---------------------------------------------------------------- losses
 
+    def _task(self, student_out: Any) -> torch.Tensor:
+        """The output KD takes from what the student returned (the fine-tune loop passes it already taken)."""
+        return student_out if isinstance(student_out, torch.Tensor) else select(student_out, self.output)
+
     def distill_loss(
         self, inputs: torch.Tensor, student_out: torch.Tensor, *, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``alpha * T^2 KL + hint_weight * mean(hints)`` (no task term): what the fine-tune loop adds."""
+        student_out = self._task(student_out)
         teacher = self.teacher_outputs(inputs, indices)
         terms = {"kd_loss": kd_loss(student_out, teacher[""].to(student_out.device), self.options.temperature)}
         total = self.options.kd_weight * terms["kd_loss"]
@@ -207,6 +218,7 @@ class Distiller:
         Raises:
             CompressError: labels missing without ``label_free``, or output shapes that differ.
         """
+        student_out = self._task(student_out)
         total = self.distill_loss(inputs, student_out, indices=indices)
         if self.task_weight > 0:
             if labels is None:

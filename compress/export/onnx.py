@@ -17,9 +17,10 @@ from compress.errors import CompressError, first_line
 from compress.export import qdq
 from compress.export.exporter_output import captured_fds, export_error
 from compress.export.tensorrt_rules import RulesReport, check_tensorrt
+from compress.outputs import SINGLE, named
 from compress.quant.spec import Target
 
-INPUT_NAME, OUTPUT_NAME = "input", "output"
+INPUT_NAME, OUTPUT_NAME = "input", SINGLE
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,22 @@ def count_qdq_pairs(model: onnx.ModelProto) -> int:
     )
 
 
+def _output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The ONNX output names: the model's output names (:func:`compress.outputs.named`: dict keys,
+    namedtuple fields, ``output0``, ``output1``, ... for a tuple/list; ``output`` for one tensor),
+    from one forward pass on the example; the exporter flattens the outputs in that same order."""
+    try:
+        with torch.no_grad():
+            names = list(named(model(example_input.cpu())))
+    except CompressError as exc:
+        raise CompressError(f"export: {exc}") from None
+    except Exception as exc:  # the forward itself fails: the exporter would say the same, less clearly
+        raise CompressError(f"ONNX export failed: {first_line(exc)}") from None
+    if INPUT_NAME in names:
+        raise CompressError(f"export: the model names an output '{INPUT_NAME}', which is the ONNX input's name")
+    return names
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -65,7 +82,8 @@ def export_onnx(
     A quantized model (see :func:`compress.quant.prepare`) exports with QuantizeLinear/
     DequantizeLinear: BatchNorm folded into the convolutions exactly, weights stored as int8, and
     for ``onnxruntime`` int32 biases. For ``tensorrt`` the graph is checked against TensorRT's Q/DQ
-    rules (``OnnxInfo.rules``).
+    rules (``OnnxInfo.rules``). Outputs are named as :func:`compress.outputs.named` names them, each
+    with a dynamic batch axis when ``dynamic_batch``.
 
     Args:
         target: must match the target the model was quantized for (default: that target).
@@ -99,7 +117,8 @@ def export_onnx(
     device = next(model.parameters(), torch.empty(0)).device
     model.eval().cpu()
     source = quant.fold_batchnorm(model) if quantized else model
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    output_names = _output_names(source, example_input)
+    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}} if dynamic_batch else None
     try:
         with io.atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but is what gives opset 13
@@ -112,7 +131,7 @@ def export_onnx(
                         opset_version=opset,
                         dynamo=False,
                         input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME],
+                        output_names=output_names,
                         dynamic_axes=axes,
                         do_constant_folding=True,
                     )

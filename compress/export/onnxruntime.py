@@ -11,6 +11,7 @@ import torch
 
 from compress import io
 from compress.errors import CompressError, first_line
+from compress.outputs import SINGLE
 
 
 class Optimization(str, Enum):
@@ -77,12 +78,22 @@ class OrtEngine:
         except Exception as exc:  # ORT raises its own exception types for corrupt models
             raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        """The first output (the only one of single-output models; :meth:`run_all` has every one)."""
+        return self.run_all(x)[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(x.detach().cpu().numpy()))
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One tensor for a graph with the one output ``output``; else ``{output name: tensor}``, the names
+        the export gave the model's outputs (:mod:`compress.outputs`), so they pair with the model's."""
+        arrays = self.run_all(x.detach().cpu().numpy())
+        if self.output_names == [SINGLE]:
+            return torch.from_numpy(arrays[0])
+        return {name: torch.from_numpy(a) for name, a in zip(self.output_names, arrays, strict=True)}
 
 
 def build_engine(

@@ -116,7 +116,7 @@ def _engine_record(model: nn.Module, config: ExportConfig, engine: EngineOptions
     built = steps.build_engine(source, engine, ctx.run_dir, dynamic_batch=config.onnx.dynamic_batch,
                                triton=config.triton, sparse_weights=sparse_weights)
     threads = engine.threads if isinstance(engine, OnnxRuntimeEngine) else None
-    evaluation = steps.evaluate(built, exported, threads, ctx.splits.loader("eval"))
+    evaluation = steps.evaluate(built, exported, threads, ctx.splits.loader("eval"), output=ctx.metric_output)
     timed = steps.bench_engine(built, ctx.example_input, engine.batch_sizes, engine.bench_iters)
     covered = None
     if exported.quantized and isinstance(engine, OnnxRuntimeEngine):

@@ -175,13 +175,15 @@ class Evaluation:
     onnx: metrics.Outputs | None
 
 
-def evaluate(built: BuiltEngine, exported: ExportedOnnx, threads: int | None, loader: Any) -> Evaluation:
-    """Run the engine (and, quantized, the ONNX as written) over ``loader`` in one pass."""
+def evaluate(built: BuiltEngine, exported: ExportedOnnx, threads: int | None, loader: Any,
+             output: str | None = None) -> Evaluation:
+    """Run the engine (and, quantized, the ONNX as written) over ``loader`` in one pass; ``output`` names the
+    task output of a model with several (see :func:`compress.metrics.collect_many`)."""
     runners, names = [built.runner], [f"engine {built.path}"]
     if exported.quantized:
         runners.append(OrtEngine(exported.path, threads, Optimization.disabled, spinning=False))
         names.append(f"onnx {exported.path}")
-    outs = metrics.collect_many(runners, loader, names=names)
+    outs = metrics.collect_many(runners, loader, names=names, output=output)
     return Evaluation(engine=outs[0], onnx=outs[1] if exported.quantized else None)
 
 

@@ -34,6 +34,7 @@ import torch
 from compress import io
 from compress.errors import CompressError, first_line
 from compress.export.model_file import ENGINE_SUFFIXES as ENGINE_SUFFIXES  # re-exported
+from compress.outputs import SINGLE
 
 MIN_MAJOR = 10
 
@@ -390,6 +391,9 @@ class TrtEngine:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_all(x)[0]
+
+    def _run_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         name = self.inputs[0]
         x = x.to(self.device, _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))).contiguous()
         if not self.context.set_input_shape(name, tuple(x.shape)):
@@ -405,10 +409,15 @@ class TrtEngine:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise CompressError(f"engine {self.path}: TensorRT failed to run the batch")
         self.stream.synchronize()
-        return outs[0]
+        return outs
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.infer(x).float().cpu()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The output as a float32 CPU tensor; ``{name: tensor}`` for engines with other or several outputs
+        (named as the export named the model's, so they pair with the model's: :mod:`compress.outputs`)."""
+        if self.outputs == [SINGLE]:
+            return self.infer(x).float().cpu()
+        pieces = [[o[:n] for o in self._run_all(piece)] for piece, n in split_batch(x, self.min_batch, self.max_batch)]
+        return {name: torch.cat([p[i] for p in pieces]).float().cpu() for i, name in enumerate(self.outputs)}
 
     def layer_information(self) -> dict[str, Any]:
         """The engine inspector's JSON for the whole engine (per-layer detail when built DETAILED)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from compress import structure
 from compress.errors import CompressError, first_line, parse_enum
+from compress.outputs import named
 from compress.profile import count_macs
 from compress.prune import graph, plan
 from compress.prune.unstructured import Scope, check_ratio, weighted_layers
@@ -297,7 +298,12 @@ class ChannelPruner:
             out = model(self.example)
         finally:
             model.train(was_training)
-        return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if isinstance(out, torch.Tensor):
+            return tuple(out.shape)
+        try:  # several outputs: every one must keep its shape
+            return {name: tuple(t.shape) for name, t in named(out).items()}
+        except CompressError:
+            return None
 
     def _forward_failure(self, model: nn.Module) -> str | None:
         """Why the pruned model no longer works (forward fails or its output shape changed), or None."""

@@ -122,7 +122,12 @@ class StageContext:
 
     @property
     def metric(self) -> str:
-        return self.recipe.body.metric
+        return self.recipe.body.metric.name
+
+    @property
+    def metric_output(self) -> str | None:
+        """The model output the recipe's metric names (None: the default rule of :mod:`compress.outputs`)."""
+        return self.recipe.body.metric.output
 
     @property
     def trust(self) -> list[str]:
@@ -141,7 +146,7 @@ class StageContext:
 
     def outputs(self, model: nn.Module) -> metrics.Outputs:
         """``model`` on the eval split."""
-        return metrics.collect(model, self.splits.loader("eval"))
+        return metrics.collect(model, self.splits.loader("eval"), output=self.metric_output)
 
     def input_model_outputs(self, model: nn.Module) -> metrics.Outputs:
         """The stage's unchanged input model on the eval split, reusing the pipeline's last pass."""
@@ -166,9 +171,10 @@ class StageContext:
         reference = None
         if self.metric in metrics.LABEL_FREE:
             if self._val_reference is None:
-                self._val_reference = metrics.collect(self.baseline, loader)
+                self._val_reference = metrics.collect(self.baseline, loader, output=self.metric_output)
             reference = self._val_reference
-        return metrics.score(self.metric, metrics.collect(model, loader), reference)[self.metric]
+        outputs = metrics.collect(model, loader, output=self.metric_output)
+        return metrics.score(self.metric, outputs, reference)[self.metric]
 
 
 @dataclass

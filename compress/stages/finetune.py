@@ -88,6 +88,7 @@ def stage_finetune(
             device=ctx.device,
             progress=ctx.progress,
             desc=ctx.spec.dirname,
+            output=ctx.metric_output,
         )
     finally:
         if owned is not None:

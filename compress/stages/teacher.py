@@ -81,7 +81,8 @@ def make_distiller(
         teacher = load_teacher(options, ctx, where)
     given = options.model_dump(include=set(DistillOptions.model_fields) - {"teacher", "alpha"})
     alpha = options.alpha if "alpha" in options.model_fields_set else None
-    return Distiller(student, teacher, alpha=alpha, **given, example_input=ctx.example_input.to(ctx.device), where=where)
+    return Distiller(student, teacher, alpha=alpha, **given, example_input=ctx.example_input.to(ctx.device), where=where,
+                     output=ctx.metric_output)
 
 
 def _leaf_hints(names: list[str], model: nn.Module, where: str, whose: str) -> None:

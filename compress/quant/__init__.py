@@ -5,7 +5,9 @@
 """
 
 from compress.quant.fold import fold_batchnorm
+from compress.quant.attention import QuantMultiheadAttention
 from compress.quant.insert import (
+    Attention,
     QuantConfig,
     is_quantized,
     plan_of,
@@ -24,6 +26,7 @@ from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec, Target
 
 __all__ = [
+    "Attention",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",
@@ -31,6 +34,7 @@ __all__ = [
     "QuantConvTranspose2d",
     "QuantLayer",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantSpec",
     "Target",
     "TensorQuantizer",

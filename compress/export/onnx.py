@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from compress import io, quant
+from compress.attention import explicit_attention
 from compress.errors import CompressError, first_line
 from compress.export import qdq
+from compress.export.exporter_output import captured_fds, export_error
 from compress.export.tensorrt_rules import RulesReport, check_tensorrt
 from compress.quant.spec import Target
 
@@ -101,20 +103,21 @@ def export_onnx(
     try:
         with io.atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but is what gives opset 13
-            try:
-                torch.onnx.export(
-                    source,
-                    (example_input.cpu(),),
-                    str(tmp),
-                    opset_version=opset,
-                    dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                )
+            try:  # attention as MatMul/Softmax at any opset; the exporter's prints kept off the terminal
+                with explicit_attention(), captured_fds() as printed:
+                    torch.onnx.export(
+                        source,
+                        (example_input.cpu(),),
+                        str(tmp),
+                        opset_version=opset,
+                        dynamo=False,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes=axes,
+                        do_constant_folding=True,
+                    )
             except Exception as exc:  # tracer/exporter failures come as many types
-                raise CompressError(f"ONNX export failed: {first_line(exc)}") from None
+                raise export_error(exc, printed) from None
             proto = onnx.load(str(tmp))
             biases = 0
             if quantized:

@@ -19,11 +19,12 @@ from compress.export.fp16 import to_fp16
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization, OrtEngine, build_engine, int8_summary, portable
 from compress.export.tensorrt_rules import check_tensorrt
+from compress.export.trial import trial_export
 from compress.export.triton import write_repository
 from compress.quant.spec import Target
 from compress.sparsity import PATTERN, is_sparse, sparse_layers, verify_onnx
 from compress.stages.context import StageContext, StageResult
-from compress.stages.order import quantized_before
+from compress.stages.order import quantized_before, shaped
 from compress.stages.registry import register
 
 
@@ -172,6 +173,13 @@ def _check(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
                             f"{' or '.join(SAMPLE_METRICS)}, not {ctx.metric}; use max_drop (points)")
 
 
+def _validate(model: nn.Module, config: ExportConfig, ctx: StageContext) -> None:
+    """``compress validate`` (and ``run`` before any stage trains): the options, then a trial export."""
+    _check(model, config, ctx)
+    trial_export(*shaped(model, ctx), ctx.example_input, config.onnx.opset, config.onnx.target,
+                 config.onnx.dynamic_batch, ctx.where)
+
+
 def _sparsity(model: nn.Module, onnx_path: Path) -> dict[str, Any]:
     """The 2:4 check of the written ONNX (weights after dequantization), against the model's own masks."""
     check = verify_onnx(onnx_path)
@@ -247,7 +255,7 @@ def _int8_coverage(model: nn.Module, source: Path, engine_path: Path, engine: En
     return info
 
 
-@register("export", ExportConfig, check=_check, changes_model=False,
+@register("export", ExportConfig, check=_validate, changes_model=False,
           deploy_target=lambda config: (config.onnx.target, ("onnx", "target")))
 def run_export(model: nn.Module, config: ExportConfig, ctx: StageContext) -> StageResult:
     _check(model, config, ctx)

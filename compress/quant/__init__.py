@@ -4,11 +4,12 @@
     compress.ptq.calibrate(qmodel, calib_loader, method="entropy")
 """
 
-from compress.quant.fold import fold_batchnorm
 from compress.quant.attention import QuantMultiheadAttention
+from compress.quant.fold import fold_batchnorm
 from compress.quant.insert import (
     Attention,
     QuantConfig,
+    attention_mode,
     is_quantized,
     plan_of,
     prepare,
@@ -38,6 +39,7 @@ __all__ = [
     "QuantSpec",
     "Target",
     "TensorQuantizer",
+    "attention_mode",
     "fold_batchnorm",
     "is_quantized",
     "plan_of",

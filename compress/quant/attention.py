@@ -7,9 +7,9 @@ MatMuls can carry quantizers, and the exporter has no opset-13 form for the fuse
 
 - ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: plain ``nn.Linear`` layers (the fused weight split
   by rows), which :func:`compress.quant.prepare` turns into ``QuantLinear`` like any other layer;
-- the attention written out as ``softmax((q * scale) @ kᵀ + mask) @ v`` with the scale applied on the Q
-  side, and a quantizer on each input of both attention MatMuls (``q_quantizer``, ``k_quantizer`` on
-  ``kᵀ``, ``probs_quantizer`` on the softmax output, ``v_quantizer``): in ONNX a DequantizeLinear feeds
+- the attention written out by :func:`compress.attention.attention` (``softmax((q * scale) @ kᵀ + mask) @ v``,
+  the scale applied on the Q side), with a quantizer on each input of both attention MatMuls (``q_quantizer``,
+  ``k_quantizer``, ``probs_quantizer`` on the softmax output, ``v_quantizer``): in ONNX a DequantizeLinear feeds
   each MatMul input directly, TensorRT's explicit-quantization pattern for its fused INT8 attention.
   With ``matmuls=False`` (ModelOpt's ``disable_mha_qdq``) those four are identities and the attention
   MatMuls stay float while the projections are still quantized.
@@ -21,9 +21,9 @@ split projections differs).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from compress.attention import AttentionPoints, attention
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec
 
@@ -58,6 +58,13 @@ def additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor
         pad = additive(key_padding_mask).view(batch, 1, 1, -1)
         out = pad if out is None else out + pad
     return out
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The softmax weights ``nn.MultiheadAttention`` returns with ``need_weights`` (float; not what the
+    quantized MatMuls see)."""
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    return (scores if mask is None else scores + mask).softmax(-1)
 
 
 class QuantMultiheadAttention(nn.Module):
@@ -107,20 +114,17 @@ class QuantMultiheadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        q = self._heads(self.q_proj(query)) * (self.head_dim ** -0.5)  # scale on the Q side: DQ feeds the MatMul
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(value))
-        scores = self.q_quantizer(q) @ self.k_quantizer(k.transpose(-2, -1))
-        mask = additive_mask(attn_mask, key_padding_mask, query.shape[0], self.num_heads, scores.dtype)
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(-1)
-        dropped = F.dropout(probs, self.dropout) if self.training and self.dropout > 0 else probs
-        out = (self.probs_quantizer(dropped) @ self.v_quantizer(v)).transpose(1, 2).flatten(2)
-        out = self.out_proj(out)
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        mask = additive_mask(attn_mask, key_padding_mask, query.shape[0], self.num_heads, q.dtype)
+        points = AttentionPoints(self.q_quantizer, self.k_quantizer, self.probs_quantizer, self.v_quantizer)
+        out = attention(q, k, v, mask, self.dropout, points=points, training=self.training)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)
-        weights = (probs.mean(1) if average_attn_weights else probs) if need_weights else None
+        weights = None
+        if need_weights:  # as nn.MultiheadAttention returns them (before dropout)
+            probs = attention_weights(q, k, mask)
+            weights = probs.mean(1) if average_attn_weights else probs
         return out, weights
 
 

@@ -73,6 +73,19 @@ class Plan:
     graph_skipped: str | None = None
     skipped: dict[str, tuple[Skip, str]] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)  # nn.MultiheadAttention modules rewritten
+    kept_float: dict[str, int] = field(default_factory=dict)  # op kind -> count, float by design (see _KEPT_FLOAT)
+
+
+# Ops that stay float in both engines' INT8 paths (no INT8 kernel; quantizing them would only add Q/DQ).
+_KEPT_FLOAT: dict[str, tuple[type[nn.Module], ...]] = {
+    "LayerNorm": (nn.LayerNorm,), "GroupNorm": (nn.GroupNorm,), "GELU": (nn.GELU,), "Softmax": (nn.Softmax,),
+}
+
+
+def _kept_float(model: nn.Module, attention_modules: int) -> dict[str, int]:
+    counts = {kind: sum(isinstance(m, types) for m in model.modules()) for kind, types in _KEPT_FLOAT.items()}
+    counts["Softmax"] += attention_modules  # each rewritten attention's softmax
+    return {kind: n for kind, n in counts.items() if n}
 
 
 def to_target(value: Target | str) -> Target:
@@ -177,6 +190,7 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
         spec = activation_spec(config.target) if name in in_attention else layer_input
         _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, spec, name))
     plan.layers = chosen
+    plan.kept_float = _kept_float(work, len(plan.attention))
     offered: list[str] = []  # every graph quantizer the target would place, before include/exclude
     if traced:
         assert isinstance(work, fx.GraphModule)
@@ -190,6 +204,7 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
     _check_graph_patterns(config, offered if traced else None, where)
     work.__dict__[_TARGET_ATTR] = config.target
     work.__dict__["_compress_quant_plan"] = plan
+    work.__dict__["_compress_quant_attention"] = config.attention
     if origin is not None:
         if traced:  # a new model: its record must not leak into the float model's origin
             structure.set_origin(work, copy.deepcopy(origin))
@@ -296,6 +311,11 @@ def is_quantized(model: nn.Module) -> bool:
 def target_of(model: nn.Module) -> Target | None:
     """The target a quantized model was prepared for (``None`` for a float model)."""
     return model.__dict__.get(_TARGET_ATTR) if is_quantized(model) else None
+
+
+def attention_mode(model: nn.Module) -> Attention:
+    """How a prepared model's ``nn.MultiheadAttention`` modules were quantized."""
+    return model.__dict__.get("_compress_quant_attention", Attention.fused)
 
 
 def plan_of(model: nn.Module) -> Plan:

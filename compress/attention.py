@@ -32,7 +32,7 @@ def _same(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class AttentionPoints:
-    """What each MatMul input passes through: ``query`` (already scaled) and ``key`` feed Q·Kᵀ, ``probs``
+    """What each MatMul input passes through: ``query`` (already scaled) and ``key`` (transposed, Kᵀ) feed Q·Kᵀ, ``probs``
     (the softmax output) and ``value`` feed probs·V. Identity by default; fake quantizers for INT8."""
 
     query: Point = _same
@@ -79,7 +79,7 @@ def attention(
         groups = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
     factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = points.query(query * factor) @ points.key(key).transpose(-2, -1)
+    scores = points.query(query * factor) @ points.key(key.transpose(-2, -1))  # Kᵀ: DQ feeds the MatMul directly
     if is_causal:
         rows = torch.arange(query.size(-2), device=query.device)
         cols = torch.arange(key.size(-2), device=query.device)

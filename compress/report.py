@@ -160,6 +160,14 @@ def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
         lines.append(f"- {i + 1}. {s['type']}: {cal['method']} on {cal['samples']} samples, {cal['quantizers']} "
                      f"activation quantizers, {len(clipped)} clip" + (f"; most: {listed}" if listed else ""))
         lines += [f"  - WARNING {w}" for w in cal.get("warnings", [])]
+        if s.get("attention"):
+            a = s["attention"]
+            lines.append(f"  - attention: {a['modules']} nn.MultiheadAttention split into quantized q/k/v/out projections; "
+                         + ("both attention MatMuls INT8 (Q/DQ on all four inputs)" if a["matmuls"] == "int8"
+                            else "attention MatMuls kept float (attention: float)"))
+        if s.get("kept_float"):
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in s["kept_float"].items())
+            lines.append(f"  - kept float by design: {kinds} (no INT8 kernel in TensorRT or ONNX Runtime)")
     return ["", "## Calibration", "", *lines] if lines else []
 
 

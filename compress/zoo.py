@@ -54,3 +54,12 @@ def digits_mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 64) -
     return nn.Sequential(
         nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
     )
+
+
+def vit_tiny(num_classes: int = 10, image_size: int = 32, patch_size: int = 8, hidden_dim: int = 64,
+             num_heads: int = 4, num_layers: int = 2, mlp_dim: int = 128) -> nn.Module:
+    """A small torchvision ``VisionTransformer`` (``nn.MultiheadAttention`` blocks), random weights."""
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
+                             hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)

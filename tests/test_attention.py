@@ -59,7 +59,7 @@ def test_points_see_the_four_matmul_inputs(qkv) -> None:
 
     points = AttentionPoints(query=note("query"), key=note("key"), probs=note("probs"), value=note("value"))
     attention(q, k, v, points=points)
-    assert seen == {"query": (2, 4, 7, 16), "key": (2, 4, 7, 16), "probs": (2, 4, 7, 7), "value": (2, 4, 7, 16)}
+    assert seen == {"query": (2, 4, 7, 16), "key": (2, 4, 16, 7), "probs": (2, 4, 7, 7), "value": (2, 4, 7, 16)}
     # the scale is applied before the query point: a quantizer there sees what the MatMul reads
     doubled = AttentionPoints(query=lambda x: x * 2)
     _close(attention(q, k, v, points=doubled), F.scaled_dot_product_attention(q, k, v, scale=2 / 4.0))

@@ -5,6 +5,11 @@ TensorRT builds a Q/DQ network into INT8 kernels only when the graph follows its
 scales, per-channel scales only on weights and only along the output-channel axis, every weighted
 op (Conv, ConvTranspose, Gemm, MatMul) fed by DequantizeLinear on its data and weight inputs, and no
 Q without a DQ after it (or DQ without a Q or constant before it).
+
+Attention (an activation x activation MatMul: Q·Kᵀ, then softmax·V) is fused by TensorRT into its INT8
+multi-head-attention kernels when DequantizeLinear feeds both MatMul inputs directly (no Transpose or
+Reshape between; the scale is applied on the Q side before the Q/DQ) and the softmax output goes through
+Q/DQ into the second MatMul. Such MatMuls are counted in ``attention_matmuls``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ class RulesReport:
     checked_ops: int
     violations: list[str] = field(default_factory=list)
     float_ops: int = 0
+    attention_matmuls: int = 0  # of checked_ops: activation x activation MatMuls (quantized attention)
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "checked_ops": self.checked_ops, "float_ops": self.float_ops,
-                "violations": self.violations}
+        out: dict[str, object] = {"passed": self.passed, "checked_ops": self.checked_ops, "float_ops": self.float_ops,
+                                  "violations": self.violations}
+        if self.attention_matmuls:
+            out["attention_matmuls"] = self.attention_matmuls
+        return out
 
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -66,6 +75,30 @@ def _weight_axis(node: onnx.NodeProto, index: int) -> int | None:
     return None
 
 
+def _is_activation(graph: Graph, dq: onnx.NodeProto) -> bool:
+    """Whether a DequantizeLinear dequantizes a QuantizeLinear of a computed tensor (not of a weight)."""
+    q = graph.producer.get(dq.input[0])
+    return q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in graph.initializers \
+        and graph.const(q.input[0]) is None
+
+
+def _attention_problems(graph: Graph, node: onnx.NodeProto, found: list[tuple[onnx.NodeProto | None, bool, bool]],
+                        label: str) -> list[str]:
+    """An attention MatMul: both DQs feed it directly; a Softmax-fed input is quantized right after the Softmax."""
+    problems = []
+    for k, (_src, direct, _cast) in enumerate(found):
+        if not direct:
+            problems.append(f"{label}: attention MatMul input {k} reaches it through a Transpose/Reshape after its "
+                            "DequantizeLinear; TensorRT's fused INT8 attention wants DQ to feed the MatMul directly")
+    for src, _direct, _cast in found:
+        q = graph.producer.get(src.input[0]) if src is not None else None
+        before = graph.producer.get(q.input[0]) if q is not None else None
+        if before is not None and before.op_type in _LAYOUT_OPS and graph.producer.get(before.input[0]) is not None \
+                and graph.producer[before.input[0]].op_type == "Softmax":
+            problems.append(f"{label}: a {before.op_type} stands between the Softmax and its QuantizeLinear")
+    return problems
+
+
 def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
     """Check ``model`` against TensorRT's Q/DQ placement rules; ``violations`` name the nodes."""
     graph = Graph(model)
@@ -75,7 +108,7 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
         problems.append(f"opset {opset} < 13: per-channel DequantizeLinear needs opset 13")
 
     weight_dq: dict[str, int | None] = {}  # DQ output -> required axis
-    checked = floats = 0
+    checked = floats = attention = 0
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS:
             continue
@@ -86,6 +119,9 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
             continue
         checked += 1
         label = f"{node.op_type} {node.name or node.output[0]}"
+        if node.op_type == "MatMul" and all(src is not None and _is_activation(graph, src) for src in sources):
+            attention += 1
+            problems += _attention_problems(graph, node, found, label)
         for k, src in enumerate(sources):
             if src is None:
                 what = "data" if k == 0 else "weight"
@@ -144,4 +180,4 @@ def check_tensorrt(model: onnx.ModelProto, max_listed: int = 20) -> RulesReport:
                         f"axis {weight_dq[node.output[0]]}"
                     )
     listed = problems[:max_listed] + ([f"... {len(problems) - max_listed} more"] if len(problems) > max_listed else [])
-    return RulesReport(not problems, checked, listed, floats)
+    return RulesReport(not problems, checked, listed, floats, attention)

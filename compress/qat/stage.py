@@ -29,7 +29,7 @@ class QatConfig(QuantOptions):
     freeze_bn_after: Annotated[int, Field(ge=0)] | None = None  # epoch from which BatchNorm statistics stop
 
 
-_CALIBRATION_OPTIONS = ("include", "exclude", "calibrator", "percentile", "limit")
+_CALIBRATION_OPTIONS = ("include", "exclude", "attention", "calibrator", "percentile", "limit")
 _CALIBRATED = "the model is already quantized and calibrated (by an earlier stage or its checkpoint)"
 
 

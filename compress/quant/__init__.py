@@ -4,9 +4,12 @@
     compress.ptq.calibrate(qmodel, calib_loader, method="entropy")
 """
 
+from compress.quant.attention import QuantMultiheadAttention
 from compress.quant.fold import fold_batchnorm
 from compress.quant.insert import (
+    Attention,
     QuantConfig,
+    attention_mode,
     is_quantized,
     plan_of,
     prepare,
@@ -24,6 +27,7 @@ from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec, Target
 
 __all__ = [
+    "Attention",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",
@@ -31,9 +35,11 @@ __all__ = [
     "QuantConvTranspose2d",
     "QuantLayer",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantSpec",
     "Target",
     "TensorQuantizer",
+    "attention_mode",
     "fold_batchnorm",
     "is_quantized",
     "plan_of",

@@ -14,13 +14,21 @@ from torch import fx, nn
 
 from compress import structure
 from compress.errors import CompressError, DataError, first_line, parse_enum
-from compress.quant import graph
+from compress.quant import attention, graph
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import Target, activation_spec
 from compress.select import matches, select_names
 
 _TARGET_ATTR = "_compress_quant_target"
+
+
+class Attention(str, Enum):
+    """What happens to ``nn.MultiheadAttention`` (see :mod:`compress.quant.attention`)."""
+
+    int8 = "int8"  # split projections quantized, and both attention MatMuls (Q/DQ on all four inputs)
+    float = "float"  # split projections quantized, attention MatMuls in float (ModelOpt's disable_mha_qdq)
+    fused = "fused"  # left as it is: nothing in it quantized (checkpoints made before the rewrite existed)
 
 
 @dataclass(frozen=True)
@@ -32,21 +40,18 @@ class QuantConfig:
         include: layer-name patterns (fnmatch) to quantize; empty means every Conv/ConvTranspose2d/Linear.
         exclude: patterns left in float (also matches graph quantizers ``act_quant.<node>_...``).
         graph: also quantize residual adds/concat/pooling via ``torch.fx`` when the model traces.
+        attention: INT8 attention, float attention MatMuls, or ``nn.MultiheadAttention`` left fused.
     """
 
     target: Target = Target.tensorrt
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     graph: bool = True
+    attention: Attention = Attention.int8
 
     def to_payload(self) -> dict[str, Any]:
         return {"target": self.target.value, "include": list(self.include), "exclude": list(self.exclude),
-                "graph": self.graph}
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> QuantConfig:
-        return cls(Target(payload["target"]), tuple(payload.get("include", ())), tuple(payload.get("exclude", ())),
-                   bool(payload.get("graph", True)))
+                "graph": self.graph, "attention": self.attention.value}
 
 
 class Skip(str, Enum):
@@ -55,6 +60,7 @@ class Skip(str, Enum):
     excluded = "excluded"  # matches an exclude pattern
     not_included = "not_included"  # include patterns were given and none matches
     never_called = "never_called"  # absent from the fx trace: forward never calls it as a module
+    unsupported = "unsupported"  # inside an attention module the rewrite does not support
 
 
 @dataclass
@@ -66,6 +72,20 @@ class Plan:
     graph_quantizers: list[str] = field(default_factory=list)
     graph_skipped: str | None = None
     skipped: dict[str, tuple[Skip, str]] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)  # nn.MultiheadAttention modules rewritten
+    kept_float: dict[str, int] = field(default_factory=dict)  # op kind -> count, float by design (see _KEPT_FLOAT)
+
+
+# Ops that stay float in both engines' INT8 paths (no INT8 kernel; quantizing them would only add Q/DQ).
+_KEPT_FLOAT: dict[str, tuple[type[nn.Module], ...]] = {
+    "LayerNorm": (nn.LayerNorm,), "GroupNorm": (nn.GroupNorm,), "GELU": (nn.GELU,), "Softmax": (nn.Softmax,),
+}
+
+
+def _kept_float(model: nn.Module, attention_modules: int) -> dict[str, int]:
+    counts = {kind: sum(isinstance(m, types) for m in model.modules()) for kind, types in _KEPT_FLOAT.items()}
+    counts["Softmax"] += attention_modules  # each rewritten attention's softmax
+    return {kind: n for kind, n in counts.items() if n}
 
 
 def to_target(value: Target | str) -> Target:
@@ -78,8 +98,15 @@ def to_target(value: Target | str) -> Target:
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the layers :func:`prepare` can quantize (exact Conv1d/2d/3d, ConvTranspose2d, Linear)."""
-    return [name for name, m in model.named_modules() if type(m) in QUANT_LAYERS and name]
+    """Names of the layers :func:`prepare` can quantize (exact Conv1d/2d/3d, ConvTranspose2d, Linear), and the
+    ``q_proj``/``k_proj``/``v_proj``/``out_proj`` layers each ``nn.MultiheadAttention`` is split into."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) in QUANT_LAYERS and name:
+            names.append(name)
+        elif type(m) is nn.MultiheadAttention:
+            names.extend(f"{name}.{p}" if name else p for p in attention.PROJECTIONS)
+    return names
 
 
 def select_layers(model: nn.Module, include: Sequence[str], exclude: Sequence[str], where: str = "") -> list[str]:
@@ -105,6 +132,7 @@ def prepare(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     graph_quantizers: bool = True,
+    attention: Attention | str = Attention.int8,
     where: str = "",
 ) -> nn.Module:
     """Insert fake quantizers for ``target``; returns the quantized model (calibrate it next).
@@ -118,11 +146,14 @@ def prepare(
         model: a float model (not already quantized); changed in place where no tracing is needed.
         target: ``tensorrt`` or ``onnxruntime`` (see :class:`compress.quant.Target`).
         include/exclude: layer-name patterns, e.g. ``["layer*"]``, ``["fc", "conv1"]``.
+        attention: ``int8`` splits each ``nn.MultiheadAttention`` into quantized projections and quantizes
+            both attention MatMuls' inputs; ``float`` keeps those MatMuls float; ``fused`` leaves it alone.
 
     Raises:
         CompressError: unknown target, a pattern that matches no layer, an already quantized model.
     """
-    config = QuantConfig(to_target(target), tuple(include), tuple(exclude), graph_quantizers)
+    config = QuantConfig(to_target(target), tuple(include), tuple(exclude), graph_quantizers,
+                         parse_enum(Attention, attention, what="attention mode"))
     return _apply(model, config, where)
 
 
@@ -146,6 +177,7 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
             model.train(was_training)
     traced = isinstance(work, fx.GraphModule) and work is not model
     plan.skipped = _unselected(model, chosen, config)
+    in_attention = _rewrite_attention(work, chosen, config, plan)
     if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
         plan.skipped.update((n, (Skip.never_called, "forward never calls it as a module (not in the torch.fx trace)"))
                             for n in chosen if not _has_module(work, n))
@@ -154,8 +186,11 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
     layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
     for name in chosen:
         layer = work.get_submodule(name)
-        _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, layer_input, name))
+        # inside a rewritten attention (an fx leaf) no graph quantizer reaches a projection's input
+        spec = activation_spec(config.target) if name in in_attention else layer_input
+        _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, spec, name))
     plan.layers = chosen
+    plan.kept_float = _kept_float(work, len(plan.attention))
     offered: list[str] = []  # every graph quantizer the target would place, before include/exclude
     if traced:
         assert isinstance(work, fx.GraphModule)
@@ -169,11 +204,35 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
     _check_graph_patterns(config, offered if traced else None, where)
     work.__dict__[_TARGET_ATTR] = config.target
     work.__dict__["_compress_quant_plan"] = plan
+    work.__dict__["_compress_quant_attention"] = config.attention
     if origin is not None:
         if traced:  # a new model: its record must not leak into the float model's origin
             structure.set_origin(work, copy.deepcopy(origin))
         structure.record(work, "quant", config.to_payload())
     return work
+
+
+def _rewrite_attention(work: nn.Module, chosen: list[str], config: QuantConfig, plan: Plan) -> set[str]:
+    """Split each ``nn.MultiheadAttention`` with a chosen projection (:mod:`compress.quant.attention`);
+    unsupported ones stay fused, their projections listed as skipped. Returns the chosen projections inside."""
+    mhas = {n: m for n, m in work.named_modules() if type(m) is nn.MultiheadAttention}
+    def projections(name: str) -> list[str]:
+        return [f"{name}.{p}" if name else p for p in attention.PROJECTIONS]
+
+    if config.attention is Attention.fused:
+        skip = set(mhas)
+        reason = "attention: fused keeps nn.MultiheadAttention as it is"
+        plan.skipped.update((p, (Skip.excluded, reason)) for n in mhas for p in projections(n) if p in chosen)
+    else:
+        skip = {n for n in mhas if not any(p in chosen for p in projections(n))}
+    done, kept = attention.rewrite(work, activation_spec(config.target), matmuls=config.attention is Attention.int8,
+                                   skip=skip)
+    for name, reason in kept.items():
+        plan.skipped.update((p, (Skip.unsupported, reason)) for p in projections(name) if p in chosen)
+    plan.attention = done
+    inside = {p for n in done for p in projections(n)}
+    chosen[:] = [n for n in chosen if n not in plan.skipped]
+    return inside
 
 
 def _unselected(model: nn.Module, chosen: list[str], config: QuantConfig) -> dict[str, tuple[Skip, str]]:
@@ -236,11 +295,13 @@ class QuantRecord(structure.Payload):
     include: list[str] = []
     exclude: list[str] = []
     graph: bool = True
+    attention: Attention = Field(Attention.fused, strict=False)  # absent: written before attention was rewritten
 
 
 @structure.register_rebuild("quant", QuantRecord)
 def _rebuild(model: nn.Module, payload: QuantRecord) -> nn.Module:
-    return _apply(model, QuantConfig(payload.target, tuple(payload.include), tuple(payload.exclude), payload.graph))
+    config = QuantConfig(payload.target, tuple(payload.include), tuple(payload.exclude), payload.graph, payload.attention)
+    return _apply(model, config)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -250,6 +311,11 @@ def is_quantized(model: nn.Module) -> bool:
 def target_of(model: nn.Module) -> Target | None:
     """The target a quantized model was prepared for (``None`` for a float model)."""
     return model.__dict__.get(_TARGET_ATTR) if is_quantized(model) else None
+
+
+def attention_mode(model: nn.Module) -> Attention:
+    """How a prepared model's ``nn.MultiheadAttention`` modules were quantized."""
+    return model.__dict__.get("_compress_quant_attention", Attention.fused)
 
 
 def plan_of(model: nn.Module) -> Plan:

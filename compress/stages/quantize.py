@@ -30,6 +30,9 @@ class QuantOptions(Strict):
     calibrator: Method = Method.percentile
     percentile: Annotated[float, Field(gt=0, le=100)] = 99.99
     limit: Annotated[int, Field(gt=0)] | None = 512
+    # nn.MultiheadAttention: int8 (projections and both attention MatMuls), float (projections only; ModelOpt's
+    # disable_mha_qdq) or fused (left as it is)
+    attention: quant.Attention = quant.Attention.int8
 
 
 def export_target(ctx: StageContext) -> tuple[Target | None, str]:
@@ -66,7 +69,8 @@ def check_quant_options(model: nn.Module, config: QuantOptions, ctx: StageContex
     """Dry-run checks: target agreement, layer patterns, calibration data present, no ignored options."""
     resolve_target(config, ctx)
     if quantized_before(model, ctx):
-        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
+        refuse_ignored(config, ctx, ("include", "exclude", "attention"),
+                       "the model is already quantized (quantizers are placed once)")
     else:
         quant.select_layers(model, config.include, config.exclude, where=ctx.where)
     ctx.splits.loader(calibration_split(ctx), needed_by=ctx.where)
@@ -91,10 +95,12 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
             raise CompressError(
                 f"{ctx.where}: the model is already quantized for {quant.target_of(model).value}, not {target.value}"  # type: ignore[union-attr]
             )
-        refuse_ignored(config, ctx, ("include", "exclude"), "the model is already quantized (quantizers are placed once)")
+        refuse_ignored(config, ctx, ("include", "exclude", "attention"),
+                       "the model is already quantized (quantizers are placed once)")
         qmodel = model
     else:
-        qmodel = quant.prepare(model, target, include=config.include, exclude=config.exclude, where=ctx.where)
+        qmodel = quant.prepare(model, target, include=config.include, exclude=config.exclude,
+                               attention=config.attention, where=ctx.where)
     qmodel.to(ctx.device)
     split = calibration_split(ctx)
     cal = calibrate(
@@ -116,6 +122,10 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
     }
     if plan.graph_skipped:
         info["graph_skipped"] = plan.graph_skipped
+    if plan.attention:
+        info["attention"] = {"modules": len(plan.attention), "matmuls": quant.attention_mode(qmodel).value}
+    if plan.kept_float:
+        info["kept_float"] = plan.kept_float
     return qmodel, info
 
 

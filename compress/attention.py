@@ -101,6 +101,12 @@ def attention(
     return out if attends is None else out * attends  # after the MatMul: Softmax still feeds it directly
 
 
+def scaled_dot_product_attention(*args: object, **kwargs: object) -> Tensor:
+    """``F.scaled_dot_product_attention`` looked up at call time: what a ``torch.fx`` graph calls instead of the
+    builtin it recorded, so :func:`explicit_attention` still reaches it (the builtin would bypass the switch)."""
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
 def _routed_attention(points: AttentionPoints, training: bool) -> Callable[..., Tensor]:
     def routed(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:

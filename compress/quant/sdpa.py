@@ -24,12 +24,13 @@ import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
 from compress.attention import AttentionPoints, attention, explicit_attention
+from compress.quant import graph
 from compress.quant.attention import MATMUL_QUANTIZERS
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec
 
 CHILD = "sdpa_quant"
-_SDPA = F.scaled_dot_product_attention  # the builtin, as fx records it
+_SDPA = (F.scaled_dot_product_attention, graph.late_sdpa)  # the builtin fx records, and what graph.trace calls
 
 
 def child_name(site: str, suffix: str = "") -> str:
@@ -65,7 +66,7 @@ def replace_calls(gm: fx.GraphModule, spec: QuantSpec | None, wanted: Callable[[
     sites: list[str] = []
     taken: set[str] = set()
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not _SDPA:
+        if node.op != "call_function" or node.target not in _SDPA:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         site = next(reversed(stack)) if stack else ""

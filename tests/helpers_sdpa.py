@@ -45,3 +45,10 @@ def hf_bert() -> nn.Module:
                                      intermediate_size=64, max_position_embeddings=32, num_labels=3,
                                      initializer_range=0.2, attn_implementation="sdpa")
     return Logits(transformers.BertForSequenceClassification(config))
+
+
+def token_task(n: int = 96, length: int = 12) -> torch.utils.data.TensorDataset:
+    """int64 token ids labelled by which third of the vocabulary their first token falls in (3 classes)."""
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 99, (n, length), generator=g)
+    return torch.utils.data.TensorDataset(ids, ids[:, 0] // 33)

@@ -147,10 +147,11 @@ def prepare(
     Conv/ConvTranspose2d/Linear layers are replaced by their ``Quant*`` subclasses (weights shared,
     nothing copied). When the model traces with ``torch.fx``, the result is an ``fx.GraphModule``
     with the same submodule names that also quantizes residual adds (and, for ONNX Runtime,
-    concat and pooling); otherwise only the layers are quantized (see :func:`plan_of`), on a copy.
+    concat and pooling); otherwise only the layers are quantized (see :func:`plan_of`).
 
     Args:
-        model: a float model (not already quantized); left as it is (parameters are shared where it traces).
+        model: a float model (not already quantized); its modules are left as they are, its parameters and
+            buffers are shared with the result (an optimizer made before still trains it).
         target: ``tensorrt`` or ``onnxruntime`` (see :class:`compress.quant.Target`).
         include/exclude: layer-name patterns, e.g. ``["layer*"]``, ``["fc", "conv1"]``.
         attention: ``int8`` splits each ``nn.MultiheadAttention`` into quantized projections and quantizes
@@ -187,8 +188,9 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input
             model.train(was_training)
     traced = isinstance(work, fx.GraphModule) and work is not model
     sites = None if traced else _untraced_sites(model, config, example_input, plan, where)
-    if not traced:
-        work = copy.deepcopy(model)  # the user's float model stays as it is
+    if not traced:  # the user's float model keeps its modules; tensors shared, as in a traced model
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        work = copy.deepcopy(model, shared)
     plan.skipped = _unselected(model, chosen, config)
     in_attention = _rewrite_attention(work, chosen, config, plan)
     sites = _quantize_sdpa(work, chosen, config, plan, sites, where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -173,3 +174,28 @@ def test_a_quantizer_refuses_integer_tensors() -> None:
     q.calib_enabled = True
     with pytest.raises(DataError, match=r"embeddings.ids: got a torch.int64 tensor"):
         q(torch.arange(4))
+
+
+BERT_PTQ = """\
+    name: bert-ptq
+    model: {factory: "helpers_sdpa:hf_bert", trust: [helpers_sdpa]}
+    data:
+      calibration: {source: python, factory: "helpers_sdpa:token_task", batch_size: 16}
+      eval: {source: python, factory: "helpers_sdpa:token_task", batch_size: 16}
+    metric: top1
+    stages:
+      - ptq: {calibrator: max}
+"""
+
+
+def test_the_ptq_stage_finds_bert_attention_on_token_ids_and_reports_it(write_recipe, cli, tmp_path) -> None:
+    """The stage finds the sites on the pipeline's example input (int64 ids; calibration never quantizes them)."""
+    out = tmp_path / "run"
+    assert cli("run", write_recipe(BERT_PTQ), "--out", out, "--quiet").code == 0
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]
+    assert stage["attention"] == {"modules": 2, "matmuls": "int8"}
+    assert stage["kept_float"] == {"LayerNorm": 5, "Softmax": 2}  # 2 x 2 in the layers + the embeddings'
+    assert stage["quantized_layers"] == 2 * 6 + 2  # q, k, v, out, 2 MLP per layer; pooler, classifier
+    rebuilt = compress.load(out / stage["checkpoint"], trust=["helpers_sdpa"])
+    assert quant.plan_of(rebuilt).sdpa == SITES["hf_bert"] and not quant.uncalibrated(rebuilt)

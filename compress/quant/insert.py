@@ -271,7 +271,7 @@ def _untraced_sites(model: nn.Module, config: QuantConfig, example_input: torch.
 def _quantize_sdpa(work: nn.Module, chosen: list[str], config: QuantConfig, plan: Plan, sites: tuple[str, ...] | None,
                    where: str) -> tuple[str, ...] | None:
     """Quantizers on both MatMuls of each SDPA call whose site holds a chosen layer (``int8``); ``float`` only
-    lists them. Returns the untraced sites given quantizers (what a checkpoint records), or None."""
+    lists them. Returns the untraced sites (what a checkpoint records), or None."""
     def wanted(site: str) -> bool:
         return any(n.startswith(f"{site}.") or not site for n in chosen)
 
@@ -285,8 +285,8 @@ def _quantize_sdpa(work: nn.Module, chosen: list[str], config: QuantConfig, plan
         return None
     picked = list(sites) if config.sites is not None else [s for s in sites if wanted(s)]  # a rebuild: as recorded
     plan.sdpa = picked
-    if spec is None:
-        return None
+    if spec is None:  # float: listed (and recorded, so a rebuild lists them too), nothing routed
+        return tuple(picked)
     try:
         sdpa.route_sites(work, picked, spec)
     except ValueError as exc:

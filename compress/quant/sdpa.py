@@ -121,10 +121,21 @@ def _recording(model: nn.Module, found: dict[str, None]) -> Iterator[None]:
             handle.remove()
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
-def find_sites(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+def find_sites(model: nn.Module, example_input: Any) -> list[str]:
     """Names of the modules whose own forward calls ``F.scaled_dot_product_attention`` on ``example_input``
-    (run once, in eval mode; ``nn.MultiheadAttention``, rewritten separately, is left out).
+    (a tensor, a tuple of positional inputs or a dict of keyword inputs; run once, in eval mode).
+    ``nn.MultiheadAttention``, rewritten separately, is left out.
 
     Raises:
         Exception: whatever the model raises on ``example_input``.
@@ -135,7 +146,13 @@ def find_sites(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     model.eval()
     try:
         with _recording(model, found):
-            model(example_input.to(device))
+            x = _to(example_input, device)
+            if isinstance(x, dict):
+                model(**x)
+            elif isinstance(x, (tuple, list)):
+                model(*x)
+            else:
+                model(x)
     finally:
         model.train(was_training)
     return [n for n in found if type(model.get_submodule(n)) is not nn.MultiheadAttention]

@@ -101,21 +101,28 @@ def attention(
     return out if attends is None else out * attends  # after the MatMul: Softmax still feeds it directly
 
 
-def _eval_attention(points: AttentionPoints) -> Callable[..., Tensor]:
+def scaled_dot_product_attention(*args: object, **kwargs: object) -> Tensor:
+    """``F.scaled_dot_product_attention`` looked up at call time: what a ``torch.fx`` graph calls instead of the
+    builtin it recorded, so :func:`explicit_attention` still reaches it (the builtin would bypass the switch)."""
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _routed_attention(points: AttentionPoints, training: bool) -> Callable[..., Tensor]:
     def routed(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
-        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, points=points)
+        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, points=points,
+                         training=training)
 
     return routed
 
 
 @contextmanager
-def explicit_attention(points: AttentionPoints = PLAIN) -> Iterator[None]:
-    """While active, ``F.scaled_dot_product_attention`` is :func:`attention` (eval: no dropout), and the native
+def explicit_attention(points: AttentionPoints = PLAIN, *, training: bool = False) -> Iterator[None]:
+    """While active, ``F.scaled_dot_product_attention`` is :func:`attention` (dropout only with ``training``), and the native
     fast path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` (one fused kernel that no exporter
     and no quantizer can see into) is off. Both are restored on exit; nesting restores the outer setting."""
     saved, fast = F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()
-    F.scaled_dot_product_attention = _eval_attention(points)
+    F.scaled_dot_product_attention = _routed_attention(points, training)
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield

@@ -24,10 +24,12 @@ from compress.quant.insert import (
 )
 from compress.quant.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from compress.quant.quantizer import TensorQuantizer
+from compress.quant.sdpa import AttentionQuantizers
 from compress.quant.spec import QuantSpec, Target
 
 __all__ = [
     "Attention",
+    "AttentionQuantizers",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",

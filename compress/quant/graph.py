@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from compress.attention import scaled_dot_product_attention as late_sdpa
 from compress.quant.layers import BATCHNORMS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec, Target
@@ -43,12 +44,16 @@ class Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace keeping the module hierarchy (state_dict keys unchanged).
+    """``torch.fx`` trace keeping the module hierarchy (state_dict keys unchanged); ``F.scaled_dot_product_attention``
+    calls go through :func:`compress.attention.scaled_dot_product_attention`.
 
     Raises:
         Exception: whatever fx raises for a model with data-dependent control flow.
     """
     graph = Tracer().trace(model)
+    for node in graph.nodes:  # SDPA called at run time through F, so the export's explicit attention reaches it
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            node.target = late_sdpa
     return fx.GraphModule(model, graph, model.__class__.__name__)
 
 

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from compress import structure
 from compress.errors import CompressError, DataError, first_line, parse_enum
-from compress.quant import attention, graph
+from compress.quant import attention, graph, sdpa
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import Target, activation_spec
@@ -41,6 +41,8 @@ class QuantConfig:
         exclude: patterns left in float (also matches graph quantizers ``act_quant.<node>_...``).
         graph: also quantize residual adds/concat/pooling via ``torch.fx`` when the model traces.
         attention: INT8 attention, float attention MatMuls, or ``nn.MultiheadAttention`` left fused.
+        sites: the modules whose ``F.scaled_dot_product_attention`` calls get quantizers, in a model that does
+            not trace (found on an example input by :func:`prepare`; recorded so a checkpoint rebuilds them).
     """
 
     target: Target = Target.tensorrt
@@ -48,10 +50,12 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     graph: bool = True
     attention: Attention = Attention.int8
+    sites: tuple[str, ...] | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        return {"target": self.target.value, "include": list(self.include), "exclude": list(self.exclude),
-                "graph": self.graph, "attention": self.attention.value}
+        out = {"target": self.target.value, "include": list(self.include), "exclude": list(self.exclude),
+               "graph": self.graph, "attention": self.attention.value}
+        return out if self.sites is None else {**out, "sites": list(self.sites)}
 
 
 class Skip(str, Enum):
@@ -73,6 +77,8 @@ class Plan:
     graph_skipped: str | None = None
     skipped: dict[str, tuple[Skip, str]] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)  # nn.MultiheadAttention modules rewritten
+    sdpa: list[str] = field(default_factory=list)  # modules whose F.scaled_dot_product_attention calls are written out
+    sdpa_skipped: str | None = None  # why SDPA calls were not searched (untraced model, no example input)
     kept_float: dict[str, int] = field(default_factory=dict)  # op kind -> count, float by design (see _KEPT_FLOAT)
 
 
@@ -84,7 +90,7 @@ _KEPT_FLOAT: dict[str, tuple[type[nn.Module], ...]] = {
 
 def _kept_float(model: nn.Module, attention_modules: int) -> dict[str, int]:
     counts = {kind: sum(isinstance(m, types) for m in model.modules()) for kind, types in _KEPT_FLOAT.items()}
-    counts["Softmax"] += attention_modules  # each rewritten attention's softmax
+    counts["Softmax"] += attention_modules  # each rewritten attention's (or SDPA call's) softmax
     return {kind: n for kind, n in counts.items() if n}
 
 
@@ -133,6 +139,7 @@ def prepare(
     exclude: Sequence[str] = (),
     graph_quantizers: bool = True,
     attention: Attention | str = Attention.int8,
+    example_input: torch.Tensor | None = None,
     where: str = "",
 ) -> nn.Module:
     """Insert fake quantizers for ``target``; returns the quantized model (calibrate it next).
@@ -143,21 +150,25 @@ def prepare(
     concat and pooling); otherwise only the layers are quantized (see :func:`plan_of`).
 
     Args:
-        model: a float model (not already quantized); changed in place where no tracing is needed.
+        model: a float model (not already quantized); its modules are left as they are, its parameters and
+            buffers are shared with the result (an optimizer made before still trains it).
         target: ``tensorrt`` or ``onnxruntime`` (see :class:`compress.quant.Target`).
         include/exclude: layer-name patterns, e.g. ``["layer*"]``, ``["fc", "conv1"]``.
         attention: ``int8`` splits each ``nn.MultiheadAttention`` into quantized projections and quantizes
             both attention MatMuls' inputs; ``float`` keeps those MatMuls float; ``fused`` leaves it alone.
+            The same goes for ``F.scaled_dot_product_attention`` calls (see :mod:`compress.quant.sdpa`).
+        example_input: one batch the model runs on; needed to find SDPA calls in a model ``torch.fx`` cannot
+            trace (without it they stay fused, and the plan says so).
 
     Raises:
         CompressError: unknown target, a pattern that matches no layer, an already quantized model.
     """
     config = QuantConfig(to_target(target), tuple(include), tuple(exclude), graph_quantizers,
                          parse_enum(Attention, attention, what="attention mode"))
-    return _apply(model, config, where)
+    return _apply(model, config, where, example_input)
 
 
-def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
+def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input: torch.Tensor | None = None) -> nn.Module:
     if is_quantized(model):
         raise CompressError(f"{where or 'quantize'}: the model is already quantized")
     chosen = select_layers(model, config.include, config.exclude, where)
@@ -176,8 +187,13 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
         finally:
             model.train(was_training)
     traced = isinstance(work, fx.GraphModule) and work is not model
+    sites = None if traced else _untraced_sites(model, config, example_input, plan, where)
+    if not traced:  # the user's float model keeps its modules; tensors shared, as in a traced model
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        work = copy.deepcopy(model, shared)
     plan.skipped = _unselected(model, chosen, config)
     in_attention = _rewrite_attention(work, chosen, config, plan)
+    sites = _quantize_sdpa(work, chosen, config, plan, sites, where)
     if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
         plan.skipped.update((n, (Skip.never_called, "forward never calls it as a module (not in the torch.fx trace)"))
                             for n in chosen if not _has_module(work, n))
@@ -190,7 +206,7 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
         spec = activation_spec(config.target) if name in in_attention else layer_input
         _set_module(work, name, QUANT_LAYERS[type(layer)].from_float(layer, spec, name))
     plan.layers = chosen
-    plan.kept_float = _kept_float(work, len(plan.attention))
+    plan.kept_float = _kept_float(model, len(plan.attention) + len(plan.sdpa))  # modules fx inlined counted too
     offered: list[str] = []  # every graph quantizer the target would place, before include/exclude
     if traced:
         assert isinstance(work, fx.GraphModule)
@@ -208,7 +224,7 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "") -> nn.Module:
     if origin is not None:
         if traced:  # a new model: its record must not leak into the float model's origin
             structure.set_origin(work, copy.deepcopy(origin))
-        structure.record(work, "quant", config.to_payload())
+        structure.record(work, "quant", QuantConfig(**{**config.__dict__, "sites": sites}).to_payload())
     return work
 
 
@@ -233,6 +249,49 @@ def _rewrite_attention(work: nn.Module, chosen: list[str], config: QuantConfig, 
     inside = {p for n in done for p in projections(n)}
     chosen[:] = [n for n in chosen if n not in plan.skipped]
     return inside
+
+
+def _untraced_sites(model: nn.Module, config: QuantConfig, example_input: torch.Tensor | None, plan: Plan,
+                    where: str) -> tuple[str, ...] | None:
+    """The modules calling SDPA in a model that does not trace: recorded ones (a rebuild), else found on the
+    example input; None where attention is fused or there is no example input."""
+    if config.attention is Attention.fused:
+        return None
+    if config.sites is not None:
+        return config.sites
+    if example_input is None:
+        plan.sdpa_skipped = "no example input: F.scaled_dot_product_attention calls not searched (they stay fused)"
+        return None
+    try:
+        return tuple(sdpa.find_sites(model, example_input))
+    except Exception as exc:  # the user's model raises what it raises
+        raise CompressError(f"{where or 'quantize'}: the model fails on the example input: {first_line(exc)}") from None
+
+
+def _quantize_sdpa(work: nn.Module, chosen: list[str], config: QuantConfig, plan: Plan, sites: tuple[str, ...] | None,
+                   where: str) -> tuple[str, ...] | None:
+    """Quantizers on both MatMuls of each SDPA call whose site holds a chosen layer (``int8``); ``float`` only
+    lists them. Returns the untraced sites (what a checkpoint records), or None."""
+    def wanted(site: str) -> bool:
+        return any(n.startswith(f"{site}.") or not site for n in chosen)
+
+    if config.attention is Attention.fused:
+        return None
+    spec = activation_spec(config.target) if config.attention is Attention.int8 else None
+    if isinstance(work, fx.GraphModule):
+        plan.sdpa = sdpa.replace_calls(work, spec, wanted)
+        return None
+    if sites is None:
+        return None
+    picked = list(sites) if config.sites is not None else [s for s in sites if wanted(s)]  # a rebuild: as recorded
+    plan.sdpa = picked
+    if spec is None:  # float: listed (and recorded, so a rebuild lists them too), nothing routed
+        return tuple(picked)
+    try:
+        sdpa.route_sites(work, picked, spec)
+    except ValueError as exc:
+        raise CompressError(f"{where or 'quantize'}: {exc}") from None
+    return tuple(picked)
 
 
 def _unselected(model: nn.Module, chosen: list[str], config: QuantConfig) -> dict[str, tuple[Skip, str]]:
@@ -296,11 +355,14 @@ class QuantRecord(structure.Payload):
     exclude: list[str] = []
     graph: bool = True
     attention: Attention = Field(Attention.fused, strict=False)  # absent: written before attention was rewritten
+    sites: list[str] | None = None  # untraced models' SDPA sites given quantizers
 
 
 @structure.register_rebuild("quant", QuantRecord)
 def _rebuild(model: nn.Module, payload: QuantRecord) -> nn.Module:
-    config = QuantConfig(payload.target, tuple(payload.include), tuple(payload.exclude), payload.graph, payload.attention)
+    sites = tuple(payload.sites) if payload.sites is not None else None
+    config = QuantConfig(payload.target, tuple(payload.include), tuple(payload.exclude), payload.graph, payload.attention,
+                         sites)
     return _apply(model, config)
 
 

@@ -108,6 +108,9 @@ class TensorQuantizer(nn.Module):
         return cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # token ids, indices: no scale represents them; calibrating on them is a bug
+            raise DataError(f"{self.name or 'quantizer'}: got a {x.dtype} tensor; quantizers take float activations "
+                            "(integer token ids and indices are never quantized): exclude this quantizer")
         if self.calib_enabled:
             if self.calibrator is not None:
                 try:

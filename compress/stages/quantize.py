@@ -100,7 +100,7 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
         qmodel = model
     else:
         qmodel = quant.prepare(model, target, include=config.include, exclude=config.exclude,
-                               attention=config.attention, where=ctx.where)
+                               attention=config.attention, example_input=ctx.example_input, where=ctx.where)
     qmodel.to(ctx.device)
     split = calibration_split(ctx)
     cal = calibrate(
@@ -122,8 +122,10 @@ def quantize(model: nn.Module, config: QuantOptions, ctx: StageContext) -> tuple
     }
     if plan.graph_skipped:
         info["graph_skipped"] = plan.graph_skipped
-    if plan.attention:
-        info["attention"] = {"modules": len(plan.attention), "matmuls": quant.attention_mode(qmodel).value}
+    if plan.attention or plan.sdpa:  # nn.MultiheadAttention modules and F.scaled_dot_product_attention sites
+        info["attention"] = {"modules": len(plan.attention) + len(plan.sdpa), "matmuls": quant.attention_mode(qmodel).value}
+    if plan.sdpa_skipped:
+        info["attention_skipped"] = plan.sdpa_skipped
     if plan.kept_float:
         info["kept_float"] = plan.kept_float
     return qmodel, info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ class TrainState:
     step: int = 0
     total_steps: int = 0  # optimizer steps the whole fine-tune will take (epochs x batches per epoch)
     num_samples: int = 0  # samples in the training dataset
-    inputs: torch.Tensor | None = None
+    inputs: Any = None  # the batch's model inputs (compress.inputs: a tensor, a tuple or a dict of tensors)
     labels: torch.Tensor | None = None
     indices: torch.Tensor | None = None  # dataset indices of this step's samples (this process's share)
     outputs: torch.Tensor | None = None

@@ -20,22 +20,37 @@ from compress.data_arg import check_factory_kwargs, describe_spec, parse_data_ar
 from compress.data_config import DataSpec, DigitsData, ImageFolderData, NpzData, PythonData
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import resolve
+from compress.inputs import Inputs, batch_size, concat, is_inputs, normalize, take
+
+_LABEL_KEYS = ("label", "labels", "y", "target")
+_INPUT_KEYS = ("input", "inputs", "x", "image")  # a dict holding one of these (and a label) feeds model(x)
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, labels or None)`` from the batch layouts datasets commonly return."""
+def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
+    """``(inputs, labels or None)`` from the batch layouts datasets commonly return.
+
+    ``x``, ``(x,)``, ``(x, y)``: one input tensor, or, where ``x`` is itself a tuple of tensors, several
+    (``model(*x)``). A dict: its label key (``label``, ``labels``, ``y``, ``target``) is the label; one
+    input key (``input``, ``inputs``, ``x``, ``image``) is the one input tensor, otherwise every other
+    entry is an input by name (``model(**x)``: ``input_ids``, ``attention_mask``, ``pixel_values``, ...).
+    """
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 1:
-            return batch[0], None
-        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        if is_inputs(x):
+            return normalize(x), y
     if isinstance(batch, dict):
-        x = next((batch[k] for k in ("input", "inputs", "x", "image", "pixel_values") if k in batch), None)
-        y = next((batch[k] for k in ("label", "labels", "y", "target") if k in batch), None)
-        if x is not None:
-            return x, y
-    raise DataError(f"cannot find inputs in a batch of type {type(batch).__name__}; return (x, y) or x")
+        y = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        rest = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        single = [k for k in _INPUT_KEYS if k in rest]
+        if single and isinstance(rest[single[0]], torch.Tensor):
+            return rest[single[0]], y
+        if is_inputs(rest):
+            return dict(rest), y
+    raise DataError(f"cannot find inputs in a batch of type {type(batch).__name__}; return (x, y) or x, "
+                    "or a dict of named input tensors")
 
 
 class _FiniteTensorDataset(TensorDataset):
@@ -74,10 +89,15 @@ class _CheckedDataset(Dataset):
         if not self.scan:
             return sample
         x = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
-        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
-            x = torch.from_numpy(x)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise DataError(f"{self.name}: {self._where(index)} contains NaN or Inf inputs")
+        if isinstance(x, dict):  # named inputs (and the label, which is not checked here)
+            parts = [v for k, v in x.items() if k not in _LABEL_KEYS]
+        else:
+            parts = list(x) if isinstance(x, (tuple, list)) else [x]
+        for part in parts:
+            if isinstance(part, np.ndarray) and np.issubdtype(part.dtype, np.floating):
+                part = torch.from_numpy(part)
+            if isinstance(part, torch.Tensor) and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                raise DataError(f"{self.name}: {self._where(index)} contains NaN or Inf inputs")
         return sample
 
 
@@ -92,12 +112,14 @@ class _CheckedCollate:
             batch = default_collate(samples)
         except (RuntimeError, TypeError) as exc:
             raise DataError(f"{self.name}: samples cannot be batched (different shapes or types?): {exc}") from None
-        x, y = split_batch(batch)
-        if not isinstance(x, torch.Tensor):
-            raise DataError(f"{self.name}: inputs are {type(x).__name__}, expected tensors")
+        try:
+            x, y = split_batch(batch)
+            n = batch_size(x)
+        except DataError as exc:
+            raise DataError(f"{self.name}: {exc}") from None
         # NaN/Inf inputs are caught per sample by _CheckedDataset, which can name the sample.
-        if isinstance(y, torch.Tensor) and y.shape[:1] != x.shape[:1]:
-            raise DataError(f"{self.name}: {y.shape[0]} labels for {x.shape[0]} inputs in a batch")
+        if isinstance(y, torch.Tensor) and y.shape[:1] != (n,):
+            raise DataError(f"{self.name}: {y.shape[0]} labels for {n} inputs in a batch")
         return batch
 
 
@@ -289,10 +311,10 @@ def build_loader(
     return make_loader(dataset, name, batch_size=spec.batch_size, shuffle=shuffle, workers=spec.workers, seed=seed)
 
 
-def example_input(loader: DataLoader, batch: int = 1) -> torch.Tensor:
-    """The first ``batch`` inputs of a loader, for tracing, export and MACs counting."""
+def example_input(loader: DataLoader, batch: int = 1) -> Inputs:
+    """The first ``batch`` inputs of a loader (every input tensor), for tracing, export and MACs counting."""
     x, _ = split_batch(next(iter(loader)))
-    return x[:batch]
+    return take(x, slice(0, batch))
 
 
 def check_class_labels(loader: DataLoader, name: str) -> None:
@@ -310,9 +332,9 @@ def check_class_labels(loader: DataLoader, name: str) -> None:
                         "labels (0..classes-1)")
 
 
-def stack_inputs(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stack_inputs(loader: DataLoader) -> tuple[Inputs, torch.Tensor | None]:
     """All inputs (and labels, if every batch has them) of a loader, concatenated on the CPU."""
-    xs: list[torch.Tensor] = []
+    xs: list[Inputs] = []
     ys: list[torch.Tensor] = []
     for batch in loader:
         x, y = split_batch(batch)
@@ -320,7 +342,7 @@ def stack_inputs(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor | None]
         if isinstance(y, torch.Tensor):
             ys.append(y)
     labels = torch.cat(ys) if len(ys) == len(xs) else None
-    return torch.cat(xs), labels
+    return concat(xs), labels
 
 
 __all__: Sequence[str] = [

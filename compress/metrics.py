@@ -17,6 +17,7 @@ from torch import nn
 from compress.config import Strict
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import check_reference, resolve
+from compress.inputs import call_model, describe_inputs, move_inputs
 from compress.outputs import SINGLE, describe, named, task_output, unnamed
 
 LABEL_FREE = ("agreement", "cosine")
@@ -186,7 +187,7 @@ def fidelity_all(outputs: Outputs, reference: Outputs) -> dict[str, dict[str, fl
     return {name: fidelity(a, b) for name, a, b in pair_outputs(outputs, reference)}
 
 
-Runner = Callable[[torch.Tensor], Any]  # a tensor, or several outputs (see compress.outputs)
+Runner = Callable[[Any], Any]  # inputs (see compress.inputs) -> a tensor, or several outputs (see compress.outputs)
 
 
 def _device_of(model: Runner) -> torch.device | None:
@@ -227,13 +228,13 @@ def collect_many(runners: Sequence[Runner], batches: Iterable[Any], *, names: Se
         for batch in batches:
             x, y = split_batch(batch)
             for i, (model, device) in enumerate(zip(runners, devices, strict=True)):
-                try:
-                    out = model(x.to(device) if device is not None else x)
+                try:  # a module gets model(x) / model(*x) / model(**x); an engine takes the inputs as they are
+                    out = call_model(model, move_inputs(x, device)) if device is not None else model(x)
                 except CompressError:
                     raise
                 except Exception as exc:  # the model and the data do not fit together: bad input
                     raise CompressError(
-                        f"{names[i]} cannot run on inputs of shape {list(x.shape)}: {first_line(exc)}"
+                        f"{names[i]} cannot run on inputs of shape {describe_inputs(x)}: {first_line(exc)}"
                     ) from None
                 try:
                     tensors = named(out)

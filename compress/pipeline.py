@@ -34,6 +34,7 @@ from torch import nn
 from compress import io, metrics, models, report, rundir, structure
 from compress.data import check_class_labels, example_input, split_batch
 from compress.errors import CompressError, DataError, located
+from compress.inputs import move_inputs, signature
 from compress.outputs import task_output, unnamed
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
@@ -92,10 +93,10 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
     splits = Splits(body.data, seed=body.seed, where=lambda split: recipe.locate("data", split))
     eval_loader = splits.loader("eval")
     example = example_input(eval_loader)
-    shape = list(example.shape[1:])
+    shape = signature(example)
     for split in ("train", "val", "calibration"):
         if splits.has(split):  # build now: fail before an hour of training, not after
-            other = list(example_input(splits.loader(split)).shape[1:])
+            other = signature(example_input(splits.loader(split)))
             if other != shape:
                 raise CompressError(f"{recipe.locate('data', split)}: inputs have shape {other} but data.eval has {shape}")
     if splits.has("val") and body.metric.name in metrics.TASK and split_batch(next(iter(splits.loader("val"))))[1] is None:
@@ -112,7 +113,7 @@ def _prepare(recipe: Recipe, progress: bool) -> Prepared:
     metrics.check_labels(outputs.logits, outputs.labels, where_eval)
     with located(recipe.locate("metric"), recipe.source):
         scores = metrics.score(body.metric.name, outputs)
-    baseline = {"metrics": scores, **size_stats(model, example.to(device))}
+    baseline = {"metrics": scores, **size_stats(model, move_inputs(example, device))}
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     prep = Prepared(recipe, model, splits, device, example, outputs, baseline, frozen, progress)
     registry = stage_types()
@@ -286,7 +287,7 @@ def _run_stages(
                 model = result.model
                 current = ctx.outputs(model)
                 record["metrics"] = metrics.score(recipe.body.metric.name, current, prep.baseline_outputs)
-                record.update(size_stats(model, prep.example.to(prep.device)))
+                record.update(size_stats(model, move_inputs(prep.example, prep.device)))
                 record["checkpoint"] = spec.checkpoint
                 record.update(result.info, report=result.report, passed=result.passed)
                 if result.warnings:

@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from compress.inputs import call_model, take
+
 _aten = torch.ops.aten
 
 
@@ -191,7 +193,7 @@ def profile_macs(model: nn.Module, example: torch.Tensor) -> MacsProfile:
     counter = _Counter(owners, stack)
     try:
         with _no_mha_fastpath(), counter:
-            model(example[:1])
+            call_model(model, take(example, slice(0, 1)))
     finally:
         model.train(was_training)
         for h in handles:

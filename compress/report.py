@@ -162,7 +162,7 @@ def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
         lines += [f"  - WARNING {w}" for w in cal.get("warnings", [])]
         if s.get("attention"):
             a = s["attention"]
-            lines.append(f"  - attention: {a['modules']} nn.MultiheadAttention split into quantized q/k/v/out projections; "
+            lines.append(f"  - attention: {a['modules']} attention module(s), Q/K/V/out projections INT8; "
                          + ("both attention MatMuls INT8 (Q/DQ on all four inputs)" if a["matmuls"] == "int8"
                             else "attention MatMuls kept float (attention: float)"))
         if s.get("kept_float"):

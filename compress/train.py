@@ -28,6 +28,7 @@ from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
 from compress.errors import CompressError, DataError
+from compress.inputs import call_model, move_inputs
 from compress.outputs import select
 
 
@@ -314,13 +315,13 @@ def _finetune(
             )
             for batch, indices in zip(bar, iter(sampler), strict=True):  # the sampler repeats its seeded order
                 x, y = split_batch(batch)
-                x = x.to(device, non_blocking=True)
+                x = move_inputs(x, device)
                 y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else None
                 state.inputs, state.labels, state.indices = x, y, torch.as_tensor(indices)
                 for cb in callbacks:
                     cb.before_step(state)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = select(net(x), output)
+                    out = select(call_model(net, x), output)
                     state.outputs = out
                     terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
                     weight = math.prod(getattr(cb, "task_loss_weight", lambda _s: 1.0)(state) for cb in callbacks)

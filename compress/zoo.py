@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.errors import CompressError
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BN and an identity (or 1x1 projection) shortcut, as in ResNet."""
@@ -63,3 +65,18 @@ def vit_tiny(num_classes: int = 10, image_size: int = 32, patch_size: int = 8, h
 
     return VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
                              hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)
+
+
+def bert_tiny(num_labels: int = 4, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+              num_heads: int = 4, intermediate_size: int = 128, max_positions: int = 64) -> nn.Module:
+    """A small Hugging Face ``BertForSequenceClassification`` built from a config (random weights, no
+    download; needs ``pip install 'compress[transformers]'``). Its forward takes ``input_ids`` and
+    ``attention_mask`` and returns a ``SequenceClassifierOutput`` whose ``logits`` the task metric reads."""
+    try:
+        import transformers
+    except ImportError:
+        raise CompressError("compress.zoo:bert_tiny needs transformers: pip install 'compress[transformers]'") from None
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                     num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                                     max_position_embeddings=max_positions, num_labels=num_labels)
+    return transformers.BertForSequenceClassification(config)

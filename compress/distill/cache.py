@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from compress.errors import CompressError
+from compress.inputs import Inputs, take, tensors
 
 Outputs = dict[str, torch.Tensor]  # "" -> logits, layer name -> hint feature
 
@@ -41,14 +42,14 @@ class TeacherCache:
         self._probe: torch.Tensor | None = None
         self.reused = self.computed = 0  # samples read from the cache / run through the teacher
 
-    def _fingerprint(self, inputs: torch.Tensor) -> torch.Tensor:
-        flat = inputs.detach().flatten(1).double()
+    def _fingerprint(self, inputs: Inputs) -> torch.Tensor:
+        flat = torch.cat([t.detach().flatten(1).double() for t in tensors(inputs)], 1)  # every input tensor
         if self._probe is None or self._probe.numel() != flat.shape[1] or self._probe.device != flat.device:
             gen = torch.Generator().manual_seed(0)
             self._probe = torch.rand(flat.shape[1], generator=gen, dtype=torch.float64).to(flat.device)
         return torch.stack([flat.sum(1), flat @ self._probe], 1)
 
-    def lookup(self, indices: torch.Tensor, inputs: torch.Tensor, forward: Callable[[torch.Tensor], Outputs]) -> Outputs:
+    def lookup(self, indices: torch.Tensor, inputs: Inputs, forward: Callable[[Inputs], Outputs]) -> Outputs:
         """Teacher outputs for the batch: cached samples are read back, the rest run through ``forward``
         (the teacher is in eval mode, so a sample's outputs do not depend on its batch)."""
         prints = self._fingerprint(inputs)
@@ -71,8 +72,8 @@ class TeacherCache:
             self.computed += len(indices)
             return out
         if bool(missing.any()):
-            pick = missing.to(inputs.device)
-            self._put(indices[missing], prints[pick.to(prints.device)], forward(inputs[pick]))
+            pick = missing.to(tensors(inputs)[0].device)
+            self._put(indices[missing], prints[pick.to(prints.device)], forward(take(inputs, pick)))
             self.computed += int(missing.sum())
         self.reused += int(seen.sum())
         idx = indices.to(self.filled.device)  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ from compress.distill.features import Features
 from compress.distill.losses import Projection, hint_loss, kd_loss
 from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError, first_line
+from compress.inputs import call_model, describe_inputs, move_inputs, tensors
 from compress.outputs import select
 
 
@@ -38,7 +39,7 @@ def _forward(role: str, fn: Any, x: torch.Tensor, where: str) -> Any:
     except CompressError as exc:
         raise exc if str(exc).startswith(where) else CompressError(f"{where}: {exc}") from None
     except Exception as exc:  # a model from the recipe (a zero-width student, a wrong input size): not a compress bug
-        raise CompressError(f"{where}: the {role} fails on an input of shape {list(x.shape)}: {first_line(exc)}") from None
+        raise CompressError(f"{where}: the {role} fails on an input of shape {describe_inputs(x)}: {first_line(exc)}") from None
 
 
 class Distiller:
@@ -114,13 +115,13 @@ class Distiller:
     def probe(self, example_input: torch.Tensor) -> None:
         """Run student and teacher once (eval mode, no grad): check output shapes, build projections."""
         modes = {m: m.training for m in self.student.modules()}  # restored one by one (frozen BN stays so)
-        device = _device_of(self.student, example_input.device)
-        x = example_input.to(device)
+        device = _device_of(self.student, tensors(example_input)[0].device)
+        x = move_inputs(example_input, device)
         self.student.eval()
         self._student_features.probing = True
         try:
             with torch.no_grad():
-                student_out = _forward("student", lambda t: select(self.student(t), self.output), x, self.where)
+                student_out = _forward("student", lambda t: select(call_model(self.student, t), self.output), x, self.where)
                 teacher_out = _forward("teacher", self._teacher_forward, x, self.where)
         finally:
             self._student_features.probing = False
@@ -153,11 +154,11 @@ class Distiller:
     def _teacher_forward(self, inputs: torch.Tensor) -> Outputs:
         if self.teacher.training:
             self.teacher.eval()
-        device = _device_of(self.teacher, inputs.device)
-        if device != inputs.device:
-            self.teacher.to(inputs.device)
+        where = tensors(inputs)[0].device
+        if _device_of(self.teacher, where) != where:
+            self.teacher.to(where)
         with torch.no_grad():
-            raw = self.teacher(inputs)
+            raw = call_model(self.teacher, inputs)
         try:
             out = select(raw, self.output)
         except CompressError as exc:

@@ -14,6 +14,7 @@ import torch
 
 from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
+from compress.inputs import Inputs, apply
 
 
 def _stats(times: list[float], bs: int) -> dict[str, float]:
@@ -53,8 +54,8 @@ def round_robin_ms(
 
 
 def latency_interleaved(
-    runs: Sequence[Callable[[torch.Tensor], object]],
-    sample: torch.Tensor,
+    runs: Sequence[Callable[[Inputs], object]],
+    sample: Inputs,
     batch_sizes: Sequence[int] = (1, 8, 32),
     *,
     warmup: int = 5,
@@ -64,7 +65,7 @@ def latency_interleaved(
     the runs timed round-robin (:func:`round_robin_ms`)."""
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
-        x = sample[:1].expand(bs, *sample.shape[1:]).contiguous()
+        x = apply(sample, lambda t, bs=bs: t[:1].expand(bs, *t.shape[1:]).contiguous())  # every input tensor
         times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from compress.errors import CompressError, first_line
 from compress.export import qdq
 from compress.export.exporter_output import captured_fds, export_error
 from compress.export.tensorrt_rules import RulesReport, check_tensorrt
+from compress.inputs import Inputs, call_model, export_args, move_inputs, tensors
+from compress.inputs import names as input_names
 from compress.outputs import SINGLE, named
 from compress.quant.spec import Target
 
@@ -52,25 +55,43 @@ def count_qdq_pairs(model: onnx.ModelProto) -> int:
     )
 
 
-def _output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+def _output_names(model: nn.Module, example_input: Inputs) -> list[str]:
     """The ONNX output names: the model's output names (:func:`compress.outputs.named`: dict keys,
     namedtuple fields, ``output0``, ``output1``, ... for a tuple/list; ``output`` for one tensor),
     from one forward pass on the example; the exporter flattens the outputs in that same order."""
     try:
         with torch.no_grad():
-            names = list(named(model(example_input.cpu())))
+            names = list(named(call_model(model, move_inputs(example_input, "cpu"))))
     except CompressError as exc:
         raise CompressError(f"export: {exc}") from None
     except Exception as exc:  # the forward itself fails: the exporter would say the same, less clearly
         raise CompressError(f"ONNX export failed: {first_line(exc)}") from None
-    if INPUT_NAME in names:
-        raise CompressError(f"export: the model names an output '{INPUT_NAME}', which is the ONNX input's name")
+    clash = set(names) & set(input_names(example_input))
+    if clash:
+        raise CompressError(f"export: the model names an output '{sorted(clash)[0]}', which is an ONNX input's name")
     return names
+
+
+def _in_signature_order(model: nn.Module, example_input: Inputs) -> Inputs:
+    """Named inputs in the order of ``forward``'s parameters: the exporter passes a trailing dict by signature
+    order, so the ONNX input names must follow it."""
+    if not isinstance(example_input, dict):
+        return example_input
+    order = list(inspect.signature(model.forward).parameters)
+    return dict(sorted(example_input.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _input_axes(example_input: Inputs) -> dict[str, dict[int, str]]:
+    """A dynamic batch on every input, and a dynamic sequence on integer (token) inputs of 2 or more dims."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(input_names(example_input), tensors(example_input), strict=True):
+        axes[name] = {0: "batch", 1: "sequence"} if t.dim() >= 2 and not t.is_floating_point() else {0: "batch"}
+    return axes
 
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     path: str | os.PathLike[str],
     *,
     opset: int = 13,
@@ -117,8 +138,9 @@ def export_onnx(
     device = next(model.parameters(), torch.empty(0)).device
     model.eval().cpu()
     source = quant.fold_batchnorm(model) if quantized else model
+    example_input = _in_signature_order(source, move_inputs(example_input, "cpu"))
     output_names = _output_names(source, example_input)
-    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}} if dynamic_batch else None
+    axes = {**_input_axes(example_input), **{n: {0: "batch"} for n in output_names}} if dynamic_batch else None
     try:
         with io.atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but is what gives opset 13
@@ -126,11 +148,11 @@ def export_onnx(
                 with explicit_attention(), captured_fds() as printed:
                     torch.onnx.export(
                         source,
-                        (example_input.cpu(),),
+                        export_args(example_input),
                         str(tmp),
                         opset_version=opset,
                         dynamo=False,
-                        input_names=[INPUT_NAME],
+                        input_names=input_names(example_input),
                         output_names=output_names,
                         dynamic_axes=axes,
                         do_constant_folding=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,11 @@ def _session_options(threads: int | None, level: Optimization, spinning: bool = 
     return so
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
 class OrtEngine:
     """An ONNX (or engine) file in an ONNX Runtime CPU session, callable on torch tensors.
 
@@ -78,19 +84,41 @@ class OrtEngine:
         except Exception as exc:  # ORT raises its own exception types for corrupt models
             raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.inputs = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def feeds(self, x: Any) -> dict[str, np.ndarray]:
+        """Session feeds from one array/tensor, a tuple of them (positional) or a dict (by input name), each
+        cast to the dtype its graph input declares (token ids stay int64).
+
+        Raises:
+            CompressError: the inputs do not match the graph's (count or names).
+        """
+        if isinstance(x, dict):
+            if set(x) != set(self.inputs):
+                raise CompressError(f"engine {self.path}: takes inputs {sorted(self.inputs)}, given {sorted(x)}")
+            pairs = list(x.items())
+        else:
+            items = list(x) if isinstance(x, (tuple, list)) else [x]
+            if len(items) != len(self.inputs):
+                raise CompressError(f"engine {self.path}: takes {len(self.inputs)} input(s) {list(self.inputs)}, "
+                                    f"given {len(items)}")
+            pairs = list(zip(self.inputs, items, strict=True))
+        return {name: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
+                                           dtype=self.inputs[name]) for name, v in pairs}
+
+    def run(self, x: Any) -> np.ndarray:
         """The first output (the only one of single-output models; :meth:`run_all` has every one)."""
         return self.run_all(x)[0]
 
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        return list(self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}))
+    def run_all(self, x: Any) -> list[np.ndarray]:
+        return list(self.session.run(None, self.feeds(x)))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    def __call__(self, x: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """One tensor for a graph with the one output ``output``; else ``{output name: tensor}``, the names
-        the export gave the model's outputs (:mod:`compress.outputs`), so they pair with the model's."""
-        arrays = self.run_all(x.detach().cpu().numpy())
+        the export gave the model's outputs (:mod:`compress.outputs`), so they pair with the model's.
+        ``x``: model inputs as :mod:`compress.inputs` has them (a tensor, a tuple or a dict of tensors)."""
+        arrays = self.run_all(x)
         if self.output_names == [SINGLE]:
             return torch.from_numpy(arrays[0])
         return {name: torch.from_numpy(a) for name, a in zip(self.output_names, arrays, strict=True)}

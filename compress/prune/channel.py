@@ -22,6 +22,7 @@ from torch import nn
 
 from compress import structure
 from compress.errors import CompressError, first_line, parse_enum
+from compress.inputs import move_inputs
 from compress.outputs import named
 from compress.profile import count_macs
 from compress.prune import graph, plan
@@ -97,7 +98,7 @@ class ChannelPruner:
                                 "(prune before sparsity)")
         param = next(self.model.parameters(), None)
         if param is not None:
-            self.example = self.example.to(param.device)
+            self.example = move_inputs(self.example, param.device)
         try:
             self._out_shape = self._output_shape(self.model)
         except Exception as exc:  # a user's forward can raise anything

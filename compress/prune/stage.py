@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.config import Strict
 from compress.errors import CompressError
+from compress.inputs import move_inputs
 from compress.models import count_params
 from compress.profile import count_macs
 from compress.prune import latency
@@ -123,7 +124,7 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
         select_names(weighted_layers(model), config.include, config.exclude, where=ctx.where,
                      what="Conv/Linear layer to prune")
     else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
-        example = ctx.example_input.to(next(model.parameters(), torch.empty(0)).device)
+        example = move_inputs(ctx.example_input, next(model.parameters(), torch.empty(0)).device)
         achieved = count_macs(model, example) / max(count_macs(dry_run(model, config, ctx), example), 1)
         rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
         note = f"dry run: MACs / {achieved:.2f}, {rounding}"

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from compress.data import split_batch
 from compress.errors import CompressError, DataError, first_line, parse_enum
+from compress.inputs import batch_size, call_model, move_inputs, take
 from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method, make
 from compress.ptq.table import LayerCalibration, layer_entry
 from compress.quant import quantizers, refresh_weight_amax
@@ -113,15 +114,15 @@ def calibrate(
             inputs, _ = split_batch(batch)
             if limit is not None and samples >= limit:
                 break
-            if limit is not None and samples + len(inputs) > limit:
-                inputs = inputs[: limit - samples]
+            if limit is not None and samples + batch_size(inputs) > limit:
+                inputs = take(inputs, slice(0, limit - samples))
             try:
-                model(inputs.to(device, non_blocking=True))
+                call_model(model, move_inputs(inputs, device))
             except CompressError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             except Exception as exc:  # the user's model may raise anything on a bad batch
                 raise CompressError(f"{where}: the model fails on calibration batch {batches}: {first_line(exc)}") from None
-            samples += len(inputs)
+            samples += batch_size(inputs)
             batches += 1
         if samples == 0:
             raise DataError(f"{where}: the calibration data is empty")

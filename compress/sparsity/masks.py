@@ -18,6 +18,7 @@ from torch import nn
 from compress import structure
 from compress.callbacks import Callback, TrainState
 from compress.errors import CheckpointError, CompressError
+from compress.inputs import move_inputs
 from compress.sparsity import eligible
 from compress.sparsity.pattern import PATTERN, decode, encode, mask_2to4, retained
 
@@ -252,7 +253,7 @@ def apply_2to4(
 
         assert example_input is not None
         device = next(model.parameters()).device
-        groups = permute_groups(model, example_input.to(device), set(chosen), where)
+        groups = permute_groups(model, move_inputs(example_input, device), set(chosen), where)
         result.unpermuted, result.permute_reason = groups.unpermuted, groups.reason
         if optimizer is not None:
             _reorder_state(optimizer, groups)
@@ -294,7 +295,7 @@ def plan(model: nn.Module, example_input: torch.Tensor | None, include: Sequence
         CompressError: a pattern matches nothing, or no layer is eligible.
     """
     if example_input is not None:
-        example_input = example_input.to(next(model.parameters()).device)
+        example_input = move_inputs(example_input, next(model.parameters()).device)
     layers = eligible.survey(model, example_input, include, exclude, where)
     chosen = [layer.name for layer in layers if layer.skipped is None]
     if result is not None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from compress.config import Strict
 from compress.errors import CompressError
+from compress.inputs import move_inputs
 from compress.sparsity.masks import Sparsifier, apply_2to4, plan
 from compress.sparsity.pattern import PATTERN
 from compress.sparsity.verify import verify_model
@@ -62,7 +63,7 @@ def _check(model: nn.Module, config: SparsityConfig, ctx: StageContext) -> str:
 
         probe = copy.deepcopy(model)
         try:
-            graph.trace(probe, ctx.example_input.to(next(probe.parameters()).device), ctx.where)
+            graph.trace(probe, move_inputs(ctx.example_input, next(probe.parameters()).device), ctx.where)
         except CompressError as exc:
             raise CompressError(f"{exc}; set permute: false to sparsify without reordering channels") from None
     if config.finetune.epochs:

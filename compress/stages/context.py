@@ -115,7 +115,7 @@ class StageContext:
     device: torch.device
     baseline: nn.Module
     baseline_outputs: metrics.Outputs
-    example_input: torch.Tensor
+    example_input: Any  # compress.inputs.Inputs: a tensor, a tuple or a dict of tensors
     progress: bool = True
     input_outputs: metrics.Outputs | None = None  # the stage's input model on the eval split, when known
     _val_reference: metrics.Outputs | None = field(default=None, init=False, repr=False)  # baseline on data.val

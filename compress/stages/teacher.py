@@ -9,6 +9,7 @@ from compress.distill.cache import check_budget
 from compress.distill.distiller import Distiller
 from compress.distill.options import DistillOptions, teacher_stage
 from compress.errors import CompressError
+from compress.inputs import move_inputs
 from compress.stages.context import StageContext
 from compress.stages.order import effects, quantizes_within
 from compress.stages.registry import Effect, stage_types
@@ -81,7 +82,7 @@ def make_distiller(
         teacher = load_teacher(options, ctx, where)
     given = options.model_dump(include=set(DistillOptions.model_fields) - {"teacher", "alpha"})
     alpha = options.alpha if "alpha" in options.model_fields_set else None
-    return Distiller(student, teacher, alpha=alpha, **given, example_input=ctx.example_input.to(ctx.device), where=where,
+    return Distiller(student, teacher, alpha=alpha, **given, example_input=move_inputs(ctx.example_input, ctx.device), where=where,
                      output=ctx.metric_output)
 
 
@@ -118,7 +119,7 @@ def check_distill(
     try:
         train = ctx.splits.loader("train", needed_by=where)
         if options.cache:
-            outputs = distiller.teacher_outputs(ctx.example_input.to(ctx.device))
+            outputs = distiller.teacher_outputs(move_inputs(ctx.example_input, ctx.device))
             check_budget(len(train.dataset), outputs, options.cache_max_mb, where)  # type: ignore[arg-type]
     finally:
         distiller.close()

@@ -54,7 +54,7 @@ def round_robin_ms(
 
 
 def latency_interleaved(
-    runs: Sequence[Callable[[Inputs], object]],
+    runs: Sequence[Callable[[Any], object]],
     sample: Inputs,
     batch_sizes: Sequence[int] = (1, 8, 32),
     *,
@@ -65,16 +65,20 @@ def latency_interleaved(
     the runs timed round-robin (:func:`round_robin_ms`)."""
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
-        x = apply(sample, lambda t, bs=bs: t[:1].expand(bs, *t.shape[1:]).contiguous())  # every input tensor
+        x = apply(sample, functools.partial(_repeat_first, batch=bs))  # every input tensor
         times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)
     return results
 
 
+def _repeat_first(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t[:1].expand(batch, *t.shape[1:]).contiguous()
+
+
 def latency(
-    run: Callable[[torch.Tensor], object],
-    sample: torch.Tensor,
+    run: Callable[[Any], object],
+    sample: Inputs,
     batch_sizes: Sequence[int] = (1, 8, 32),
     *,
     warmup: int = 5,

@@ -23,7 +23,7 @@ from torch import nn
 from compress import structure
 from compress.errors import CompressError, first_line, parse_enum
 from compress.profile import count_macs
-from compress.prune import graph, plan
+from compress.prune import graph, heads, plan
 from compress.prune.unstructured import Scope, check_ratio, weighted_layers
 from compress.select import select_names
 
@@ -52,6 +52,7 @@ class ChannelOptions:
     round_to: int = DEFAULT_ROUND_TO  # keep a multiple of this many channels; 1: no rounding
     include: tuple[str, ...] = ()  # layers whose output channels may go (a coupled group needs all of them)
     exclude: tuple[str, ...] = ()
+    heads: heads.HeadOptions = field(default_factory=heads.HeadOptions)  # groups through nn.MultiheadAttention
 
 
 class _TooFar(CompressError):
@@ -216,20 +217,35 @@ class ChannelPruner:
         scores = {g.root: self._score(g) for g in chosen}
         for g in chosen:
             initial.setdefault(g.root, g.units)
-        counts = self._counts(chosen, scores, ratio, initial)
+            if g.attention is not None:
+                initial.setdefault(f"{g.root}/heads", g.attention.num_heads)
+                initial.setdefault(f"{g.root}/head_dim", g.attention.head_dim)
+        plain = [g for g in chosen if g.attention is None]
+        counts = self._counts(plain, scores, ratio, initial) if plain else {}
         changed = {}
         for g in chosen:
-            n = counts[g.root]
-            if n <= 0:
-                continue
             self._current = g.root
-            order = torch.argsort(scores[g.root], stable=True)[:n]
-            idxs = torch.cat([order + k * g.units for k in range(g.ch_groups)]).tolist()
+            if g.attention is not None:
+                first = (initial[f"{g.root}/heads"], initial[f"{g.root}/head_dim"])
+                cut = heads.choose(g.attention, scores[g.root], ratio, first, self.options.heads, self.options.round_to)
+                idxs = cut.idxs
+            else:
+                n = counts[g.root]
+                order = torch.argsort(scores[g.root], stable=True)[:n]
+                idxs = torch.cat([order + k * g.units for k in range(g.ch_groups)]).tolist()
+            if not idxs:
+                continue
             root = model.get_submodule(g.root)
             group = dg.get_pruning_group(root, g.tp_group[0].dep.handler, idxs)
             if not dg.check_pruning_group(group):
                 raise self._every_channel(g, ratio)
-            group.prune()
+            if g.attention is not None:
+                old_heads = g.attention.num_heads
+                heads.set_heads(g.attention, cut.num_heads)
+                group.prune()
+                heads.sync(model, g.attention, g.channels, old_heads)
+            else:
+                group.prune()
             changed[g.root] = [g.channels, g.channels - len(idxs)]
         return changed
 
@@ -238,6 +254,8 @@ class ChannelPruner:
             return "a single channel"
         if g.unsupported:
             return g.unsupported
+        if g.attention is not None and not (self.options.heads.prune_num_heads or self.options.heads.prune_head_dims):
+            return "attention heads: prune_num_heads and prune_head_dims are both off"
         for layer in g.layers:
             if layer in frozen:
                 return f"feeds the model's output through '{layer}'"
@@ -255,6 +273,8 @@ class ChannelPruner:
         if imp is None:  # bn_scale on a group without BatchNorm
             imp = _scorer(Importance.l1)(g.tp_group)
         imp = imp.detach().float().cpu()
+        if g.attention is not None:
+            return heads.attention_scores(g.attention, imp)
         return imp.view(g.ch_groups, -1).mean(0) if g.ch_groups > 1 else imp
 
     def _counts(self, chosen: list[graph.Group], scores: dict[str, torch.Tensor], ratio: float,
@@ -323,6 +343,9 @@ def channels(
     round_to: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    prune_num_heads: bool = False,
+    prune_head_dims: bool = True,
+    head_pruning_ratio: float | None = None,
 ) -> nn.Module:
     """Remove output channels of ``model`` in place, with everything that depends on them; returns it.
 
@@ -340,6 +363,9 @@ def channels(
         round_to: keep a multiple of this many channels per layer (rounded up, never to 0); default
             ``DEFAULT_ROUND_TO`` (8, what ONNX Runtime's CPU kernels and tensor cores want); 1: no rounding.
         include/exclude: layer-name patterns of the layers whose output channels may go.
+        prune_num_heads: in groups through ``nn.MultiheadAttention`` (a ViT's embedding), remove whole heads.
+        prune_head_dims: there, remove the same number of channels inside every head (default).
+        head_pruning_ratio: fraction of the heads to remove (with ``prune_num_heads``); None: ``ratio``.
 
     Warns:
         UserWarning: a ``macs_reduction`` reached more than ``OVERSHOOT`` times further than asked.
@@ -352,9 +378,12 @@ def channels(
         raise CompressError("prune.channels: give either ratio or macs_reduction")
     if round_to is not None and round_to < 1:
         raise CompressError(f"prune.channels.round_to: {round_to} must be >= 1")
+    if head_pruning_ratio is not None:
+        check_ratio(head_pruning_ratio, "prune.channels", "head_pruning_ratio")
     options = ChannelOptions(parse_enum(Importance, importance, "prune.channels.importance"),
                              parse_enum(Scope, scope, "prune.channels.scope"),
-                             DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude))
+                             DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude),
+                             heads.HeadOptions(prune_num_heads, prune_head_dims, head_pruning_ratio))
     pruner = ChannelPruner(model, example_input, options, where="prune.channels")
     if macs_reduction is not None:
         pruner.prune_to_macs(macs_reduction)

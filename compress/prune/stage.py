@@ -18,6 +18,7 @@ from compress.models import count_params
 from compress.profile import count_macs
 from compress.prune import latency
 from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
+from compress.prune.heads import HeadOptions
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
 from compress.select import select_names
@@ -52,7 +53,8 @@ class LatencyCheck(Strict):
     seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
 
 
-_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check")
+_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check", "prune_num_heads",
+                 "prune_head_dims", "head_pruning_ratio")
 _L1_ONLY = ("schedule",)
 
 
@@ -66,6 +68,10 @@ class PruneConfig(Strict):
     round_to: Annotated[int, Field(ge=1)] | None = None  # channel: None = DEFAULT_ROUND_TO (8); 1 = no rounding
     latency_check: bool | LatencyCheck = True  # channel: engine latency before/after (false: skip, faster)
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
+    # channel, models with nn.MultiheadAttention (Torch-Pruning's names): the embedding channels go head-wise
+    prune_num_heads: bool = False  # remove whole attention heads
+    prune_head_dims: bool = True  # remove the same number of channels inside every head
+    head_pruning_ratio: Ratio | None = None  # fraction of heads removed; None: the channel ratio
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     finetune: StageFinetune = Field(default_factory=StageFinetune)
@@ -82,6 +88,8 @@ class PruneConfig(Strict):
             raise ValueError(f"give exactly one of {allowed} (got {', '.join(targets) or 'none'})")
         if self.schedule is not None and self.finetune.epochs == 0:
             raise ValueError("schedule prunes gradually during the fine-tune, which has epochs: 0")
+        if self.head_pruning_ratio is not None and not self.prune_num_heads:
+            raise ValueError("head_pruning_ratio needs prune_num_heads: true")
         return self
 
 
@@ -90,8 +98,9 @@ def _round_to(config: PruneConfig) -> int:
 
 
 def _options(config: PruneConfig) -> ChannelOptions:
+    head_options = HeadOptions(config.prune_num_heads, config.prune_head_dims, config.head_pruning_ratio)
     return ChannelOptions(config.importance, config.scope, _round_to(config), tuple(config.include),
-                          tuple(config.exclude))
+                          tuple(config.exclude), head_options)
 
 
 def _latency_check(config: PruneConfig) -> LatencyCheck | None:

@@ -106,13 +106,17 @@ class ChannelPruner:
         self.macs_before = count_macs(self.model, self.example)
         self.skipped: dict[str, str] = {}  # group root -> why it was kept, at the last prune()
 
-    def prune(self, ratio: float) -> dict[str, list[int]]:
-        """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``."""
+    def prune(self, ratio: float, attention_ratio: float | None = None) -> dict[str, list[int]]:
+        """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``.
+
+        ``attention_ratio``: the ratio of the groups through ``nn.MultiheadAttention`` (the embedding) when it
+        differs (a MACs target refines the MLP widths with the embedding's coarser steps held).
+        """
         check_ratio(ratio, self.where)
         backup, initial = copy.deepcopy(self.model), dict(self.initial)
         self.skipped = {}
         try:
-            changed = self._prune(self.model, ratio, self.initial, self.skipped)
+            changed = self._prune(self.model, ratio, self.initial, self.skipped, attention_ratio=attention_ratio)
             failure = self._forward_failure(self.model)
         except BaseException as exc:
             self._restore(backup, initial)  # the model stays as it was before this call
@@ -152,34 +156,48 @@ class ChannelPruner:
             raise CompressError(f"{self.where}.macs_reduction: {reduction} must be > 1")
         target = self.macs_before / reduction
 
-        def macs_at(ratio: float) -> int | None:
+        def macs_at(ratio: float, attention: float | None = None) -> int | None:
             probe = copy.deepcopy(self.model)
             try:
-                changed = self._prune(probe, ratio, dict(self.initial), {})
+                changed = self._prune(probe, ratio, dict(self.initial), {}, attention_ratio=attention)
             except _TooFar:  # a layer would lose every channel (scope: global): too far
                 return None
             except CompressError:
                 raise
             except Exception:  # raise what prune() would say, naming the layer (the model is restored)
-                self.prune(ratio)
+                self.prune(ratio, attention)
                 raise
             failure = self._forward_failure(probe)
             if failure is not None:
                 raise self._localised(ratio, failure, list(changed))
             return count_macs(probe, self.example)
 
-        low, high = 0.0, 0.99
-        while high - low > tolerance:
-            mid = (low + high) / 2
-            macs = macs_at(mid)
-            low, high = (mid, high) if macs is not None and macs > target else (low, mid)
+        def bisect(low: float, attention: float | None) -> tuple[float, float]:
+            high = 0.99
+            while high - low > tolerance:
+                mid = (low + high) / 2
+                macs = macs_at(mid, attention)
+                low, high = (mid, high) if macs is not None and macs > target else (low, mid)
+            return low, high
+
+        low, high = bisect(0.0, None)
         reached = macs_at(high)
         if reached is None or reached > target:
             best = macs_at(low) or self.macs_before
             hint = f" (round_to: {self.options.round_to}; 1 allows finer steps)" if self.options.round_to > 1 else ""
             raise CompressError(f"{self.where}.macs_reduction: {reduction:g}x is out of reach; pruning gets at most "
                                 f"about {self.macs_before / max(best, 1):.2f}x{hint}")
+        if self._has_attention() and self.macs_before / reached > reduction * OVERSHOOT:
+            # the embedding moves in whole head-dim (or head) steps, which the shared ratio may overshoot by
+            # far: hold it one step short and let the other groups go further
+            rest = bisect(low, low)[1]
+            finer = macs_at(rest, low)
+            if finer is not None and target >= finer > reached:
+                return rest, self.prune(rest, low)
         return high, self.prune(high)
+
+    def _has_attention(self) -> bool:
+        return any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
 
     def finish(self) -> dict[str, dict[str, Any]]:
         """Record the new shapes in the model's origin (for checkpoints); returns them per module."""
@@ -193,7 +211,7 @@ class ChannelPruner:
         return probe
 
     def _prune(self, model: nn.Module, ratio: float, initial: dict[str, int], skipped: dict[str, str],
-               only: str | None = None) -> dict[str, list[int]]:
+               only: str | None = None, attention_ratio: float | None = None) -> dict[str, list[int]]:
         opts = self.options
         selected = set(select_names(weighted_layers(model), opts.include, opts.exclude,
                                     where=self.where, what="Conv/Linear layer to prune"))
@@ -227,7 +245,8 @@ class ChannelPruner:
             self._current = g.root
             if g.attention is not None:
                 first = (initial[f"{g.root}/heads"], initial[f"{g.root}/head_dim"])
-                cut = heads.choose(g.attention, scores[g.root], ratio, first, self.options.heads, self.options.round_to)
+                cut = heads.choose(g.attention, scores[g.root], ratio if attention_ratio is None else attention_ratio,
+                                   first, self.options.heads, self.options.round_to)
                 idxs = cut.idxs
             else:
                 n = counts[g.root]

@@ -37,7 +37,8 @@ class HeadOptions:
     Attributes:
         prune_num_heads: remove whole heads.
         prune_head_dims: remove channels inside every head (the same number from each).
-        head_pruning_ratio: fraction of the first step's heads to remove; None: the channel ratio.
+        head_pruning_ratio: fraction of the first step's heads to remove; None: the channel ratio (then
+            the embedding shrinks by whole heads and head dims stay, but for rounding).
     """
 
     prune_num_heads: bool = False
@@ -113,6 +114,10 @@ def choose(attn: Attention, scores: torch.Tensor, ratio: float, first: tuple[int
            round_to: int) -> HeadCut:
     """Which embedding channels go: whole heads, then the same count inside every remaining head.
 
+    ``ratio`` counts embedding channels, as for any group: ``heads * head_dim`` keeps about ``1 - ratio`` of
+    its first size. Whole heads go first (``head_pruning_ratio`` of them, or ``ratio`` when not given, so
+    by default head dims stay); head dims then shrink to what is left to remove.
+
     Args:
         scores: one per embedding channel (``heads * head_dim``).
         ratio: the channel ratio of this step (of the first step's sizes).
@@ -121,15 +126,15 @@ def choose(attn: Attention, scores: torch.Tensor, ratio: float, first: tuple[int
     """
     heads, dim = attn.num_heads, attn.head_dim
     per_head = scores.view(heads, dim)
-    drop_heads: list[int] = []
+    keep_heads = heads
     if options.prune_num_heads:
         head_ratio = ratio if options.head_pruning_ratio is None else options.head_pruning_ratio
-        keep = max(first[0] - math.floor(first[0] * head_ratio), 1)
-        gone = max(heads - keep, 0)
-        drop_heads = torch.argsort(per_head.mean(1), stable=True)[:gone].tolist()
+        keep_heads = min(max(first[0] - math.floor(first[0] * head_ratio), 1), heads)
+    drop_heads = set(torch.argsort(per_head.mean(1), stable=True)[: heads - keep_heads].tolist())
     keep_dim = dim
     if options.prune_head_dims:
-        keep_dim = max(first[1] - math.floor(first[1] * ratio), 1)
+        width = first[0] * first[1]
+        keep_dim = max(math.ceil((width - math.floor(width * ratio)) / keep_heads), 1)
         if round_to > 1:
             keep_dim = math.ceil(keep_dim / round_to) * round_to
         keep_dim = min(keep_dim, dim)
@@ -140,7 +145,7 @@ def choose(attn: Attention, scores: torch.Tensor, ratio: float, first: tuple[int
         elif keep_dim < dim:
             low = torch.argsort(per_head[h], stable=True)[: dim - keep_dim]
             idxs += (low + h * dim).tolist()
-    return HeadCut(sorted(idxs), heads - len(drop_heads), keep_dim)
+    return HeadCut(sorted(idxs), keep_heads, keep_dim)
 
 
 def set_heads(attn: Attention, num_heads: int) -> None:

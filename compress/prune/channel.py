@@ -199,6 +199,16 @@ class ChannelPruner:
     def _has_attention(self) -> bool:
         return any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
 
+    def heads(self) -> dict[str, dict[str, list[int]]]:
+        """Per ``nn.MultiheadAttention``: ``{"num_heads": [before, now], "head_dim": [before, now]}``."""
+        found = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                old = self._before.get(name, {}).get("attrs", {})
+                found[name] = {key: [old.get(key, getattr(module, key)), getattr(module, key)]
+                               for key in ("num_heads", "head_dim")}
+        return found
+
     def finish(self) -> dict[str, dict[str, Any]]:
         """Record the new shapes in the model's origin (for checkpoints); returns them per module."""
         return plan.record(self.model, self._before)

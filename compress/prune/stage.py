@@ -210,4 +210,4 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
         "macs_reduction_requested": config.macs_reduction,
         "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
         "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
-    }}
+    } | ({"attention": pruner.heads()} if pruner.heads() else {})}

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers_recipes import read_report
 from helpers_vit import CLASSES, HEADS, LAYERS, MLP, D, T, tiny_vit
 from torch import nn
 
@@ -176,3 +177,17 @@ def test_a_macs_target_holds_the_embedding_a_step_short_and_lets_the_mlp_go_furt
     assert (mha.num_heads, mha.head_dim) == (3, 16)
     assert [b.mlp[0].out_features for b in model.encoder.layers] == [48, 48]  # multiples of round_to 8
     assert 2.0 <= base / count_macs(model, x) < 2.0 * OVERSHOOT
+
+
+@pytest.mark.slow  # a run directory: dry run, bisection and checkpoint, ~13 s on a shared machine
+def test_prune_stage_reports_the_head_layout_and_its_checkpoint_reloads(write_recipe, cli, tmp_path) -> None:
+    recipe = write_recipe(VIT_RECIPE % "prune_num_heads: true, head_pruning_ratio: 0.5")
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--quiet").code == 0
+    entry = read_report(out)["stages"][0]
+    attention = entry["prune"]["attention"]
+    assert attention == {f"encoder.layers.encoder_layer_{i}.self_attention": {"num_heads": [2, 1], "head_dim": [16, 16]}
+                         for i in range(LAYERS)}
+    model = compress.load(out / entry["checkpoint"])
+    assert [m.num_heads for m in _attentions(model)] == [1] * LAYERS
+    assert count_macs(model, torch.zeros(1, 3, 32, 32)) == entry["macs"]

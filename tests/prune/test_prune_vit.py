@@ -166,7 +166,6 @@ def test_validate_dry_runs_head_pruning_of_a_vit(write_recipe, cli) -> None:
     assert "dry run: MACs / 2." in result.out
 
 
-@pytest.mark.slow  # two bisections over copies of a 64-wide ViT: ~8 s alone, more on a shared machine
 def test_a_macs_target_holds_the_embedding_a_step_short_and_lets_the_mlp_go_further() -> None:
     torch.manual_seed(0)
     model, x = vit_tiny().eval(), torch.randn(1, 3, 32, 32)  # width 64: 4 heads of 16, MLP 128
@@ -179,7 +178,6 @@ def test_a_macs_target_holds_the_embedding_a_step_short_and_lets_the_mlp_go_furt
     assert 2.0 <= base / count_macs(model, x) < 2.0 * OVERSHOOT
 
 
-@pytest.mark.slow  # a run directory: dry run, bisection and checkpoint, ~13 s on a shared machine
 def test_prune_stage_reports_the_head_layout_and_its_checkpoint_reloads(write_recipe, cli, tmp_path) -> None:
     recipe = write_recipe(VIT_RECIPE % "prune_num_heads: true, head_pruning_ratio: 0.5")
     out = tmp_path / "run"

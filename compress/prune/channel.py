@@ -197,7 +197,7 @@ class ChannelPruner:
         return high, self.prune(high)
 
     def _has_attention(self) -> bool:
-        return any(isinstance(m, nn.MultiheadAttention) for m in self.model.modules())
+        return has_attention(self.model)
 
     def heads(self) -> dict[str, dict[str, list[int]]]:
         """Per ``nn.MultiheadAttention``: ``{"num_heads": [before, now], "head_dim": [before, now]}``."""
@@ -417,7 +417,7 @@ def channels(
     if macs_reduction is not None:
         pruner.prune_to_macs(macs_reduction)
         achieved = pruner.macs_before / max(count_macs(model, pruner.example), 1)
-        message = overshoot(macs_reduction, achieved, options.round_to)
+        message = overshoot(macs_reduction, achieved, options.round_to, attention=has_attention(model))
         if message:
             warnings.warn(f"prune.channels: {message}", stacklevel=2)
     else:
@@ -426,10 +426,23 @@ def channels(
     return model
 
 
-def overshoot(requested: float, achieved: float, round_to: int, limit: float = OVERSHOOT) -> str | None:
-    """What to say when a MACs target landed more than ``limit`` times further than ``requested``, else None."""
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has ``nn.MultiheadAttention`` (its embedding then moves head-wise)."""
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+def overshoot(requested: float, achieved: float, round_to: int, limit: float = OVERSHOOT, *,
+              attention: bool = False) -> str | None:
+    """What to say when a MACs target landed more than ``limit`` times further than ``requested``, else None.
+
+    ``attention``: the model has ``nn.MultiheadAttention``, whose embedding channels go a step per head.
+    """
     if achieved <= requested * limit:
         return None
+    if attention:
+        return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x (the embedding of nn.MultiheadAttention "
+                f"moves in steps of round_to: {round_to} channels per head); prune_num_heads: true"
+                + (" or a smaller round_to" if round_to > 1 else "") + " gives finer steps")
     why = f"channels move in steps of round_to: {round_to} and whole coupled groups" if round_to > 1 \
         else "whole coupled groups of channels go at once"
     return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x ({why}); scope: global"

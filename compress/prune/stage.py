@@ -17,7 +17,14 @@ from compress.errors import CompressError
 from compress.models import count_params
 from compress.profile import count_macs
 from compress.prune import latency
-from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
+from compress.prune.channel import (
+    DEFAULT_ROUND_TO,
+    ChannelOptions,
+    ChannelPruner,
+    Importance,
+    has_attention,
+    overshoot,
+)
 from compress.prune.heads import HeadOptions
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
@@ -137,7 +144,8 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
         rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
         note = f"dry run: MACs / {achieved:.2f}, {rounding}"
         if config.macs_reduction is not None:
-            note += f"; {overshoot(config.macs_reduction, achieved, _round_to(config)) or 'on target'}"
+            found = overshoot(config.macs_reduction, achieved, _round_to(config), attention=has_attention(model))
+            note += f"; {found or 'on target'}"
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
     return note
@@ -171,7 +179,7 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> Stage
 
 def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.EngineLatency]) -> list[str]:
     """Overshoot of a MACs target and measured slowdowns, one line each."""
-    found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"]) \
+    found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"], attention="attention" in info) \
         if config.macs_reduction is not None else None
     return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"])
 

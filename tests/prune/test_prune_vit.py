@@ -178,6 +178,7 @@ def test_a_macs_target_holds_the_embedding_a_step_short_and_lets_the_mlp_go_furt
     assert 2.0 <= base / count_macs(model, x) < 2.0 * OVERSHOOT
 
 
+@pytest.mark.slow  # a whole run directory (dry run, bisection, checkpoint): 1-18 s depending on machine load
 def test_prune_stage_reports_the_head_layout_and_its_checkpoint_reloads(write_recipe, cli, tmp_path) -> None:
     recipe = write_recipe(VIT_RECIPE % "prune_num_heads: true, head_pruning_ratio: 0.5")
     out = tmp_path / "run"
@@ -189,3 +190,14 @@ def test_prune_stage_reports_the_head_layout_and_its_checkpoint_reloads(write_re
     model = compress.load(out / entry["checkpoint"])
     assert [m.num_heads for m in _attentions(model)] == [1] * LAYERS
     assert count_macs(model, torch.zeros(1, 3, 32, 32)) == entry["macs"]
+
+
+def test_an_overshoot_on_a_vit_names_the_head_steps_and_the_ways_to_finer_ones() -> None:
+    torch.manual_seed(0)
+    model, x = vit_tiny().eval(), torch.randn(1, 3, 32, 32)  # heads of 16, round_to 8: 16 or 8 dims a head
+    with pytest.warns(UserWarning) as caught:
+        compress.prune.channels(model, x, macs_reduction=2.0)
+    assert [str(w.message) for w in caught] == [
+        "prune.channels: macs_reduction: asked 2x, got 3.35x (the embedding of nn.MultiheadAttention moves in steps "
+        "of round_to: 8 channels per head); prune_num_heads: true or a smaller round_to gives finer steps"]
+    assert all(m.head_dim == 8 for m in _attentions(model))

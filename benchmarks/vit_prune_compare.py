@@ -1,7 +1,7 @@
 """ViT channel pruning to 2x true MACs: ours (head-aware) vs Torch-Pruning's MetaPruner, the same fine-tune.
 
 usage: python benchmarks/vit_prune_compare.py --checkpoint BASE.pt [--epochs 5] [--lr 5e-4] [--reduction 2.0]
-                                              [--threads 1]
+                                              [--distill] [--latency] [--threads 1]
 
 Model: a trained ``compress.zoo:vit_tiny`` compress checkpoint (torchvision VisionTransformer, width 64,
 4 heads of 16, MLP 128, 2 blocks, patch 8 on 32x32). Data: digits at size 32, 3 channels; fine-tune on
@@ -9,7 +9,10 @@ the shuffled train split (1437 images, batch 64), top1 on the test split (360 im
 ``compress.profile.count_macs`` (Conv/Linear *and* the attention matmuls Q.Kt, A.V: "true" MACs).
 
 Every pruned model gets the same fine-tune: ``compress.finetune`` AdamW, cosine, ``--lr``, ``--epochs``,
-seed 0, the last epoch kept (no selection on the test split).
+seed 0, the last epoch kept (no selection on the test split); with ``--distill`` every fine-tune (both sides)
+distils from the unpruned model (``compress.distill.Distiller``, T 4, alpha 0.7). ``--latency``: ONNX Runtime
+(CPU, level all, opset 13, ``--threads`` threads) latency ratio unpruned/pruned at batch 1 and 8, timed
+interleaved (``compress.prune.latency.engine_latency``).
   (a) unpruned.
   (b) ours, whole heads: ``prune.channels(macs_reduction, prune_num_heads=True)`` (round_to 8 default).
   (c) ours, head dims: ``prune.channels(macs_reduction, round_to=4)`` (every head keeps the same dims).
@@ -34,6 +37,7 @@ from compress.data import build_loader
 from compress.data_config import DigitsData
 from compress.models import count_params
 from compress.profile import count_macs
+from compress.prune import latency
 
 
 def _loader(split: str, train: bool) -> torch.utils.data.DataLoader:
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--reduction", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--distill", action="store_true")
+    parser.add_argument("--latency", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train, test = _loader("train", True), _loader("test", False)
@@ -88,12 +94,27 @@ def main() -> None:
         attn = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
         layout = f"{attn.num_heads}x{attn.head_dim} mlp {[b.mlp[0].out_features for b in model.encoder.layers]}"
         if name != "unpruned":
-            compress.finetune(model, train, config, progress=False)
-        print(f"| {name} | {macs0 / macs:.2f}x | {count_params(model):,} | {layout} | {pruned:.4f} | "
-              f"{_top1(model, test):.4f} | {time.perf_counter() - start:.0f} s |", flush=True)
+            callbacks = []
+            if args.distill:
+                callbacks = [compress.distill.Distiller(model, copy.deepcopy(base), temperature=4.0, alpha=0.7,
+                                                        example_input=example).callback()]
+            compress.finetune(model, train, config, callbacks=callbacks, progress=False)
+        speed = ""
+        if args.latency:
+            import tempfile
+            from pathlib import Path
 
-    print(f"| flow | MACs reduction | params | heads x dim, MLP | top1 pruned | top1 after {args.epochs} ep | time |")
-    print("|---|---|---|---|---|---|---|")
+            with tempfile.TemporaryDirectory() as tmp:
+                figures = latency.engine_latency(base, model.eval(), example, [1, 8], Path(tmp), threads=args.threads,
+                                                 seconds=4.0)
+            speed = " | " + ", ".join(f"b{f.batch_size} {f.before / f.after:.2f}x" for f in figures)
+        print(f"| {name} | {macs0 / macs:.2f}x | {count_params(model):,} | {layout} | {pruned:.4f} | "
+              f"{_top1(model, test):.4f}{speed} | {time.perf_counter() - start:.0f} s |", flush=True)
+
+    kind = "distilled" if args.distill else "fine-tuned"
+    print(f"| flow | MACs reduction | params | heads x dim, MLP | top1 pruned | top1 {kind} {args.epochs} ep |"
+          + (" ORT latency unpruned/pruned |" if args.latency else "") + " time |")
+    print("|---|---|---|---|---|---|" + ("---|" if args.latency else "") + "---|")
     flow("unpruned", lambda: copy.deepcopy(base))
 
     def ours(**kw) -> nn.Module:  # noqa: ANN003

@@ -11,6 +11,9 @@ move channels between heads; here they go head by head instead, as Torch-Pruning
 - whole heads (``num_heads`` drops, ``head_dim`` stays), ranked by the mean score of their channels;
 - the same number of channels from every remaining head (``head_dim`` drops), the lowest within each.
 
+Such a group always follows the ratio this way, also under ``scope: global`` (a global ranking would give
+heads unequal widths); the other groups are ranked as usual.
+
 :func:`sync` then keeps the bookkeeping attributes of the modules around the attention consistent
 (``EncoderBlock.num_heads``, torchvision ``VisionTransformer.hidden_dim``), so the pruned model runs,
 is recorded in the pruning plan and replays without pickle.

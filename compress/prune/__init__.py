@@ -6,6 +6,7 @@
 
 from compress.prune import plan  # noqa: F401  (registers the checkpoint rebuild)
 from compress.prune.channel import ChannelOptions, ChannelPruner, Importance, channels
+from compress.prune.heads import HeadOptions
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, l1_unstructured, magnitude_masks
 
@@ -13,6 +14,7 @@ __all__ = [
     "ChannelOptions",
     "ChannelPruner",
     "Curve",
+    "HeadOptions",
     "Importance",
     "MagnitudePruner",
     "Schedule",

@@ -25,7 +25,7 @@ from compress.errors import CompressError, first_line, parse_enum
 from compress.inputs import move_inputs
 from compress.outputs import named
 from compress.profile import count_macs
-from compress.prune import graph, plan
+from compress.prune import graph, heads, plan
 from compress.prune.unstructured import Scope, check_ratio, weighted_layers
 from compress.select import select_names
 
@@ -54,6 +54,7 @@ class ChannelOptions:
     round_to: int = DEFAULT_ROUND_TO  # keep a multiple of this many channels; 1: no rounding
     include: tuple[str, ...] = ()  # layers whose output channels may go (a coupled group needs all of them)
     exclude: tuple[str, ...] = ()
+    heads: heads.HeadOptions = field(default_factory=heads.HeadOptions)  # groups through nn.MultiheadAttention
 
 
 class _TooFar(CompressError):
@@ -107,13 +108,17 @@ class ChannelPruner:
         self.macs_before = count_macs(self.model, self.example)
         self.skipped: dict[str, str] = {}  # group root -> why it was kept, at the last prune()
 
-    def prune(self, ratio: float) -> dict[str, list[int]]:
-        """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``."""
+    def prune(self, ratio: float, attention_ratio: float | None = None) -> dict[str, list[int]]:
+        """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``.
+
+        ``attention_ratio``: the ratio of the groups through ``nn.MultiheadAttention`` (the embedding) when it
+        differs (a MACs target refines the MLP widths with the embedding's coarser steps held).
+        """
         check_ratio(ratio, self.where)
         backup, initial = copy.deepcopy(self.model), dict(self.initial)
         self.skipped = {}
         try:
-            changed = self._prune(self.model, ratio, self.initial, self.skipped)
+            changed = self._prune(self.model, ratio, self.initial, self.skipped, attention_ratio=attention_ratio)
             failure = self._forward_failure(self.model)
         except BaseException as exc:
             self._restore(backup, initial)  # the model stays as it was before this call
@@ -153,34 +158,58 @@ class ChannelPruner:
             raise CompressError(f"{self.where}.macs_reduction: {reduction} must be > 1")
         target = self.macs_before / reduction
 
-        def macs_at(ratio: float) -> int | None:
+        def macs_at(ratio: float, attention: float | None = None) -> int | None:
             probe = copy.deepcopy(self.model)
             try:
-                changed = self._prune(probe, ratio, dict(self.initial), {})
+                changed = self._prune(probe, ratio, dict(self.initial), {}, attention_ratio=attention)
             except _TooFar:  # a layer would lose every channel (scope: global): too far
                 return None
             except CompressError:
                 raise
             except Exception:  # raise what prune() would say, naming the layer (the model is restored)
-                self.prune(ratio)
+                self.prune(ratio, attention)
                 raise
             failure = self._forward_failure(probe)
             if failure is not None:
                 raise self._localised(ratio, failure, list(changed))
             return count_macs(probe, self.example)
 
-        low, high = 0.0, 0.99
-        while high - low > tolerance:
-            mid = (low + high) / 2
-            macs = macs_at(mid)
-            low, high = (mid, high) if macs is not None and macs > target else (low, mid)
+        def bisect(low: float, attention: float | None) -> tuple[float, float]:
+            high = 0.99
+            while high - low > tolerance:
+                mid = (low + high) / 2
+                macs = macs_at(mid, attention)
+                low, high = (mid, high) if macs is not None and macs > target else (low, mid)
+            return low, high
+
+        low, high = bisect(0.0, None)
         reached = macs_at(high)
         if reached is None or reached > target:
             best = macs_at(low) or self.macs_before
             hint = f" (round_to: {self.options.round_to}; 1 allows finer steps)" if self.options.round_to > 1 else ""
             raise CompressError(f"{self.where}.macs_reduction: {reduction:g}x is out of reach; pruning gets at most "
                                 f"about {self.macs_before / max(best, 1):.2f}x{hint}")
+        if self._has_attention() and self.macs_before / reached > reduction * OVERSHOOT:
+            # the embedding moves in whole head-dim (or head) steps, which the shared ratio may overshoot by
+            # far: hold it one step short and let the other groups go further
+            rest = bisect(low, low)[1]
+            finer = macs_at(rest, low)
+            if finer is not None and target >= finer > reached:
+                return rest, self.prune(rest, low)
         return high, self.prune(high)
+
+    def _has_attention(self) -> bool:
+        return has_attention(self.model)
+
+    def heads(self) -> dict[str, dict[str, list[int]]]:
+        """Per ``nn.MultiheadAttention``: ``{"num_heads": [before, now], "head_dim": [before, now]}``."""
+        found = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                old = self._before.get(name, {}).get("attrs", {})
+                found[name] = {key: [old.get(key, getattr(module, key)), getattr(module, key)]
+                               for key in ("num_heads", "head_dim")}
+        return found
 
     def finish(self) -> dict[str, dict[str, Any]]:
         """Record the new shapes in the model's origin (for checkpoints); returns them per module."""
@@ -194,7 +223,7 @@ class ChannelPruner:
         return probe
 
     def _prune(self, model: nn.Module, ratio: float, initial: dict[str, int], skipped: dict[str, str],
-               only: str | None = None) -> dict[str, list[int]]:
+               only: str | None = None, attention_ratio: float | None = None) -> dict[str, list[int]]:
         opts = self.options
         selected = set(select_names(weighted_layers(model), opts.include, opts.exclude,
                                     where=self.where, what="Conv/Linear layer to prune"))
@@ -218,20 +247,36 @@ class ChannelPruner:
         scores = {g.root: self._score(g) for g in chosen}
         for g in chosen:
             initial.setdefault(g.root, g.units)
-        counts = self._counts(chosen, scores, ratio, initial)
+            if g.attention is not None:
+                initial.setdefault(f"{g.root}/heads", g.attention.num_heads)
+                initial.setdefault(f"{g.root}/head_dim", g.attention.head_dim)
+        plain = [g for g in chosen if g.attention is None]
+        counts = self._counts(plain, scores, ratio, initial) if plain else {}
         changed = {}
         for g in chosen:
-            n = counts[g.root]
-            if n <= 0:
-                continue
             self._current = g.root
-            order = torch.argsort(scores[g.root], stable=True)[:n]
-            idxs = torch.cat([order + k * g.units for k in range(g.ch_groups)]).tolist()
+            if g.attention is not None:
+                first = (initial[f"{g.root}/heads"], initial[f"{g.root}/head_dim"])
+                cut = heads.choose(g.attention, scores[g.root], ratio if attention_ratio is None else attention_ratio,
+                                   first, self.options.heads, self.options.round_to)
+                idxs = cut.idxs
+            else:
+                n = counts[g.root]
+                order = torch.argsort(scores[g.root], stable=True)[:n]
+                idxs = torch.cat([order + k * g.units for k in range(g.ch_groups)]).tolist()
+            if not idxs:
+                continue
             root = model.get_submodule(g.root)
             group = dg.get_pruning_group(root, g.tp_group[0].dep.handler, idxs)
             if not dg.check_pruning_group(group):
                 raise self._every_channel(g, ratio)
-            group.prune()
+            if g.attention is not None:
+                old_heads = g.attention.num_heads
+                heads.set_heads(g.attention, cut.num_heads)
+                group.prune()
+                heads.sync(model, g.attention, g.channels, old_heads)
+            else:
+                group.prune()
             changed[g.root] = [g.channels, g.channels - len(idxs)]
         return changed
 
@@ -240,6 +285,8 @@ class ChannelPruner:
             return "a single channel"
         if g.unsupported:
             return g.unsupported
+        if g.attention is not None and not (self.options.heads.prune_num_heads or self.options.heads.prune_head_dims):
+            return "attention heads: prune_num_heads and prune_head_dims are both off"
         for layer in g.layers:
             if layer in frozen:
                 return f"feeds the model's output through '{layer}'"
@@ -257,6 +304,8 @@ class ChannelPruner:
         if imp is None:  # bn_scale on a group without BatchNorm
             imp = _scorer(Importance.l1)(g.tp_group)
         imp = imp.detach().float().cpu()
+        if g.attention is not None:
+            return heads.attention_scores(g.attention, imp)
         return imp.view(g.ch_groups, -1).mean(0) if g.ch_groups > 1 else imp
 
     def _counts(self, chosen: list[graph.Group], scores: dict[str, torch.Tensor], ratio: float,
@@ -330,6 +379,9 @@ def channels(
     round_to: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    prune_num_heads: bool = False,
+    prune_head_dims: bool = True,
+    head_pruning_ratio: float | None = None,
 ) -> nn.Module:
     """Remove output channels of ``model`` in place, with everything that depends on them; returns it.
 
@@ -347,6 +399,9 @@ def channels(
         round_to: keep a multiple of this many channels per layer (rounded up, never to 0); default
             ``DEFAULT_ROUND_TO`` (8, what ONNX Runtime's CPU kernels and tensor cores want); 1: no rounding.
         include/exclude: layer-name patterns of the layers whose output channels may go.
+        prune_num_heads: in groups through ``nn.MultiheadAttention`` (a ViT's embedding), remove whole heads.
+        prune_head_dims: there, remove the same number of channels inside every head (default).
+        head_pruning_ratio: fraction of the heads to remove (with ``prune_num_heads``); None: ``ratio``.
 
     Warns:
         UserWarning: a ``macs_reduction`` reached more than ``OVERSHOOT`` times further than asked.
@@ -359,14 +414,17 @@ def channels(
         raise CompressError("prune.channels: give either ratio or macs_reduction")
     if round_to is not None and round_to < 1:
         raise CompressError(f"prune.channels.round_to: {round_to} must be >= 1")
+    if head_pruning_ratio is not None:
+        check_ratio(head_pruning_ratio, "prune.channels", "head_pruning_ratio")
     options = ChannelOptions(parse_enum(Importance, importance, "prune.channels.importance"),
                              parse_enum(Scope, scope, "prune.channels.scope"),
-                             DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude))
+                             DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude),
+                             heads.HeadOptions(prune_num_heads, prune_head_dims, head_pruning_ratio))
     pruner = ChannelPruner(model, example_input, options, where="prune.channels")
     if macs_reduction is not None:
         pruner.prune_to_macs(macs_reduction)
         achieved = pruner.macs_before / max(count_macs(model, pruner.example), 1)
-        message = overshoot(macs_reduction, achieved, options.round_to)
+        message = overshoot(macs_reduction, achieved, options.round_to, attention=has_attention(model))
         if message:
             warnings.warn(f"prune.channels: {message}", stacklevel=2)
     else:
@@ -375,10 +433,23 @@ def channels(
     return model
 
 
-def overshoot(requested: float, achieved: float, round_to: int, limit: float = OVERSHOOT) -> str | None:
-    """What to say when a MACs target landed more than ``limit`` times further than ``requested``, else None."""
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has ``nn.MultiheadAttention`` (its embedding then moves head-wise)."""
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+def overshoot(requested: float, achieved: float, round_to: int, limit: float = OVERSHOOT, *,
+              attention: bool = False) -> str | None:
+    """What to say when a MACs target landed more than ``limit`` times further than ``requested``, else None.
+
+    ``attention``: the model has ``nn.MultiheadAttention``, whose embedding channels go a step per head.
+    """
     if achieved <= requested * limit:
         return None
+    if attention:
+        return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x (the embedding of nn.MultiheadAttention "
+                f"moves in steps of round_to: {round_to} channels per head); prune_num_heads: true"
+                + (" or a smaller round_to" if round_to > 1 else "") + " gives finer steps")
     why = f"channels move in steps of round_to: {round_to} and whole coupled groups" if round_to > 1 \
         else "whole coupled groups of channels go at once"
     return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x ({why}); scope: global"

@@ -18,7 +18,15 @@ from compress.inputs import move_inputs
 from compress.models import count_params
 from compress.profile import count_macs
 from compress.prune import latency
-from compress.prune.channel import DEFAULT_ROUND_TO, ChannelOptions, ChannelPruner, Importance, overshoot
+from compress.prune.channel import (
+    DEFAULT_ROUND_TO,
+    ChannelOptions,
+    ChannelPruner,
+    Importance,
+    has_attention,
+    overshoot,
+)
+from compress.prune.heads import HeadOptions
 from compress.prune.schedule import Curve, Schedule
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
 from compress.select import select_names
@@ -53,7 +61,8 @@ class LatencyCheck(Strict):
     seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
 
 
-_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check")
+_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check", "prune_num_heads",
+                 "prune_head_dims", "head_pruning_ratio")
 _L1_ONLY = ("schedule",)
 
 
@@ -67,6 +76,10 @@ class PruneConfig(Strict):
     round_to: Annotated[int, Field(ge=1)] | None = None  # channel: None = DEFAULT_ROUND_TO (8); 1 = no rounding
     latency_check: bool | LatencyCheck = True  # channel: engine latency before/after (false: skip, faster)
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
+    # channel, models with nn.MultiheadAttention (Torch-Pruning's names): the embedding channels go head-wise
+    prune_num_heads: bool = False  # remove whole attention heads
+    prune_head_dims: bool = True  # remove the same number of channels inside every head
+    head_pruning_ratio: Ratio | None = None  # fraction of heads removed; None: the channel ratio
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     finetune: StageFinetune = Field(default_factory=StageFinetune)
@@ -83,6 +96,8 @@ class PruneConfig(Strict):
             raise ValueError(f"give exactly one of {allowed} (got {', '.join(targets) or 'none'})")
         if self.schedule is not None and self.finetune.epochs == 0:
             raise ValueError("schedule prunes gradually during the fine-tune, which has epochs: 0")
+        if self.head_pruning_ratio is not None and not self.prune_num_heads:
+            raise ValueError("head_pruning_ratio needs prune_num_heads: true")
         return self
 
 
@@ -91,8 +106,9 @@ def _round_to(config: PruneConfig) -> int:
 
 
 def _options(config: PruneConfig) -> ChannelOptions:
+    head_options = HeadOptions(config.prune_num_heads, config.prune_head_dims, config.head_pruning_ratio)
     return ChannelOptions(config.importance, config.scope, _round_to(config), tuple(config.include),
-                          tuple(config.exclude))
+                          tuple(config.exclude), head_options)
 
 
 def _latency_check(config: PruneConfig) -> LatencyCheck | None:
@@ -129,7 +145,8 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
         rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
         note = f"dry run: MACs / {achieved:.2f}, {rounding}"
         if config.macs_reduction is not None:
-            note += f"; {overshoot(config.macs_reduction, achieved, _round_to(config)) or 'on target'}"
+            found = overshoot(config.macs_reduction, achieved, _round_to(config), attention=has_attention(model))
+            note += f"; {found or 'on target'}"
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
     return note
@@ -163,7 +180,7 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> Stage
 
 def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.EngineLatency]) -> list[str]:
     """Overshoot of a MACs target and measured slowdowns, one line each."""
-    found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"]) \
+    found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"], attention="attention" in info) \
         if config.macs_reduction is not None else None
     return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"])
 
@@ -202,4 +219,4 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
         "macs_reduction_requested": config.macs_reduction,
         "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
         "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
-    }}
+    } | ({"attention": pruner.heads()} if pruner.heads() else {})}

@@ -9,9 +9,9 @@ MAC shares are of the model's true total (every convolution and matmul, :mod:`co
 so attention's Q·Kᵀ and A·V, which have no weight to sparsify, lower the share honestly. A layer
 whose weight forward reads without calling the layer (``nn.MultiheadAttention.out_proj``, used by
 ``F.multi_head_attention_forward``) is a layer like any other: its mask zeroes the weight that read
-uses. Other parameters read by a matmul are listed too, dense: ``MultiheadAttention.in_proj_weight``
-is a Linear-shaped ``[3E, E]`` weight, but 2:4 masks are kept per Conv/Linear module (its weight),
-so the packed q/k/v projection stays dense and is reported so with its MACs.
+uses. ``MultiheadAttention.in_proj_weight``, the packed ``[3E, E]`` q/k/v weight ``F.linear`` reads, is
+judged like a Linear's: a 2:4 mask along its input dimension makes each of q, k and v 2:4 (``targets``).
+Other parameters read by a matmul are listed too, dense.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 
 from compress.profile import profile_macs
 from compress.select import select_names
+from compress.sparsity import targets
 
 IN_MULTIPLE = 16
 OUT_MULTIPLE = 8
@@ -79,15 +80,16 @@ def survey(
 ) -> list[LayerSurvey]:
     """Every Conv/ConvTranspose/Linear layer of ``model`` with its MAC share and eligibility.
 
-    With ``example``, other parameters forward reads in a matmul (``MultiheadAttention.in_proj_weight``)
-    follow, skipped with the reason. Without it only shapes are judged (MACs are 0 and layers
-    forward never uses are kept).
+    Attentions' packed q/k/v weights (``<attention>.in_proj_weight``) follow, judged by the same shape rule.
+    With ``example``, other parameters forward reads in a matmul follow, skipped with the reason. Without
+    it only shapes are judged (MACs are 0 and layers forward never uses are kept).
 
     Raises:
         CompressError: an include/exclude pattern matches no layer.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n]
-    chosen = set(select_names(names, include, exclude, where=where, what="Conv/Linear layer to sparsify"))
+    packed = targets.packed_weights(model)
+    chosen = set(select_names(names + list(packed), include, exclude, where=where, what="Conv/Linear layer to sparsify"))
     profile = profile_macs(model, example) if example is not None else None
     macs = profile.modules if profile is not None else {}
     total = max(profile.total if profile is not None else 0, 1)
@@ -103,8 +105,17 @@ def survey(
         if why is None and name in shared:
             why = f"shares its weight with '{shared[name]}'"
         found.append(LayerSurvey(name, list(module.weight.shape), macs.get(name, 0), macs.get(name, 0) / total, why))
+    params = profile.params if profile is not None else {}
+    for name, weight in packed.items():
+        why = shape_ineligible(weight.shape[0], weight.shape[1])
+        if why is None and name not in chosen:
+            why = "left out by include/exclude"
+        if why is None and profile is not None and name not in params:
+            why = "forward does not use it"
+        found.append(LayerSurvey(name, list(weight.shape), params.get(name, 0), params.get(name, 0) / total, why))
     if profile is not None:
-        found += _other_weights(model, profile.params, {f"{n}.weight" if n else "weight" for n in names}, total)
+        done = {f"{n}.weight" if n else "weight" for n in names} | set(packed)
+        found += _other_weights(model, profile.params, done, total)
     return found
 
 
@@ -114,13 +125,9 @@ def _other_weights(model: nn.Module, params: dict[str, int], layer_weights: set[
     for name, macs in params.items():
         if name in layer_weights:
             continue
-        owner, _, attr = name.rpartition(".")
+        owner = name.rpartition(".")[0]
         module, weight = model.get_submodule(owner), model.get_parameter(name)
-        if isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
-            why = ("MultiheadAttention's packed q/k/v weight, read through F.linear: 2:4 masks cover Conv/Linear "
-                   "layers, so it stays dense (its out_proj is a Linear)")
-        else:
-            why = f"a {type(module).__name__} parameter a functional matmul reads, not a Conv/Linear layer: stays dense"
+        why = f"a {type(module).__name__} parameter a functional matmul reads, not a Conv/Linear layer: stays dense"
         found.append(LayerSurvey(name, list(weight.shape), macs, macs / total, why))
     return found
 

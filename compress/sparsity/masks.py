@@ -19,7 +19,7 @@ from compress import structure
 from compress.callbacks import Callback, TrainState
 from compress.errors import CheckpointError, CompressError
 from compress.inputs import move_inputs
-from compress.sparsity import eligible
+from compress.sparsity import eligible, targets
 from compress.sparsity.pattern import PATTERN, decode, encode, mask_2to4, retained
 
 KIND = "sparsity"
@@ -31,14 +31,16 @@ def is_sparse(model: nn.Module) -> bool:
 
 
 def sparse_layers(model: nn.Module) -> list[str]:
-    """The layer names ``model``'s 2:4 masks cover."""
+    """The layer names ``model``'s 2:4 masks cover, as the model names them now (an attention's packed
+    ``in_proj_weight`` becomes its ``q_proj``/``k_proj``/``v_proj`` once the INT8 rewrite split it)."""
     origin = structure.origin_of(model)
     entries = [e for e in origin.structure if e.get("kind") == KIND] if origin else []
-    return [name for e in entries for name in e["payload"]["layers"]]
+    return [layer for e in entries for name in e["payload"]["layers"] for layer in targets.layer_names(model, name)]
 
 
 class SparseMasks:
-    """The keep-masks of a model's sparse layers, bound to their weight tensors.
+    """The keep-masks of a model's sparse layers, bound to their weight tensors (keyed by the layer names the
+    model has now: an attention's packed q/k/v weight, or its three split projections, see ``targets``).
 
     Raises:
         CompressError: a recorded layer is gone or its weight changed shape (e.g. pruned after sparsity).
@@ -52,13 +54,15 @@ class SparseMasks:
             if entry.get("kind") != KIND:
                 continue
             for name, codes in entry["payload"]["layers"].items():
-                weight = _weight(model, name)
+                bindings = targets.bind(model, name)
+                like = torch.empty(targets.full_shape(bindings), device=bindings[0].weight.device)
                 try:
-                    self.masks[name] = decode(codes, weight)
+                    mask = decode(codes, like)
                 except ValueError as exc:
                     raise CompressError(f"sparsity: the 2:4 mask of layer '{name}' no longer fits it ({exc}); "
                                         "was the model pruned or resized after sparsity?") from None
-                self.weights[name] = weight
+                for b in bindings:
+                    self.masks[b.name], self.weights[b.name] = mask[b.rows], b.weight
 
     def __bool__(self) -> bool:
         return bool(self.masks)
@@ -74,11 +78,8 @@ class SparseMasks:
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    try:
-        weight = model.get_submodule(name).weight
-    except AttributeError:
-        raise CompressError(f"sparsity: the model's 2:4 masks name layer '{name}', which it no longer has") from None
-    return weight
+    """The one weight a mask entry covers in a model not yet rewritten (a layer's, or a packed q/k/v weight)."""
+    return targets.bind(model, name)[0].weight
 
 
 def record(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -96,15 +97,18 @@ class MaskRecord(structure.Payload):
 @structure.register_rebuild(KIND, MaskRecord)
 def _rebuild(model: nn.Module, payload: MaskRecord) -> nn.Module:
     for name, codes in payload.layers.items():
+        owner = name.rpartition(".")[0] if targets.is_packed(name) else name
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(owner)
         except AttributeError:
-            raise ValueError(f"layers.{name}: the 2:4 masks name layer '{name}', which the factory model lacks") from None
-        if not isinstance(module, eligible.SPARSE_TYPES):
-            raise ValueError(f"layers.{name}: '{name}' is a {type(module).__name__}; 2:4 masks are kept for "
-                             "Conv and Linear layers only")
+            raise ValueError(f"layers.{name}: the 2:4 masks name layer '{owner}', which the factory model lacks") from None
+        packed = targets.is_packed(name) and isinstance(module, nn.MultiheadAttention) and \
+            isinstance(module.in_proj_weight, torch.Tensor)
+        if not isinstance(module, eligible.SPARSE_TYPES) and not packed:
+            raise ValueError(f"layers.{name}: '{owner}' is a {type(module).__name__}; 2:4 masks are kept for "
+                             "Conv and Linear layers and MultiheadAttention's in_proj_weight only")
         try:
-            decode(codes, module.weight)
+            decode(codes, module.in_proj_weight if packed else module.weight)
         except ValueError as exc:
             raise ValueError(f"layers.{name}: the 2:4 mask of layer '{name}' does not fit the model the factory "
                              f"builds ({exc})") from None
@@ -265,9 +269,9 @@ def apply_2to4(
             result.permutations.append(entry)
             for name, scores in p.layers.items():
                 result.layers[name]["retained_unpermuted"] = scores["before"]
-    masks = {name: mask_2to4(model.get_submodule(name).weight) for name in chosen}
+    masks = {name: mask_2to4(_weight(model, name)) for name in chosen}
     for name, mask in masks.items():
-        weight = model.get_submodule(name).weight
+        weight = _weight(model, name)
         result.layers[name]["retained"] = round(retained(weight, mask), 6)
         with torch.no_grad():
             weight.mul_(mask.to(weight.device))

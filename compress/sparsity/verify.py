@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
-from compress.sparsity import eligible
+from compress.sparsity import eligible, targets
 from compress.sparsity.pattern import PATTERN, M, N, rows
 
 
@@ -57,8 +57,16 @@ class SparsityCheck:
         return [name for name, c in self.layers.items() if c.sparse]
 
     def missing(self, expected: list[str]) -> list[str]:
-        """The ``expected`` layers that are not 2:4 here (or not found)."""
-        return [name for name in expected if name not in self.layers or not self.layers[name].is_2to4]
+        """The ``expected`` layers that are not 2:4 here (or not found).
+
+        A float attention's packed ``<attention>.in_proj_weight`` may be found under ``<attention>``: the
+        exporter folds it (transposed) into an anonymous constant, named then by the attention's scope.
+        """
+        def found(name: str) -> LayerCheck | None:
+            alias = name.rpartition(".")[0] if targets.is_packed(name) else name
+            return self.layers.get(name) or self.layers.get(alias)
+
+        return [name for name in expected if (check := found(name)) is None or not check.is_2to4]
 
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": PATTERN, "sparse_layers": self.sparse_layers,
@@ -78,11 +86,14 @@ def _check(op: str, weight: np.ndarray | torch.Tensor, ineligible: str | None) -
 
 
 def verify_model(model: nn.Module) -> SparsityCheck:
-    """2:4 status of every Conv/Linear weight of ``model`` (fake-quantized layers: the weight they quantize)."""
+    """2:4 status of every Conv/Linear weight and packed attention q/k/v weight of ``model`` (fake-quantized layers:
+    the weight they quantize)."""
     result = SparsityCheck()
     for name, module in model.named_modules():
         if isinstance(module, eligible.SPARSE_TYPES) and name:
             result.layers[name] = _check(type(module).__name__, module.weight, eligible.why_ineligible(module))
+    for name, weight in targets.packed_weights(model).items():  # nn.MultiheadAttention's q/k/v, packed
+        result.layers[name] = _check("MultiheadAttention", weight, eligible.shape_ineligible(*weight.shape[:2]))
     return result
 
 
@@ -123,12 +134,15 @@ def layer_name(node: onnx.NodeProto, weight: str = "") -> str:
     """The PyTorch module an exported weighted node came from.
 
     Our exporter names quantized weights ``<module>.weight_quantized`` and unfolded float weights
-    ``<module>.weight``; otherwise the node's scope path is used (``/layer2/shortcut/shortcut.0/Conv``
+    ``<module>.weight`` (a float attention's packed ``<attention>.in_proj_weight`` keeps that name, as its
+    2:4 mask does); otherwise the node's scope path is used (``/layer2/shortcut/shortcut.0/Conv``
     -> ``layer2.shortcut.0``: each scope level may repeat its parent's name as a prefix).
     """
     for suffix in (".weight_quantized", ".weight"):
         if weight.endswith(suffix) and not weight.startswith("onnx::"):
             return weight[: -len(suffix)]
+    if targets.is_packed(weight) and not weight.startswith("onnx::"):  # a float attention's packed q/k/v weight
+        return weight
     parts = [p for p in node.name.split("/") if p][:-1]
     path = ""
     for part in parts:

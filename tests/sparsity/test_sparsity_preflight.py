@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from helpers_vit import MLP_MACS, OUT, SCORES, VIT_MACS, tiny_vit
+from helpers_vit import MLP_MACS, OUT, QKV, SCORES, VIT_MACS, tiny_vit
 from torch import nn
 
 import compress
@@ -14,7 +14,7 @@ from compress.sparsity.masks import Sparsifier, plan
 ATTN = "encoder.layers.encoder_layer_{}.self_attention"
 
 
-def test_vit_preflight_shares_are_of_the_true_total_and_out_proj_is_a_layer() -> None:
+def test_vit_preflight_shares_are_of_the_true_total_and_attention_projections_are_layers() -> None:
     vit, x = tiny_vit().eval(), torch.randn(1, 3, 32, 32)
     result = Sparsifier(vit)
     plan(vit, x, (), (), "sparsity", result)
@@ -22,10 +22,12 @@ def test_vit_preflight_shares_are_of_the_true_total_and_out_proj_is_a_layer() ->
         # its forward never runs (MultiheadAttention reads its weight through F.linear): still a layer, with MACs
         assert result.layers[f"{ATTN.format(i)}.out_proj"]["macs"] == OUT
         assert f"{ATTN.format(i)}.out_proj" not in result.skipped
-        assert "packed q/k/v" in result.skipped[f"{ATTN.format(i)}.in_proj_weight"]
-    eligible = 2 * (OUT + MLP_MACS)  # out_proj and the MLP of both layers (conv_proj: 3 inputs; head: 10 outputs)
-    assert result.estimate["eligible_layers"] == 6
-    assert result.estimate["eligible_macs_share"] == round(eligible / VIT_MACS, 4) == 0.4203  # was 0.73 of Conv/Linear
+        # the packed q/k/v weight F.linear reads: a [3E, E] weight judged like a Linear's
+        assert result.layers[f"{ATTN.format(i)}.in_proj_weight"]["macs"] == QKV
+    # q/k/v, out_proj and the MLP of both layers (conv_proj: 3 inputs; head: 10 outputs)
+    eligible = 2 * (QKV + OUT + MLP_MACS)
+    assert result.estimate["eligible_layers"] == 8
+    assert result.estimate["eligible_macs_share"] == round(eligible / VIT_MACS, 4) == 0.6725  # was 0.73 of Conv/Linear
     assert result.estimate["weightless_macs_share"] == round(2 * 2 * SCORES / VIT_MACS, 4)
 
 
@@ -80,3 +82,5 @@ def test_vit_2to4_layers_verify_in_the_exported_onnx(tmp_path) -> None:
     compress.export.onnx(vit, x, tmp_path / "vit.onnx", target="onnxruntime", opset=17)  # SDPA needs opset 14+
     check = sparsity.verify_onnx(tmp_path / "vit.onnx")
     assert f"{ATTN.format(0)}.out_proj" in check.sparse_layers and check.missing(list(sparse.layers)) == []
+    # the float export folds the packed q/k/v weight into one constant, named by the attention's scope
+    assert f"{ATTN.format(0)}.in_proj_weight" in sparse.layers and ATTN.format(0) in check.sparse_layers

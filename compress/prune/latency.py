@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from compress.errors import CompressError, first_line
 from compress.export.bench import round_robin_ms
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import Optimization
+from compress.inputs import Inputs, apply, take, tensors
 
 T = TypeVar("T")
 LEVEL = Optimization.all  # ONNX Runtime's own default, what users deploy with
@@ -68,25 +70,32 @@ def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
         raise CompressError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
 
 
-def export_for_timing(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path) -> Path:
     """``model`` as a dynamic-batch FP32 ONNX file at ``path`` (the model is left as it was)."""
-    export_onnx(model, example[:1], path, opset=13)
+    export_onnx(model, take(example, slice(0, 1)), path, opset=13)
     return path
 
 
-def measure(before: Path, after: Path, example: torch.Tensor, batch_sizes: Sequence[int], *,
+def _feeds(session: Any, example: Inputs, batch: int) -> dict[str, np.ndarray]:
+    """The example's first sample repeated ``batch`` times, per graph input: its dtype (token ids stay int64)
+    and a value range the model accepts. Named inputs feed by name, others in order."""
+    repeated = apply(take(example, slice(0, 1)), lambda t: t.detach().cpu().expand(batch, *t.shape[1:]).contiguous())
+    if isinstance(repeated, dict):
+        return {k: v.numpy() for k, v in repeated.items()}
+    return {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors(repeated), strict=True)}
+
+
+def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[int], *,
             threads: int | None = None, seconds: float = 1.0) -> list[EngineLatency]:
     """Median latency of the ``before`` and ``after`` ONNX files, interleaved, at each batch size.
 
     ``seconds`` of timing in all, split evenly across the batch sizes.
     """
     sessions = [_session(before, threads), _session(after, threads)]
-    name = sessions[0].get_inputs()[0].name
     figures = []
     for bs in batch_sizes:
-        # the example sample repeated: its dtype (token ids stay int64) and a value range the model accepts
-        x = example[:1].detach().cpu().expand(bs, *example.shape[1:]).contiguous().numpy()
-        runs = [lambda s=s, feed={name: x}: s.run(None, feed) for s in sessions]
+        feeds = [_feeds(s, example, bs) for s in sessions]
+        runs = [lambda s=s, feed=feed: s.run(None, feed) for s, feed in zip(sessions, feeds, strict=True)]
         ms = round_robin_ms(runs, warmup=3, seconds=seconds / len(batch_sizes))
         ratios = [b / a for b, a in zip(ms[0], ms[1], strict=True) if a > 0]
         slower = round(sum(a > b for b, a in zip(ms[0], ms[1], strict=True)) / len(ms[0]), 3)
@@ -95,7 +104,7 @@ def measure(before: Path, after: Path, example: torch.Tensor, batch_sizes: Seque
     return figures
 
 
-def engine_latency(before: torch.nn.Module, after: torch.nn.Module, example: torch.Tensor,
+def engine_latency(before: torch.nn.Module, after: torch.nn.Module, example: Inputs,
                    batch_sizes: Sequence[int], workdir: Path, *, threads: int | None = None,
                    seconds: float = 1.0) -> list[EngineLatency]:
     """Export ``before`` and ``after`` into a temporary folder inside ``workdir`` (removed afterwards) and time both."""

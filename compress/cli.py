@@ -134,7 +134,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.data is not None:
         from compress.data import build_loader, example_input, parse_data_arg
 
-        sample = example_input(build_loader(parse_data_arg(args.data, 1, args.data_kwargs), f"--data {args.data}"))[:1]
+        sample = example_input(build_loader(parse_data_arg(args.data, 1, args.data_kwargs), f"--data {args.data}"))
+        if not isinstance(sample, torch.Tensor):
+            raise CompressError(f"--data {args.data}: bench times models of one input tensor; this data has several "
+                                "(token ids, masks): time the engine with a recipe's export stage instead")
     else:
         try:
             dims = [int(d) for d in args.input_shape.split(",")]
@@ -260,9 +263,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         doc["data_used"] = describe_spec(spec)
         doc["data_spec"] = spec.model_dump(mode="json")
     if args.layers is not None:
+        import torch
+
         from compress.data import split_batch
         from compress.export.localize import localize
 
+        if not all(isinstance(split_batch(b)[0], torch.Tensor) for b in batches):
+            raise CompressError("--layers: localizes models of one input tensor; this data has several (token ids, masks)")
         found = localize(args.model, args.reference, (split_batch(b)[0] for b in batches), trust=_trust(args))
         doc["layers"] = [e.to_dict() for e in found.layers]
         doc["unmatched_layers"] = found.unmatched
@@ -403,6 +410,9 @@ def _check_batches(args: argparse.Namespace, saved: Reference | None, recipe: Re
         raise CompressError("--data or --recipe: required unless --reference is a saved reference file")
     name = recipe.locate("data", "eval") if recipe is not None else f"--data {args.data}"
     batches = list(build_loader(spec, name))
+    if args.save_reference is not None and not all(isinstance(split_batch(b)[0], torch.Tensor) for b in batches):
+        raise CompressError(f"--save-reference: a reference file stores one input tensor per sample; {name} has "
+                            "several inputs (token ids, masks): check against the model (--reference) instead")
     inputs = torch.cat([split_batch(b)[0] for b in batches]) if args.save_reference is not None else None
     return batches, inputs
 

@@ -44,6 +44,9 @@ def named(out: Any) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor):
             raise CompressError(f"the model's output '{name}' is a {type(value).__name__}, not a tensor; compress "
                                 "compares a tensor, or a flat tuple, list or dict of tensors")
+        if value.dim() == 0:
+            raise CompressError(f"the model's output '{name}' is a scalar (a 0-d tensor, such as a loss); compress "
+                                "compares per-sample outputs with a batch dimension: return it only in training")
     return dict(items)
 
 

@@ -28,7 +28,7 @@ from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
 from compress.errors import CompressError, DataError
-from compress.inputs import call_model, move_inputs
+from compress.inputs import batch_size, call_model, move_inputs
 from compress.outputs import select
 
 
@@ -349,8 +349,8 @@ def _finetune(
                 for cb in callbacks:
                     cb.after_step(state)
                 state.step += 1
-                total += float(loss) * len(x)
-                count += len(x)
+                total += float(loss) * batch_size(x)
+                count += batch_size(x)
                 bar.set_postfix(loss=f"{total / count:.4f}")
             for cb in callbacks:
                 cb.on_epoch_end(state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -62,6 +63,10 @@ def _check_engine(model: nn.Module, config: ExportConfig, ctx: StageContext) -> 
         raise CompressError(f"{ctx.where}.triton: Triton's ONNX Runtime backend would serve the float16 Q/DQ graph with "
                             "graph optimizations on, which miscompute it; drop triton or use precision: fp32")
     if isinstance(engine, TensorRTEngine):
+        if not isinstance(ctx.example_input, torch.Tensor):
+            raise CompressError(f"{where}.backend: compress builds TensorRT engines for models of one input tensor; "
+                                "this data has several (token ids, masks): use backend: onnxruntime, or build the "
+                                "engine from model.onnx with trtexec and a profile per input")
         reason = tensorrt.why_unavailable()
         if reason is not None:
             raise CompressError(f"{where}.backend: tensorrt cannot run here: {reason}; use backend: onnxruntime")

@@ -22,7 +22,7 @@ from torch import nn
 
 from compress import structure
 from compress.errors import CompressError, first_line, parse_enum
-from compress.inputs import move_inputs
+from compress.inputs import call_model, move_inputs
 from compress.outputs import named
 from compress.profile import count_macs
 from compress.prune import graph, heads, plan
@@ -217,6 +217,18 @@ class ChannelPruner:
 
     # ------------------------------------------------------------------------------------------
 
+    def _refuse_foreign_heads(self, model: nn.Module, chosen: list[graph.Group]) -> None:
+        """Raises: CompressError: a group would prune the head-split outputs of an attention other than
+        nn.MultiheadAttention (see :func:`heads.foreign_attention`)."""
+        foreign = heads.foreign_attention(model)
+        for g in chosen:
+            inside = next((f for f in foreign if g.attention is None and g.root.startswith(f"{f}.")), None)
+            if inside is not None:
+                raise CompressError(
+                    f"{self.where}: '{g.root}' is a projection inside '{inside}' ({foreign[inside]}), which splits it "
+                    "into attention heads; compress prunes heads only in nn.MultiheadAttention, and channel by "
+                    f"channel would mix heads: exclude them (exclude: [\"{inside}.*\"]) to prune the other layers")
+
     def _prune_copy(self, ratio: float, only: str) -> nn.Module:
         probe = copy.deepcopy(self.model)
         self._prune(probe, ratio, dict(self.initial), {}, only=only)
@@ -244,6 +256,7 @@ class ChannelPruner:
                 chosen.append(g)
         if not chosen:
             raise CompressError(f"{self.where}: no channel group can be pruned ({self._skip_summary(skipped)})")
+        self._refuse_foreign_heads(model, chosen)
         scores = {g.root: self._score(g) for g in chosen}
         for g in chosen:
             initial.setdefault(g.root, g.units)
@@ -345,7 +358,7 @@ class ChannelPruner:
         was_training = model.training
         model.eval()
         try:
-            out = model(self.example)
+            out = call_model(model, self.example)
         finally:
             model.train(was_training)
         if isinstance(out, torch.Tensor):

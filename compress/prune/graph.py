@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
+from compress.inputs import call_model
 from compress.prune.heads import Attention, attention_of
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -127,7 +128,7 @@ def _run_layers(model: nn.Module, example: torch.Tensor, where: str) -> tuple[li
     was_training = model.training
     model.eval()
     try:
-        out = model(example)
+        out = call_model(model, example)
     except Exception as exc:  # a user's forward can raise anything
         raise CompressError(f"{where}: the model's forward fails on the example input: {first_line(exc)}") from None
     finally:

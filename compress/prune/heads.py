@@ -179,3 +179,16 @@ def sync(model: nn.Module, attn: Attention, old_width: int, old_heads: int) -> N
         for key in _WIDTHS:
             if getattr(module, key, None) == old_width:
                 setattr(module, key, width)
+
+
+def foreign_attention(model: nn.Module) -> dict[str, str]:
+    """Attention modules pruned head-wise by no one: ``{name: type}`` of modules other than
+    ``nn.MultiheadAttention`` that split their projections into heads (an int ``num_heads`` or
+    ``num_attention_heads``: Hugging Face self-attention, timm ``Attention``). Pruning the output channels of
+    the layers inside them channel by channel would mix heads while their head count stays as it was."""
+    found = {}
+    for name, m in model.named_modules():
+        heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
+        if name and not isinstance(m, nn.MultiheadAttention) and isinstance(heads, int) and not isinstance(heads, bool):
+            found[name] = type(m).__name__
+    return found

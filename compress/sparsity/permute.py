@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.inputs import call_model
 from compress.prune import graph
 from compress.sparsity.pattern import M, retained, rows
 
@@ -141,12 +142,12 @@ def permute_groups(model: nn.Module, example: torch.Tensor, sparse: set[str], wh
         was_training = model.training
         model.eval()
         try:
-            reference = model(example)
+            reference = call_model(model, example)
             for g in graph.groups(traced.dg, model):
                 result = _permute_group(model, g, names, sparse, traced.dg, partial)
                 if result is None:
                     continue
-                if result.swaps and not _same(model(example), reference):
+                if result.swaps and not _same(call_model(model, example), reference):
                     result.skipped = "reordering the channels changes the model's output"
                     _undo(result)
                 results.append(result)

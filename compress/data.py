@@ -36,6 +36,9 @@ def split_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
     """
     if isinstance(batch, torch.Tensor):
         return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        raise DataError(f"a batch of {len(batch)} items, which reads as neither x nor (x, y): return ((ids, mask), y) "
+                        "for several inputs, or a dict of named tensors with a 'labels' entry")
     if isinstance(batch, (tuple, list)) and batch:
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None

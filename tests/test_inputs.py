@@ -41,6 +41,8 @@ def test_split_batch_layouts() -> None:
     image = torch.zeros(2, 3)
     x, label = split_batch({"image": image, "label": y})  # one named input: model(x), as before
     assert x is image and label is y
+    with pytest.raises(DataError, match=r"a batch of 3 items, which reads as neither x nor \(x, y\)"):
+        split_batch([ids, mask, y])  # TensorDataset(ids, mask, labels) would otherwise take the mask for labels
     with pytest.raises(DataError, match="a dict of named input tensors"):
         split_batch({"input_ids": [1, 2], "labels": y})
 

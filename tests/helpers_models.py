@@ -46,3 +46,14 @@ class LogitsFeatures(nn.Module):
 
 def logits_features(classes: int = 10, features: int = 16) -> LogitsFeatures:
     return LogitsFeatures(classes, features)
+
+
+class Logits(nn.Module):
+    """A Hugging Face model's ``.logits`` as a plain tensor output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits

@@ -4,18 +4,8 @@ configs: nothing downloads), referenced as ``helpers_sdpa:FN``. All: width 32, 2
 import timm
 import torch
 import transformers
+from helpers_models import Logits
 from torch import nn
-
-
-class Logits(nn.Module):
-    """A Hugging Face model's ``.logits`` as a plain tensor output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 def timm_vit() -> nn.Module:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from helpers_models import Logits
 from helpers_vit import tiny_vit
 from torch import nn
 
@@ -24,17 +25,6 @@ from compress.export.onnx import export_onnx
 # fused attention kernel, LayerNorm): measured differences are <= 3e-6 of the output's RMS through two layers.
 # 1e-4 of the RMS leaves 30x room, while a wrong scale, mask or head split moves outputs by O(RMS).
 REL = 1e-4
-
-
-class Logits(nn.Module):
-    """A Hugging Face model's ``.logits`` as a plain tensor output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 def _torchvision_vit() -> tuple[nn.Module, torch.Tensor, int]:

@@ -58,7 +58,7 @@ def resnet18_teacher() -> tuple[nn.Module, int, int]:
     return model, 32, 3
 
 
-def vit_tiny(epochs: int = 20) -> tuple[nn.Module, int, int]:
+def vit_tiny(epochs: int = 30) -> tuple[nn.Module, int, int]:
     """``compress.zoo:vit_tiny`` (torchvision ViT, 2 layers of 4 heads, width 64) trained ``epochs`` with AdamW
     (lr 1e-3, cosine) on the shuffled digits train split at 32x32 RGB, last epoch kept."""
     model = _train("compress.zoo:vit_tiny", {"num_classes": 10}, 32, 3, epochs, 1e-3,

@@ -22,7 +22,9 @@ def digits(split: str, size: int = 8, channels: int = 1, batch_size: int = 64, l
 
 
 def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr: float, path: Path,
-           shuffle: bool = False) -> nn.Module:
+           shuffle: bool = False, **options: object) -> nn.Module:
+    """``factory(**kwargs)`` trained on digits (cached at ``path``); ``options``: more FinetuneConfig fields
+    (with ``keep_best=False`` the last epoch is kept and the test split is never looked at)."""
     if path.exists():
         return compress.load(path).eval()
     torch.manual_seed(0)
@@ -30,7 +32,8 @@ def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr
     spec = DigitsData(source="digits", split="train", size=size, channels=channels, batch_size=64)
     train = build_loader(spec, "digits:train", train=shuffle)
     score = lambda m: compress.metrics.score("top1", compress.metrics.collect(m, digits("test", size, channels)))["top1"]  # noqa: E731
-    compress.finetune(model, train, compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0), evaluate=score, progress=False)
+    config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0, **options)
+    compress.finetune(model, train, config, evaluate=score if config.keep_best else None, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     compress.save(model, path)
     return model.eval()
@@ -53,3 +56,36 @@ def resnet18_teacher() -> tuple[nn.Module, int, int]:
     model = _train("torchvision.models:resnet18", {"num_classes": 10}, 32, 3, 10, 0.05,
                    CACHE / "resnet18_digits32_teacher.pt", shuffle=True)
     return model, 32, 3
+
+
+def vit_tiny(epochs: int = 30) -> tuple[nn.Module, int, int]:
+    """``compress.zoo:vit_tiny`` (torchvision ViT, 2 layers of 4 heads, width 64) trained ``epochs`` with AdamW
+    (lr 1e-3, cosine) on the shuffled digits train split at 32x32 RGB, last epoch kept."""
+    model = _train("compress.zoo:vit_tiny", {"num_classes": 10}, 32, 3, epochs, 1e-3,
+                   CACHE / f"vit_tiny_digits32_e{epochs}.pt", shuffle=True, optimizer="adamw", keep_best=False)
+    return model, 32, 3
+
+
+def topic_tokens(split: str, samples: int, batch_size: int = 64, shuffle: bool = False, seq_len: int = 32
+                 ) -> DataLoader:
+    """``compress.text_data.TopicTokens`` batches (dicts of input_ids, attention_mask, labels)."""
+    from compress.data import make_loader
+    from compress.text_data import TopicTokens
+
+    return make_loader(TopicTokens(split, samples=samples, seq_len=seq_len), f"topic:{split}", batch_size=batch_size,
+                       shuffle=shuffle)
+
+
+def bert_tiny(epochs: int = 10, samples: int = 2048) -> nn.Module:
+    """``compress.zoo:bert_tiny`` (Hugging Face BERT from a config, 2 layers x 4 heads, width 64) trained ``epochs``
+    with AdamW (lr 5e-3, cosine, last epoch kept) on ``samples`` shuffled TopicTokens train samples."""
+    path = CACHE / f"bert_tiny_topics_e{epochs}_n{samples}.pt"
+    if path.exists():
+        return compress.load(path).eval()
+    torch.manual_seed(0)
+    model = compress.build("compress.zoo:bert_tiny", {})
+    config = compress.FinetuneConfig(epochs=epochs, lr=5e-3, optimizer="adamw", seed=0, keep_best=False)
+    compress.finetune(model, topic_tokens("train", samples, shuffle=True), config, progress=False, output="logits")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compress.save(model, path)
+    return model.eval()

@@ -21,6 +21,7 @@ from compress.quant.spec import Target, activation_spec
 from compress.select import matches, select_names
 
 _TARGET_ATTR = "_compress_quant_target"
+_PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ sets meta[this] as attributes of the copy
 
 
 class Attention(str, Enum):
@@ -218,9 +219,10 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input
 
         plan.graph_quantizers = graph.place(work, config.target, activation_spec(config.target), keep)
     _check_graph_patterns(config, offered if traced else None, where)
-    work.__dict__[_TARGET_ATTR] = config.target
-    work.__dict__["_compress_quant_plan"] = plan
-    work.__dict__["_compress_quant_attention"] = config.attention
+    settings = {_TARGET_ATTR: config.target, "_compress_quant_plan": plan, "_compress_quant_attention": config.attention}
+    work.__dict__.update(settings)
+    if isinstance(work, fx.GraphModule):  # copy.deepcopy rebuilds a GraphModule from its graph: keep them across it
+        work.meta.setdefault(_PRESERVED, {}).update(settings)
     if origin is not None:
         if traced:  # a new model: its record must not leak into the float model's origin
             structure.set_origin(work, copy.deepcopy(origin))

@@ -173,3 +173,13 @@ def test_rules_flag_a_transpose_between_dequantize_and_an_attention_matmul() -> 
     report = check_tensorrt(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert not report.passed and report.attention_matmuls == 1
     assert any("attention MatMul input 1 reaches it through a Transpose" in v for v in report.violations)
+
+
+def test_a_deep_copy_keeps_the_target_and_attention_mode() -> None:
+    """copy.deepcopy rebuilds an fx GraphModule from its graph; the quantization settings must survive it."""
+    import copy
+
+    qmodel = quant.prepare(_vit(), "onnxruntime", attention="float")
+    twin = copy.deepcopy(qmodel)
+    assert quant.target_of(twin) is quant.Target.onnxruntime and quant.attention_mode(twin) is quant.Attention.float
+    assert quant.plan_of(twin).layers == quant.plan_of(qmodel).layers

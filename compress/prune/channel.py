@@ -222,7 +222,7 @@ class ChannelPruner:
         nn.MultiheadAttention (see :func:`heads.foreign_attention`)."""
         foreign = heads.foreign_attention(model)
         for g in chosen:
-            inside = next((f for f in foreign if g.attention is None and g.root.startswith(f"{f}.")), None)
+            inside = next((f for f in foreign if g.attention is None and g.root.rpartition(".")[0] == f), None)
             if inside is not None:
                 raise CompressError(
                     f"{self.where}: '{g.root}' is a projection inside '{inside}' ({foreign[inside]}), which splits it "

@@ -189,6 +189,9 @@ def foreign_attention(model: nn.Module) -> dict[str, str]:
     found = {}
     for name, m in model.named_modules():
         heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
-        if name and not isinstance(m, nn.MultiheadAttention) and isinstance(heads, int) and not isinstance(heads, bool):
+        if not name or isinstance(heads, bool) or not isinstance(heads, int):
+            continue
+        owns_projections = any(isinstance(c, nn.Linear) for c in m.children())  # not a block that holds an MHA
+        if owns_projections and not any(isinstance(d, nn.MultiheadAttention) for d in m.modules()):
             found[name] = type(m).__name__
     return found

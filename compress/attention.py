@@ -121,11 +121,26 @@ def explicit_attention(points: AttentionPoints = PLAIN, *, training: bool = Fals
     """While active, ``F.scaled_dot_product_attention`` is :func:`attention` (dropout only with ``training``), and the native
     fast path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` (one fused kernel that no exporter
     and no quantizer can see into) is off. Both are restored on exit; nesting restores the outer setting."""
-    saved, fast = F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()
+    saved = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _routed_attention(points, training)
-    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with no_mha_fastpath():
+            yield
+    finally:
+        F.scaled_dot_product_attention = saved
+
+
+@contextmanager
+def no_mha_fastpath() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` through their matmuls, not their one fused
+    native kernel (which no exporter, quantizer or MACs counter can see into); the setting is restored on exit."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = saved
-        torch.backends.mha.set_fastpath_enabled(fast)
+        mha.set_fastpath_enabled(was)

@@ -18,8 +18,6 @@ scores) or a computed weight (a fake-quantized copy) goes to the innermost modul
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -29,6 +27,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
+from compress.attention import no_mha_fastpath
 from compress.inputs import call_model, take
 
 _aten = torch.ops.aten
@@ -138,21 +137,6 @@ def _address(t: torch.Tensor) -> int | None:
         return None
 
 
-@contextmanager
-def _no_mha_fastpath() -> Iterator[None]:
-    """Run ``nn.MultiheadAttention``/``TransformerEncoderLayer`` through their matmuls, not one fused kernel."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
-
-
 def _enter(stack: list[str], name: str) -> Any:
     def hook(_module: nn.Module, _inputs: Any) -> None:
         stack.append(name)
@@ -192,7 +176,7 @@ def profile_macs(model: nn.Module, example: torch.Tensor) -> MacsProfile:
     model.eval()
     counter = _Counter(owners, stack)
     try:
-        with _no_mha_fastpath(), counter:
+        with no_mha_fastpath(), counter:
             call_model(model, take(example, slice(0, 1)))
     finally:
         model.train(was_training)

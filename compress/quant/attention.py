@@ -112,6 +112,9 @@ class QuantMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,  # a hint about attn_mask, as in nn.MultiheadAttention; the mask decides
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not fx._symbolic_trace.is_fx_tracing() and query.dim() != 3:
+            raise ValueError(f"{type(self).__name__}: batched (3-d) inputs only, got a {query.dim()}-d query; "
+                             "quantize with attention: fused to keep nn.MultiheadAttention for unbatched inputs")
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))

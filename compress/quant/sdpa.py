@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
 from compress.attention import AttentionPoints, attention, explicit_attention
+from compress.inputs import call_model, move_inputs, normalize
 from compress.quant import graph
 from compress.quant.attention import MATMUL_QUANTIZERS
 from compress.quant.quantizer import TensorQuantizer
@@ -121,16 +122,6 @@ def _recording(model: nn.Module, found: dict[str, None]) -> Iterator[None]:
             handle.remove()
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def find_sites(model: nn.Module, example_input: Any) -> list[str]:
     """Names of the modules whose own forward calls ``F.scaled_dot_product_attention`` on ``example_input``
@@ -146,13 +137,7 @@ def find_sites(model: nn.Module, example_input: Any) -> list[str]:
     model.eval()
     try:
         with _recording(model, found):
-            x = _to(example_input, device)
-            if isinstance(x, dict):
-                model(**x)
-            elif isinstance(x, (tuple, list)):
-                model(*x)
-            else:
-                model(x)
+            call_model(model, move_inputs(normalize(example_input), device))
     finally:
         model.train(was_training)
     return [n for n in found if type(model.get_submodule(n)) is not nn.MultiheadAttention]

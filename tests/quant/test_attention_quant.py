@@ -64,6 +64,9 @@ def test_the_split_module_is_the_module_it_replaces(batch_first: bool, masks: st
         assert (got_out - want_out).abs().max() <= 1e-5 * _rms(want_out)
         assert (got_w - want_w).abs().max() <= 1e-5  # probabilities: values in [0, 1]
     assert split(q, k, v, need_weights=False, **kwargs)[1] is None
+    if masks == "none":
+        with pytest.raises(ValueError, match="batched \\(3-d\\) inputs only, got a 2-d query"):
+            split(q[0], k[0], v[0])
 
 
 def test_prepare_quantizes_projections_and_both_attention_matmuls_and_leaves_the_float_model(images) -> None:

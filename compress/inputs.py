@@ -86,6 +86,11 @@ def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     return apply(inputs, lambda t: t[index])
 
 
+def repeat_first(inputs: Inputs, batch: int) -> Inputs:
+    """The first sample of every input tensor repeated ``batch`` times (its dtype and values kept): a batch to time."""
+    return apply(inputs, lambda t: t[:1].detach().cpu().expand(batch, *t.shape[1:]).contiguous())
+
+
 def concat(parts: Sequence[Inputs]) -> Inputs:
     """Batches joined along the batch dimension (all of one layout)."""
     first = parts[0]
@@ -112,10 +117,6 @@ def export_args(inputs: Inputs) -> tuple[Any, ...]:
     if isinstance(inputs, dict):
         return (dict(inputs),)  # the TorchScript exporter takes a trailing dict as keyword arguments
     return tuple(inputs)
-
-
-def is_float(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point()
 
 
 def signature(inputs: Inputs) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
-from compress.inputs import Inputs, apply
+from compress.inputs import Inputs, repeat_first
 
 
 def _stats(times: list[float], bs: int) -> dict[str, float]:
@@ -65,15 +65,11 @@ def latency_interleaved(
     the runs timed round-robin (:func:`round_robin_ms`)."""
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
-        x = apply(sample, functools.partial(_repeat_first, batch=bs))  # every input tensor
+        x = repeat_first(sample, bs)
         times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)
     return results
-
-
-def _repeat_first(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t[:1].expand(batch, *t.shape[1:]).contiguous()
 
 
 def latency(

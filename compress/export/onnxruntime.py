@@ -59,6 +59,27 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
                 "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
+def session_feeds(session: Any, x: Any, label: str) -> dict[str, np.ndarray]:
+    """Feeds for an ONNX Runtime ``session`` from one array/tensor, a tuple of them (positional) or a dict (by
+    input name), each cast to the dtype its graph input declares (token ids stay int64).
+
+    Raises:
+        CompressError: the inputs do not match the graph's (count or names), naming ``label``.
+    """
+    types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    if isinstance(x, dict):
+        if set(x) != set(types):
+            raise CompressError(f"{label}: takes inputs {sorted(types)}, given {sorted(x)}")
+        pairs = list(x.items())
+    else:
+        items = list(x) if isinstance(x, (tuple, list)) else [x]
+        if len(items) != len(types):
+            raise CompressError(f"{label}: takes {len(types)} input(s) {list(types)}, given {len(items)}")
+        pairs = list(zip(types, items, strict=True))
+    return {name: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
+                                       dtype=types[name]) for name, v in pairs}
+
+
 class OrtEngine:
     """An ONNX (or engine) file in an ONNX Runtime CPU session, callable on torch tensors.
 
@@ -84,7 +105,6 @@ class OrtEngine:
         except Exception as exc:  # ORT raises its own exception types for corrupt models
             raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
-        self.inputs = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def feeds(self, x: Any) -> dict[str, np.ndarray]:
@@ -94,18 +114,7 @@ class OrtEngine:
         Raises:
             CompressError: the inputs do not match the graph's (count or names).
         """
-        if isinstance(x, dict):
-            if set(x) != set(self.inputs):
-                raise CompressError(f"engine {self.path}: takes inputs {sorted(self.inputs)}, given {sorted(x)}")
-            pairs = list(x.items())
-        else:
-            items = list(x) if isinstance(x, (tuple, list)) else [x]
-            if len(items) != len(self.inputs):
-                raise CompressError(f"engine {self.path}: takes {len(self.inputs)} input(s) {list(self.inputs)}, "
-                                    f"given {len(items)}")
-            pairs = list(zip(self.inputs, items, strict=True))
-        return {name: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
-                                           dtype=self.inputs[name]) for name, v in pairs}
+        return session_feeds(self.session, x, f"engine {self.path}")
 
     def run(self, x: Any) -> np.ndarray:
         """The first output (the only one of single-output models; :meth:`run_all` has every one)."""

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from compress.errors import CompressError, first_line
 from compress.export.bench import round_robin_ms
 from compress.export.onnx import export_onnx
-from compress.export.onnxruntime import Optimization
-from compress.inputs import Inputs, apply, take, tensors
+from compress.export.onnxruntime import Optimization, session_feeds
+from compress.inputs import Inputs, repeat_first, take
 
 T = TypeVar("T")
 LEVEL = Optimization.all  # ONNX Runtime's own default, what users deploy with
@@ -76,15 +75,6 @@ def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path) -> Pa
     return path
 
 
-def _feeds(session: Any, example: Inputs, batch: int) -> dict[str, np.ndarray]:
-    """The example's first sample repeated ``batch`` times, per graph input: its dtype (token ids stay int64)
-    and a value range the model accepts. Named inputs feed by name, others in order."""
-    repeated = apply(take(example, slice(0, 1)), lambda t: t.detach().cpu().expand(batch, *t.shape[1:]).contiguous())
-    if isinstance(repeated, dict):
-        return {k: v.numpy() for k, v in repeated.items()}
-    return {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors(repeated), strict=True)}
-
-
 def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[int], *,
             threads: int | None = None, seconds: float = 1.0) -> list[EngineLatency]:
     """Median latency of the ``before`` and ``after`` ONNX files, interleaved, at each batch size.
@@ -94,7 +84,9 @@ def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[in
     sessions = [_session(before, threads), _session(after, threads)]
     figures = []
     for bs in batch_sizes:
-        feeds = [_feeds(s, example, bs) for s in sessions]
+        # the example's first sample repeated: its dtype (token ids stay int64) and a value range the model accepts
+        feeds = [session_feeds(s, repeat_first(example, bs), path.name) for s, path in zip(sessions, (before, after),
+                                                                                           strict=True)]
         runs = [lambda s=s, feed=feed: s.run(None, feed) for s, feed in zip(sessions, feeds, strict=True)]
         ms = round_robin_ms(runs, warmup=3, seconds=seconds / len(batch_sizes))
         ratios = [b / a for b, a in zip(ms[0], ms[1], strict=True) if a > 0]

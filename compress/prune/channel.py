@@ -54,7 +54,7 @@ class ChannelOptions:
     round_to: int = DEFAULT_ROUND_TO  # keep a multiple of this many channels; 1: no rounding
     include: tuple[str, ...] = ()  # layers whose output channels may go (a coupled group needs all of them)
     exclude: tuple[str, ...] = ()
-    heads: heads.HeadOptions = field(default_factory=heads.HeadOptions)  # groups through nn.MultiheadAttention
+    heads: heads.HeadOptions = field(default_factory=heads.HeadOptions)  # groups of attention heads
 
 
 class _TooFar(CompressError):
@@ -105,14 +105,15 @@ class ChannelPruner:
         except Exception as exc:  # a user's forward can raise anything
             raise CompressError(f"{self.where}: the model's forward fails on the example input: {first_line(exc)}") from None
         self._before = plan.snapshot(self.model)
+        self._heads_before = {name: heads.head_layout(m) for name, m in self.model.named_modules()}
         self.macs_before = count_macs(self.model, self.example)
         self.skipped: dict[str, str] = {}  # group root -> why it was kept, at the last prune()
 
     def prune(self, ratio: float, attention_ratio: float | None = None) -> dict[str, list[int]]:
         """Prune each group to ``1 - ratio`` of its first-step channels; returns ``{root: [before, after]}``.
 
-        ``attention_ratio``: the ratio of the groups through ``nn.MultiheadAttention`` (the embedding) when it
-        differs (a MACs target refines the MLP widths with the embedding's coarser steps held).
+        ``attention_ratio``: the ratio of the attention-head groups (with ``nn.MultiheadAttention``, the
+        embedding) when it differs (a MACs target refines the MLP widths with the embedding's coarser steps held).
         """
         check_ratio(ratio, self.where)
         backup, initial = copy.deepcopy(self.model), dict(self.initial)
@@ -202,13 +203,12 @@ class ChannelPruner:
         return has_attention(self.model)
 
     def heads(self) -> dict[str, dict[str, list[int]]]:
-        """Per ``nn.MultiheadAttention``: ``{"num_heads": [before, now], "head_dim": [before, now]}``."""
+        """Per attention module (see :func:`heads.head_layout`): ``{"num_heads": [before, now], "head_dim": ...}``."""
         found = {}
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.MultiheadAttention):
-                old = self._before.get(name, {}).get("attrs", {})
-                found[name] = {key: [old.get(key, getattr(module, key)), getattr(module, key)]
-                               for key in ("num_heads", "head_dim")}
+            now, before = heads.head_layout(module), self._heads_before.get(name)
+            if now is not None and before is not None:
+                found[name] = {"num_heads": [before[0], now[0]], "head_dim": [before[1], now[1]]}
         return found
 
     def finish(self) -> dict[str, dict[str, Any]]:
@@ -216,18 +216,6 @@ class ChannelPruner:
         return plan.record(self.model, self._before)
 
     # ------------------------------------------------------------------------------------------
-
-    def _refuse_foreign_heads(self, model: nn.Module, chosen: list[graph.Group]) -> None:
-        """Raises: CompressError: a group would prune the head-split outputs of an attention other than
-        nn.MultiheadAttention (see :func:`heads.foreign_attention`)."""
-        foreign = heads.foreign_attention(model)
-        for g in chosen:
-            inside = next((f for f in foreign if g.attention is None and g.root.rpartition(".")[0] == f), None)
-            if inside is not None:
-                raise CompressError(
-                    f"{self.where}: '{g.root}' is a projection inside '{inside}' ({foreign[inside]}), which splits it "
-                    "into attention heads; compress prunes heads only in nn.MultiheadAttention, and channel by "
-                    f"channel would mix heads: exclude them (exclude: [\"{inside}.*\"]) to prune the other layers")
 
     def _prune_copy(self, ratio: float, only: str) -> nn.Module:
         probe = copy.deepcopy(self.model)
@@ -256,7 +244,6 @@ class ChannelPruner:
                 chosen.append(g)
         if not chosen:
             raise CompressError(f"{self.where}: no channel group can be pruned ({self._skip_summary(skipped)})")
-        self._refuse_foreign_heads(model, chosen)
         scores = {g.root: self._score(g) for g in chosen}
         for g in chosen:
             initial.setdefault(g.root, g.units)
@@ -272,7 +259,7 @@ class ChannelPruner:
                 first = (initial[f"{g.root}/heads"], initial[f"{g.root}/head_dim"])
                 cut = heads.choose(g.attention, scores[g.root], ratio if attention_ratio is None else attention_ratio,
                                    first, self.options.heads, self.options.round_to)
-                idxs = cut.idxs
+                idxs = g.attention.expand(cut.idxs)
             else:
                 n = counts[g.root]
                 order = torch.argsort(scores[g.root], stable=True)[:n]
@@ -287,7 +274,7 @@ class ChannelPruner:
                 old_heads = g.attention.num_heads
                 heads.set_heads(g.attention, cut.num_heads)
                 group.prune()
-                heads.sync(model, g.attention, g.channels, old_heads)
+                heads.sync(model, g.attention, cut, g.channels, old_heads)
             else:
                 group.prune()
             changed[g.root] = [g.channels, g.channels - len(idxs)]
@@ -300,6 +287,9 @@ class ChannelPruner:
             return g.unsupported
         if g.attention is not None and not (self.options.heads.prune_num_heads or self.options.heads.prune_head_dims):
             return "attention heads: prune_num_heads and prune_head_dims are both off"
+        if g.attention is not None and g.attention.per_head_norm:
+            return (f"'{g.attention.per_head_norm}' normalises q or k over head_dim, which the dependency tracer "
+                    "cannot follow: the heads stay")
         for layer in g.layers:
             if layer in frozen:
                 return f"feeds the model's output through '{layer}'"
@@ -412,7 +402,8 @@ def channels(
         round_to: keep a multiple of this many channels per layer (rounded up, never to 0); default
             ``DEFAULT_ROUND_TO`` (8, what ONNX Runtime's CPU kernels and tensor cores want); 1: no rounding.
         include/exclude: layer-name patterns of the layers whose output channels may go.
-        prune_num_heads: in groups through ``nn.MultiheadAttention`` (a ViT's embedding), remove whole heads.
+        prune_num_heads: in groups of attention heads (``nn.MultiheadAttention``, whose width is a ViT's
+            embedding; Hugging Face and timm q/k/v projections), remove whole heads.
         prune_head_dims: there, remove the same number of channels inside every head (default).
         head_pruning_ratio: fraction of the heads to remove (with ``prune_num_heads``); None: ``ratio``.
 
@@ -447,21 +438,21 @@ def channels(
 
 
 def has_attention(model: nn.Module) -> bool:
-    """Whether ``model`` has ``nn.MultiheadAttention`` (its embedding then moves head-wise)."""
-    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    """Whether ``model`` has attention heads (:func:`heads.head_layout`), whose channels move head-wise."""
+    return any(heads.head_layout(m) is not None for m in model.modules())
 
 
 def overshoot(requested: float, achieved: float, round_to: int, limit: float = OVERSHOOT, *,
               attention: bool = False) -> str | None:
     """What to say when a MACs target landed more than ``limit`` times further than ``requested``, else None.
 
-    ``attention``: the model has ``nn.MultiheadAttention``, whose embedding channels go a step per head.
+    ``attention``: the model has attention heads, whose channels go a step per head.
     """
     if achieved <= requested * limit:
         return None
     if attention:
-        return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x (the embedding of nn.MultiheadAttention "
-                f"moves in steps of round_to: {round_to} channels per head); prune_num_heads: true"
+        return (f"macs_reduction: asked {requested:g}x, got {achieved:.2f}x (attention heads move "
+                f"in steps of round_to: {round_to} channels per head); prune_num_heads: true"
                 + (" or a smaller round_to" if round_to > 1 else "") + " gives finer steps")
     why = f"channels move in steps of round_to: {round_to} and whole coupled groups" if round_to > 1 \
         else "whole coupled groups of channels go at once"

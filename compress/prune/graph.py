@@ -17,7 +17,7 @@ from torch import nn
 
 from compress.errors import CompressError, first_line
 from compress.inputs import call_model
-from compress.prune.heads import Attention, attention_of
+from compress.prune.heads import Attention, Layout, attention_of
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -40,7 +40,7 @@ class Group:
     ch_groups: int
     tp_group: Any
     unsupported: str | None = None  # why the group cannot be pruned safely
-    attention: Attention | None = None  # the nn.MultiheadAttention modules whose heads the group's channels form
+    attention: Attention | None = None  # the attention modules whose heads the group's channels form
 
     @property
     def units(self) -> int:
@@ -161,8 +161,8 @@ def groups(dg: Any, model: nn.Module) -> list[Group]:
                 if seen != channels:  # e.g. a concatenation feeds a grouped conv: group positions differ
                     unsupported = f"grouped layer '{names.get(module, '?')}' sees these channels among others"
             ch_groups = max(ch_groups, split or 1)
-        attention, why = attention_of(tp_group, names)
-        if attention is not None:  # out_proj is pruned by the attention's own pruner: list it for include/exclude
+        attention, why = attention_of(tp_group, names, model, channels)
+        if attention is not None and attention.layout is Layout.mha:  # out_proj is pruned by the MHA's own pruner
             layers += [f"{name}.out_proj" for name in attention.names if f"{name}.out_proj" not in layers]
         found.append(Group(names[root], layers, channels, ch_groups, tp_group, unsupported or why, attention))
     return found

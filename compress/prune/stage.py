@@ -76,7 +76,7 @@ class PruneConfig(Strict):
     round_to: Annotated[int, Field(ge=1)] | None = None  # channel: None = DEFAULT_ROUND_TO (8); 1 = no rounding
     latency_check: bool | LatencyCheck = True  # channel: engine latency before/after (false: skip, faster)
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
-    # channel, models with nn.MultiheadAttention (Torch-Pruning's names): the embedding channels go head-wise
+    # channel, attention heads (nn.MultiheadAttention, Hugging Face, timm; Torch-Pruning's names): go head-wise
     prune_num_heads: bool = False  # remove whole attention heads
     prune_head_dims: bool = True  # remove the same number of channels inside every head
     head_pruning_ratio: Ratio | None = None  # fraction of heads removed; None: the channel ratio

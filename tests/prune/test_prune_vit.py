@@ -198,6 +198,6 @@ def test_an_overshoot_on_a_vit_names_the_head_steps_and_the_ways_to_finer_ones()
     with pytest.warns(UserWarning) as caught:
         compress.prune.channels(model, x, macs_reduction=2.0)
     assert [str(w.message) for w in caught] == [
-        "prune.channels: macs_reduction: asked 2x, got 3.35x (the embedding of nn.MultiheadAttention moves in steps "
+        "prune.channels: macs_reduction: asked 2x, got 3.35x (attention heads move in steps "
         "of round_to: 8 channels per head); prune_num_heads: true or a smaller round_to gives finer steps"]
     assert all(m.head_dim == 8 for m in _attentions(model))

@@ -196,9 +196,9 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input
     in_attention = _rewrite_attention(work, chosen, config, plan)
     sites = _quantize_sdpa(work, chosen, config, plan, sites, where)
     if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
-        plan.skipped.update((n, (Skip.never_called, "forward never calls it as a module (not in the torch.fx trace)"))
-                            for n in chosen if not _has_module(work, n))
-        chosen = [n for n in chosen if _has_module(work, n)]
+        plan.skipped.update((n, (Skip.never_called, _why_not_called(work, n))) for n in chosen
+                            if not _called(work, model, n))
+        chosen = [n for n in chosen if _called(work, model, n)]
     # ONNX Runtime: quantize each tensor once at its producer (graph pass), not per consumer layer.
     layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
     for name in chosen:
@@ -317,6 +317,18 @@ def _has_module(root: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def _called(traced: fx.GraphModule, model: nn.Module, name: str) -> bool:
+    """Whether the fx trace calls layer ``name`` as a module. A layer whose forward reads only its weight (e.g.
+    torchvision Swin's ``F.linear(x, self.qkv.weight)``) survives in the trace as a bare ``nn.Module`` holding it."""
+    return _has_module(traced, name) and type(traced.get_submodule(name)) is type(model.get_submodule(name))
+
+
+def _why_not_called(traced: fx.GraphModule, name: str) -> str:
+    if _has_module(traced, name):
+        return "forward reads its weight directly (e.g. F.linear(x, layer.weight)), never calling it: left float"
+    return "forward never calls it as a module (not in the torch.fx trace)"
 
 
 def _check_graph_patterns(config: QuantConfig, placed: list[str] | None, where: str) -> None:

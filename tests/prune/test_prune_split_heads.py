@@ -141,13 +141,17 @@ def test_timm_packed_qkv_loses_the_same_heads_in_q_k_and_v() -> None:
     _same(_logits(model, x), _logits(original, x))
 
 
-def test_timm_head_dims_shrink_in_every_head() -> None:
+def test_timm_head_dims_shrink_in_every_head_and_export_at_opset_13(tmp_path) -> None:
     model, x = _timm_vit(), torch.randn(2, 3, 32, 32)
     prune.channels(model, x, ratio=0.5, round_to=8)
     for block in model.blocks:
         a = block.attn
         assert (a.num_heads, a.head_dim, a.attn_dim) == (3, 32, 96) and a.qkv.out_features == 288
-    assert _logits(model, x).shape == (2, 10)
+    path = tmp_path / "vit.onnx"
+    compress.export.onnx(model, x, path, opset=13)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    _same(torch.as_tensor(got), _logits(model, x))
 
 
 def test_per_head_qk_norm_keeps_the_heads_and_says_why() -> None:

@@ -7,7 +7,8 @@ Models: digits_cnn (8x8 digits) and torchvision resnet18 (digits upscaled to 32x
 bench_models. Measured: top-1 on the digits test split (360 samples, so one sample is 0.28 pt) of
 - the FP32 model;
 - PTQ: ``quant.prepare(model, "tensorrt")`` + ``ptq.calibrate`` with each calibrator (max,
-  percentile 99.99, entropy, mse) on the first 512 train samples;
+  percentile 99.99, entropy, mse, and auto: per quantizer the least error downstream) on the first 512 train
+  samples;
 - QAT: the best PTQ model (highest top-1, ties to the earlier calibrator) fine-tuned with
   ``compress.finetune`` + ``QatCallback`` on the shuffled train split (1437 samples), the same
   epochs/lr for both models, no test-set model selection (the last epoch is kept).
@@ -62,7 +63,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, int, int]]] = {
     "digits_cnn": bench_models.digits_cnn,
     "resnet18": bench_models.resnet18,
 }
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 CALIB_SAMPLES = 512
 TARGET = "tensorrt"
 PTQ_TARGET, QAT_TARGET = 0.3, 0.1

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from compress.data import split_batch
 from compress.errors import CompressError, DataError, first_line, parse_enum
 from compress.inputs import batch_size, call_model, move_inputs, take
+from compress.ptq import auto
 from compress.ptq.calibrators import HistogramCalibrator, MaxCalibrator, Method, make
 from compress.ptq.table import LayerCalibration, layer_entry
 from compress.quant import quantizers, refresh_weight_amax
@@ -73,7 +74,9 @@ def calibrate(
     Args:
         data: batches of ``(inputs, labels)`` or inputs.
         method: ``max``, ``percentile``, ``entropy`` (KL, 2048 bins, 128 levels; 256 for a
-            non-negative tensor on a uint8 target) or ``mse``.
+            non-negative tensor on a uint8 target), ``mse``, or ``auto``: per quantizer, the one of those four
+            with the least error at the output of the layer it feeds (:mod:`compress.ptq.auto`; the report's
+            per-layer ``method`` says which).
         limit: stop after this many samples (default: all of ``data``).
         device: where to run (default: where the model is); histograms are kept there too.
 
@@ -110,14 +113,18 @@ def calibrate(
         # disable=None: off when stderr is not a terminal (CI logs); the label stays short, the location
         # (`where`) belongs in error messages
         bar = tqdm(data, desc="calibrate", disable=None if progress else True, leave=False)
+        kept: list[object] = []  # auto: the first AUTO_SAMPLES samples, to compare candidates on
         for batch in bar:
             inputs, _ = split_batch(batch)
             if limit is not None and samples >= limit:
                 break
             if limit is not None and samples + batch_size(inputs) > limit:
                 inputs = take(inputs, slice(0, limit - samples))
+            inputs = move_inputs(inputs, device)
+            if method is Method.auto and samples < auto.AUTO_SAMPLES:
+                kept.append(take(inputs, slice(0, auto.AUTO_SAMPLES - samples)))
             try:
-                call_model(model, move_inputs(inputs, device))
+                call_model(model, inputs)
             except CompressError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             except Exception as exc:  # the user's model may raise anything on a bad batch
@@ -126,11 +133,15 @@ def calibrate(
             batches += 1
         if samples == 0:
             raise DataError(f"{where}: the calibration data is empty")
+        for name, _q in acts:
+            if not calibrators[name].seen:
+                raise CompressError(f"{where}: {name} saw no data (its layer never ran); exclude it")
+        chosen = _auto(model, acts, calibrators, weights, kept, percentile) if method is Method.auto else {}
         for name, q in acts:
             cal = calibrators[name]
-            if not cal.seen:
-                raise CompressError(f"{where}: {name} saw no data (its layer never ran); exclude it")
-            if isinstance(cal, MaxCalibrator):
+            if name in chosen:
+                amax = chosen[name].amax[chosen[name].best]
+            elif isinstance(cal, MaxCalibrator):
                 amax = cal.compute_amax()
             else:
                 nonneg = q.spec.unsigned and cal.nonneg
@@ -139,7 +150,10 @@ def calibrate(
                 q.set_amax(amax, nonneg=cal.nonneg)
             except CompressError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
-            table.append(layer_entry(name, method.value, cal, amax))
+            row = layer_entry(name, method.value, cal, amax)
+            if name in chosen:
+                row = chosen[name].row(row)
+            table.append(row)
     finally:
         for _, q in acts:
             q.calibrator, q.calib_enabled = None, False
@@ -147,3 +161,30 @@ def calibrate(
             q.quant_enabled = True
         model.train(was_training)
     return Calibration(method.value, samples, batches, len(acts), round(time.perf_counter() - start, 3), table)
+
+
+def _auto(model: nn.Module, acts: list[tuple[str, TensorQuantizer]], calibrators: dict[str, object],
+          weights: list[TensorQuantizer], kept: list[object], percentile: float) -> dict[str, auto.Choice]:
+    """Per activation quantizer, the candidate ranges and their errors downstream (see :mod:`compress.ptq.auto`):
+    the model runs float on ``kept`` with its weights quantized."""
+    where = auto.consumers(model, [name for name, _ in acts])
+    choices, nonneg = {}, {}
+    for name, q in acts:
+        cal = calibrators[name]
+        assert isinstance(cal, HistogramCalibrator)
+        nonneg[name] = cal.nonneg
+        choices[name] = auto.Choice(auto.candidates(cal, nonneg=q.spec.unsigned and cal.nonneg, percentile=percentile),
+                                    where[name])
+    states = [(q, q.quant_enabled, q.calib_enabled) for _, q in acts]
+    for q, _, _ in states:
+        q.quant_enabled = q.calib_enabled = False
+    for q in weights:
+        q.quant_enabled = True
+    try:
+        auto.measure(model, dict(acts), choices, nonneg, kept)
+    finally:
+        for q, enabled, calib in states:
+            q.quant_enabled, q.calib_enabled = enabled, calib
+        for q in weights:
+            q.quant_enabled = False
+    return choices

@@ -23,6 +23,7 @@ class Method(str, Enum):
     percentile = "percentile"
     entropy = "entropy"
     mse = "mse"
+    auto = "auto"  # per quantizer, the one of the four above with the least error downstream (compress.ptq.auto)
 
 
 class _Range:
@@ -137,4 +138,4 @@ class HistogramCalibrator(_Range):
 
 
 def make(method: Method) -> MaxCalibrator | HistogramCalibrator:
-    return MaxCalibrator() if method is Method.max else HistogramCalibrator()
+    return MaxCalibrator() if method is Method.max else HistogramCalibrator()  # auto: every candidate from one

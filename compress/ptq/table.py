@@ -24,6 +24,9 @@ class LayerCalibration:
     Attributes:
         clipped: share of the calibration values above ``amax``, from the histogram (bins that lie
             wholly above ``amax``: low by at most one bin's count); 0 for ``max``.
+        measured_at: ``calibrator: auto`` only: the layers whose outputs the candidates were compared at
+            ([]: the tensor itself).
+        errors: ``calibrator: auto`` only: each candidate's squared error there, relative to the chosen one's.
     """
 
     name: str
@@ -31,6 +34,8 @@ class LayerCalibration:
     amax: float
     max: float
     clipped: float
+    measured_at: list[str] | None = None
+    errors: dict[str, float | None] | None = None  # None: infinitely worse (the chosen one's error is 0)
 
     @property
     def warning(self) -> str | None:
@@ -43,8 +48,13 @@ class LayerCalibration:
                 f"(amax {self.amax:.4g} vs observed max {self.max:.4g}); try calibrator percentile or mse")
 
     def to_dict(self) -> dict[str, object]:
-        return {**asdict(self), "amax": round(self.amax, 6), "max": round(self.max, 6),
-                "clipped": round(self.clipped, 6)}
+        out = {**asdict(self), "amax": round(self.amax, 6), "max": round(self.max, 6),
+               "clipped": round(self.clipped, 6)}
+        if self.errors is None:
+            del out["errors"], out["measured_at"]
+        else:
+            out["errors"] = {k: None if v is None else round(v, 4) for k, v in self.errors.items()}
+        return out
 
 
 def clipped_share(cal: MaxCalibrator | HistogramCalibrator, amax: float) -> float:

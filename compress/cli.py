@@ -278,7 +278,7 @@ def _check_collect(args: argparse.Namespace, runner: Any, saved_ref: Reference |
 
     if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model], output=args.output)
-        ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
+        ref = metrics.alongside(out, saved_ref.outputs, saved_ref.labels)
         if tuple(out.logits.shape) != tuple(ref.logits.shape):
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
@@ -376,7 +376,7 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     --max-rel-error); a failure is added to ``result``'s."""
     from compress.export.check import compare
     from compress.export.drift import file_digest
-    from compress.metrics import Outputs
+    from compress.metrics import alongside
 
     if saved.model_outputs is None:
         return {"max_rel_error": None, "note": "the reference file holds no model outputs (written before v2)"}
@@ -384,7 +384,7 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     bound = float(meta["tolerance"]) if args.max_rel_error is None else _finite(args.max_rel_error)
     if bound is None:
         return {"max_rel_error": None, "note": "turned off by --max-rel-error inf", "calibration": meta}
-    drift = compare(out, Outputs(saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
+    drift = compare(out, alongside(out, saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
     same = meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model)
     other = "" if same else f" ({args.model} is not the file these outputs were saved for: {meta.get('model')})"
     result.failures.extend(f"drift: {f}{other}" for f in drift.failures)

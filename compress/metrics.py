@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from pydantic import field_validator, model_serializer, model_validator
@@ -22,13 +22,15 @@ from compress.inputs import call_model, describe_inputs, move_inputs
 from compress.outputs import SINGLE, describe, named, require_task, task_output
 from compress.positions import (
     IGNORE_INDEX,
+    Dim,
     attention_mask,
     class_dim,
-    default_class_dim,
     lengths,
     pad_cat,
+    resolve_dim,
     valid_positions,
 )
+from compress.task_metrics import TASK, check_labels, miou, pixel_accuracy, top1  # noqa: F401 (public here too)
 
 LABEL_FREE = ("agreement", "cosine")
 SEGMENTATION = ("pixel_accuracy", "miou")  # labels [N, H, W] against outputs [N, classes, H, W]
@@ -66,88 +68,10 @@ class MetricSpec(Strict):
         return self.name if self.output is None else {"name": self.name, "output": self.output}
 
 
-Dim = Union[int, None, Literal["auto"]]  # noqa: UP007 (a runtime alias) the class axis; "auto": by rank
-
-
-def _dim(outputs: torch.Tensor, dim: Dim) -> int | None:
-    return default_class_dim(outputs.ndim) if dim == "auto" else dim
-
-
-def _per_position(outputs: torch.Tensor, labels: torch.Tensor, dim: int | None, valid: torch.Tensor | None,
-                  name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(predicted classes, labels, classes)`` of the positions that count, flattened: those ``valid`` keeps
-    whose label is a class (an ignore index, -100 or 255, is left out)."""
-    if dim is None or outputs.ndim < 3 or labels.shape != (*outputs.shape[:dim], *outputs.shape[dim + 1:]):
-        raise DataError(f"{name} needs (N, classes, H, W) outputs and (N, H, W) labels (or (N, T, classes) and "
-                        f"(N, T)), got {list(outputs.shape)} and {list(labels.shape)}")
-    classes = outputs.shape[dim]
-    keep = (labels >= 0) & (labels < classes)
-    if valid is not None:
-        keep &= valid
-    return outputs.argmax(dim)[keep], labels[keep].long(), classes
-
-
-def top1(outputs: torch.Tensor, labels: torch.Tensor, dim: Dim = "auto", valid: torch.Tensor | None = None) -> float:
-    """Fraction of samples whose arg-max output equals the label; for per-position outputs (``dim``: the
-    class axis, see :mod:`compress.positions`) the fraction of positions, as :func:`pixel_accuracy`."""
-    dim = _dim(outputs, dim)
-    if dim is not None and outputs.ndim > 2:
-        return pixel_accuracy(outputs, labels, dim, valid)
-    if outputs.ndim != 2 or labels.ndim != 1 or len(outputs) != len(labels):
-        raise DataError(f"top1 needs (N, classes) outputs and N labels, got {list(outputs.shape)} and {list(labels.shape)}")
-    return float((outputs.argmax(1) == labels).float().mean())
-
-
-def pixel_accuracy(outputs: torch.Tensor, labels: torch.Tensor, dim: Dim = "auto",
-                   valid: torch.Tensor | None = None) -> float:
-    """Fraction of positions (pixels, tokens) whose arg-max over classes equals the label (positions labelled
-    outside 0..classes-1, an ignore index such as 255 or -100, are left out here and in :func:`miou`, as are
-    those ``valid`` marks False: padding, a zero attention mask).
-
-    Raises:
-        DataError: labels not of the positions' shape, or no position with a label.
-    """
-    pred, labels, _ = _per_position(outputs, labels, _dim(outputs, dim), valid, "pixel_accuracy")
-    if not labels.numel():
-        raise DataError("pixel_accuracy: no position has a label in 0..classes-1")
-    return float((pred == labels).double().mean())
-
-
-def miou(outputs: torch.Tensor, labels: torch.Tensor, dim: Dim = "auto", valid: torch.Tensor | None = None) -> float:
-    """Mean intersection over union of the arg-max classes, over the classes present in the labels or
-    the predictions (a class absent from both has no IoU and is left out); positions as :func:`pixel_accuracy`."""
-    pred, labels, classes = _per_position(outputs, labels, _dim(outputs, dim), valid, "miou")
-    bins = torch.bincount(labels * classes + pred, minlength=classes * classes).reshape(classes, classes).double()
-    inter = bins.diagonal()
-    union = bins.sum(0) + bins.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
-
-
-TASK = {"top1": top1, "pixel_accuracy": pixel_accuracy, "miou": miou}
-
-
-def check_labels(logits: torch.Tensor, labels: torch.Tensor | None, where: str) -> None:
-    """Class indices must address the model's outputs: 0..classes-1 for ``(N, classes)`` logits.
-
-    Only integer ``(N,)`` labels against ``(N, classes)`` logits are checked (soft or absent labels pass).
-
-    Raises:
-        DataError: a label outside 0..classes-1, naming ``where``.
-    """
-    if labels is None or labels.is_floating_point() or not labels.numel():
-        return
-    if not (logits.ndim == 2 and labels.ndim == 1) and not (logits.ndim == 4 and labels.ndim == 3):
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= logits.shape[1]:
-        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
-
-
 def predictions(outputs: torch.Tensor, dim: Dim = "auto") -> torch.Tensor:
     """Arg-max over the class axis ``dim`` (see :mod:`compress.positions`): per sample ``[N]``, per position
     ``[N, H, W]`` for ``[N, C, H, W]`` or ``[N, T]`` for ``[N, T, C]``; ``dim`` None: over the whole sample."""
-    dim = _dim(outputs, dim)
+    dim = resolve_dim(outputs, dim)
     if dim is None:
         return outputs.reshape(len(outputs), -1).argmax(1)
     return outputs.argmax(dim)
@@ -155,7 +79,7 @@ def predictions(outputs: torch.Tensor, dim: Dim = "auto") -> torch.Tensor:
 
 def counted(outputs: torch.Tensor, dim: Dim = "auto", valid: torch.Tensor | None = None) -> torch.Tensor:
     """The values of the positions ``valid`` keeps, ``[positions, classes]`` (all of ``outputs`` without ``valid``)."""
-    dim = _dim(outputs, dim)
+    dim = resolve_dim(outputs, dim)
     if valid is None or dim is None:
         return outputs
     return outputs.movedim(dim, -1)[valid]
@@ -167,7 +91,7 @@ def fidelity(outputs: torch.Tensor, reference: torch.Tensor, dim: Dim = "auto",
     per-sample cosine, max and mean absolute error vs ``reference``, over the positions ``valid`` keeps."""
     if outputs.shape != reference.shape:
         raise CompressError(f"outputs of shape {list(outputs.shape)} cannot be compared with reference {list(reference.shape)}")
-    dim = _dim(outputs, dim)
+    dim = resolve_dim(outputs, dim)
     same = predictions(outputs, dim) == predictions(reference, dim)
     if valid is not None and dim is not None:
         same = same[valid]
@@ -232,6 +156,14 @@ class Outputs:
     def layout(self, name: str) -> tuple[int | None, torch.Tensor | None]:
         """``(class axis, positions that count)`` of output ``name``."""
         return self.class_dims[name], self.valid.get(name)
+
+
+def alongside(outputs: Outputs, tensor: torch.Tensor, labels: torch.Tensor | None) -> Outputs:
+    """Outputs saved from the same inputs as ``outputs``' task output (a saved reference file's), under its name
+    and with its layout (class axis, positions that count), which the saved file does not record."""
+    name = outputs.task_name
+    valid = {name: outputs.valid[name]} if name in outputs.valid else {}
+    return Outputs({name: tensor}, labels, name, {name: outputs.class_dims[name]}, valid)
 
 
 def pair_outputs(outputs: Outputs, reference: Outputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -22,6 +22,7 @@ Face's ignore index -100, segmentation's 255) are left out of the task metric on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,14 @@ MASK_NAMES = ("attention_mask",)
 def default_class_dim(ndim: int) -> int | None:
     """The class axis of an output of ``ndim`` dims when nothing else tells: 1, or None (per sample) for 3-D."""
     return None if ndim in (1, 3) else 1
+
+
+Dim = Union[int, None, Literal["auto"]]  # noqa: UP007 (a runtime alias) the class axis; "auto": by rank
+
+
+def resolve_dim(outputs: torch.Tensor, dim: Dim) -> int | None:
+    """``dim``, or the default for the rank of ``outputs`` when ``"auto"``."""
+    return default_class_dim(outputs.ndim) if dim == "auto" else dim
 
 
 def lengths(inputs: Inputs, labels: torch.Tensor | None) -> set[int]:

@@ -189,10 +189,42 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from compress import metrics
     from compress.export.check import as_runner, compare
-    from compress.export.drift import FLOAT_TOLERANCE, calibrate, file_digest, is_fp32
-    from compress.export.reference import is_reference_file, load_reference, save_reference
+
+    recipe, saved_ref, spec = _check_setup(args)
+    batches, inputs = _check_batches(args, saved_ref, recipe, spec)
+    level = Optimization(args.optimization)
+    runner = as_runner(args.model, optimization=level, trust=_trust(args))
+    out, ref, max_rel_error = _check_collect(args, runner, saved_ref, batches, level)
+    result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
+                     min_agreement=args.min_agreement, min_cosine=args.min_cosine, max_rel_error=max_rel_error)
+    drift = _saved_drift(args, saved_ref, out, result) if saved_ref is not None else None  # may fail the result
+    data = args.data if recipe is None else f"{args.recipe} (data.eval)"
+    doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
+           **result.to_dict(), **({"drift": drift} if drift is not None else {})}
+    if spec is not None:  # what was read, every option in effect: a factory's default split shows here
+        from compress.data import describe_spec
+
+        doc["data_used"] = describe_spec(spec)
+        doc["data_spec"] = spec.model_dump(mode="json")
+    if args.layers is not None:
+        doc.update(_check_layers(args, batches))
+    if args.save_reference is not None:
+        doc.update(_check_save_reference(args, out, ref, inputs, level, data))
+    io.write_json(args.report, doc)
+    io.write_text(args.report.with_suffix(".md"), _check_markdown(doc))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_check(args, doc, result)
+    return 0 if result.passed else 1
+
+
+def _check_setup(args: argparse.Namespace) -> tuple[Recipe | None, Reference | None, DataSpec | None]:
+    """Every argument of ``compress check`` checked before any model loads; ``args.metric``/``args.output``
+    filled from the recipe. Returns the recipe, the saved reference file's contents and the data spec."""
+    from compress import metrics
+    from compress.export.reference import is_reference_file, load_reference
 
     if args.batch_size is not None and args.batch_size <= 0:
         raise CompressError(f"--batch-size: must be positive, not {args.batch_size}")
@@ -234,85 +266,84 @@ def _cmd_check(args: argparse.Namespace) -> int:
             spec = spec.model_copy(update={"batch_size": args.batch_size})
     if args.layers is not None and (Path(args.model).suffix != ".onnx" or args.layers < 1):
         raise CompressError("--layers: needs MODEL as an .onnx file and N >= 1")
-    saved_ref = load_reference(args.reference) if saved else None
-    batches, inputs = _check_batches(args, saved_ref, recipe, spec)
-    level = Optimization(args.optimization)
-    runner = as_runner(args.model, optimization=level, trust=_trust(args))
+    return recipe, (load_reference(args.reference) if saved else None), spec
+
+
+def _check_collect(args: argparse.Namespace, runner: Any, saved_ref: Reference | None, batches: list[Any],
+                   level: Optimization) -> tuple[Any, Any, float | None]:
+    """MODEL's and REF's outputs (REF's from the saved file when it is one) and the max_rel_error to apply."""
+    from compress import metrics
+    from compress.export.check import as_runner
+    from compress.export.drift import FLOAT_TOLERANCE, is_fp32
+
     if saved_ref is not None:
         (out,) = metrics.collect_many([runner], batches, names=[args.model], output=args.output)
-        ref = metrics.Outputs(saved_ref.outputs, saved_ref.labels)
+        ref = metrics.alongside(out, saved_ref.outputs, saved_ref.labels)
         if tuple(out.logits.shape) != tuple(ref.logits.shape):
             raise CompressError(f"{args.model}: outputs {list(out.logits.shape)} but {args.reference} holds "
                                 f"{list(ref.logits.shape)}")
-        max_rel_error = None  # REF's saved outputs: the thresholds as given; MODEL's own: the drift bound below
-    else:
-        ref_runner = as_runner(args.reference, optimization=level, trust=_trust(args))
-        out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference],
-                                        output=args.output)
-        fp32 = args.max_rel_error is None and is_fp32(runner) and is_fp32(ref_runner)
-        max_rel_error = FLOAT_TOLERANCE if fp32 else _finite(args.max_rel_error)
-    result = compare(out, ref, metric=args.metric, max_drop=args.max_drop, max_drop_samples=args.max_drop_samples,
-                     min_agreement=args.min_agreement, min_cosine=args.min_cosine, max_rel_error=max_rel_error)
-    drift = _saved_drift(args, saved_ref, out, result) if saved_ref is not None else None  # may fail the result
-    data = args.data if recipe is None else f"{args.recipe} (data.eval)"
-    doc = {"model": args.model, "reference": args.reference, "data": data, "optimization": level.value,
-           **result.to_dict(), **({"drift": drift} if drift is not None else {})}
-    if spec is not None:  # what was read, every option in effect: a factory's default split shows here
-        from compress.data import describe_spec
+        return out, ref, None  # REF's saved outputs: the thresholds as given; MODEL's own: the drift bound
+    ref_runner = as_runner(args.reference, optimization=level, trust=_trust(args))
+    out, ref = metrics.collect_many([runner, ref_runner], batches, names=[args.model, args.reference],
+                                    output=args.output)
+    fp32 = args.max_rel_error is None and is_fp32(runner) and is_fp32(ref_runner)
+    return out, ref, FLOAT_TOLERANCE if fp32 else _finite(args.max_rel_error)
 
-        doc["data_used"] = describe_spec(spec)
-        doc["data_spec"] = spec.model_dump(mode="json")
-    if args.layers is not None:
-        import torch
 
-        from compress.data import split_batch
-        from compress.export.localize import localize
+def _check_layers(args: argparse.Namespace, batches: list[Any]) -> dict[str, Any]:
+    """``--layers``: where MODEL and REF part, layer by layer, for the report."""
+    import torch
 
-        if not all(isinstance(split_batch(b)[0], torch.Tensor) for b in batches):
-            raise CompressError("--layers: localizes models of one input tensor; this data has several (token ids, masks)")
-        found = localize(args.model, args.reference, (split_batch(b)[0] for b in batches), trust=_trust(args))
-        doc["layers"] = [e.to_dict() for e in found.layers]
-        doc["unmatched_layers"] = found.unmatched
-        doc["layers_view"] = found.view  # the taps' view; the verdict above ran at the deployed level
-    if args.save_reference is not None:
-        from compress.report import _versions
+    from compress.data import split_batch
+    from compress.export.localize import localize
 
-        if len(ref.tensors) > 1:
-            raise CompressError(f"--save-reference: stores one output, but {args.reference} returns "
-                                f"{len(ref.tensors)} ({', '.join(ref.names)})")
-        bound = calibrate(args.model, inputs, out.logits, args.batch_size or 64)
-        drift = {**bound.to_dict(), "model": str(args.model), "model_sha256": file_digest(args.model),
-                 "optimization": level.value}
-        save_reference(args.save_reference, inputs, ref.logits, ref.labels,
-                       {"reference": str(args.reference), "data": data, "versions": _versions(), "drift": drift},
-                       model_outputs=out.logits)
-        doc["saved_drift_tolerance"] = bound.tolerance
-        doc["saved_reference"] = str(args.save_reference)
-    io.write_json(args.report, doc)
-    io.write_text(args.report.with_suffix(".md"), _check_markdown(doc))
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        of = f" of {doc['data_used']}" if "data_used" in doc else ""  # what was read: a default train split shows
-        print(
-            f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
-            f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} samples)'} "
-            f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
-            f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
-        )
-        if "drift" in doc:
-            d = doc["drift"]
-            print(f"drift vs the outputs saved for {d['saved_from']}: max |error| {d['rel_error']:.3g} of their RMS "
-                  f"(bound {d['max_rel_error']:.3g}) | {d['changed']} samples changed their arg-max"
-                  if d["max_rel_error"] is not None else f"drift: not checked ({d['note']})")
-        for entry in doc.get("layers", [])[: args.layers]:
-            print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
-        if doc.get("layers_view", {}).get("model", {}).get("unfused"):
-            ops = ", ".join(f"{n} {op}" for op, n in doc["layers_view"]["model"]["unfused"].items())
-            print(f"  (layers tapped on MODEL's un-fused view: {ops} rewritten as plain ops, optimisation off; "
-                  f"the verdict ran at {level.value})")
-        print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
-    return 0 if result.passed else 1
+    if not all(isinstance(split_batch(b)[0], torch.Tensor) for b in batches):
+        raise CompressError("--layers: localizes models of one input tensor; this data has several (token ids, masks)")
+    found = localize(args.model, args.reference, (split_batch(b)[0] for b in batches), trust=_trust(args))
+    return {"layers": [e.to_dict() for e in found.layers], "unmatched_layers": found.unmatched,
+            "layers_view": found.view}  # the taps' view; the verdict ran at the deployed level
+
+
+def _check_save_reference(args: argparse.Namespace, out: Any, ref: Any, inputs: torch.Tensor | None,
+                          level: Optimization, data: str) -> dict[str, Any]:
+    """``--save-reference``: write REF's outputs with MODEL's own and their calibrated drift bound."""
+    from compress.export.drift import calibrate, file_digest
+    from compress.export.reference import save_reference
+    from compress.report import _versions
+
+    if len(ref.tensors) > 1:
+        raise CompressError(f"--save-reference: stores one output, but {args.reference} returns "
+                            f"{len(ref.tensors)} ({', '.join(ref.names)})")
+    bound = calibrate(args.model, inputs, out.logits, args.batch_size or 64)
+    drift = {**bound.to_dict(), "model": str(args.model), "model_sha256": file_digest(args.model),
+             "optimization": level.value}
+    save_reference(args.save_reference, inputs, ref.logits, ref.labels,
+                   {"reference": str(args.reference), "data": data, "versions": _versions(), "drift": drift},
+                   model_outputs=out.logits)
+    return {"saved_drift_tolerance": bound.tolerance, "saved_reference": str(args.save_reference)}
+
+
+def _print_check(args: argparse.Namespace, doc: dict[str, Any], result: Any) -> None:
+    """The check's verdict for people (``--json`` prints ``doc`` instead)."""
+    of = f" of {doc['data_used']}" if "data_used" in doc else ""  # what was read: a default train split shows
+    print(
+        f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
+        f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} samples)'} "
+        f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
+        f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
+    )
+    if "drift" in doc:
+        d = doc["drift"]
+        print(f"drift vs the outputs saved for {d['saved_from']}: max |error| {d['rel_error']:.3g} of their RMS "
+              f"(bound {d['max_rel_error']:.3g}) | {d['changed']} samples changed their arg-max"
+              if d["max_rel_error"] is not None else f"drift: not checked ({d['note']})")
+    for entry in doc.get("layers", [])[: args.layers]:
+        print(f"  layer {entry['layer']}: error {entry['rel_error']:.4g} (jump {entry['jump']:+.4g})")
+    if doc.get("layers_view", {}).get("model", {}).get("unfused"):
+        ops = ", ".join(f"{n} {op}" for op, n in doc["layers_view"]["model"]["unfused"].items())
+        print(f"  (layers tapped on MODEL's un-fused view: {ops} rewritten as plain ops, optimisation off; "
+              f"the verdict ran at {doc['optimization']})")
+    print("passed" if result.passed else "FAILED: " + "; ".join(result.failures))
 
 
 def _check_writable(flag: str, path: Path | None) -> None:
@@ -345,7 +376,7 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     --max-rel-error); a failure is added to ``result``'s."""
     from compress.export.check import compare
     from compress.export.drift import file_digest
-    from compress.metrics import Outputs
+    from compress.metrics import alongside
 
     if saved.model_outputs is None:
         return {"max_rel_error": None, "note": "the reference file holds no model outputs (written before v2)"}
@@ -353,7 +384,7 @@ def _saved_drift(args: argparse.Namespace, saved: Reference, out: Any, result: A
     bound = float(meta["tolerance"]) if args.max_rel_error is None else _finite(args.max_rel_error)
     if bound is None:
         return {"max_rel_error": None, "note": "turned off by --max-rel-error inf", "calibration": meta}
-    drift = compare(out, Outputs(saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
+    drift = compare(out, alongside(out, saved.model_outputs, saved.labels), metric="agreement", max_rel_error=bound)
     same = meta.get("model_sha256") is not None and meta.get("model_sha256") == file_digest(args.model)
     other = "" if same else f" ({args.model} is not the file these outputs were saved for: {meta.get('model')})"
     result.failures.extend(f"drift: {f}{other}" for f in drift.failures)

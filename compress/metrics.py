@@ -7,7 +7,7 @@ the task metric applies to the task output, fidelity can be had per output (:fun
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,10 +15,22 @@ from pydantic import field_validator, model_serializer, model_validator
 from torch import nn
 
 from compress.config import Strict
+from compress.data import split_batch
 from compress.errors import CompressError, DataError, first_line
 from compress.imports import check_reference, resolve
 from compress.inputs import call_model, describe_inputs, move_inputs
-from compress.outputs import SINGLE, describe, named, task_output, unnamed
+from compress.outputs import SINGLE, describe, named, require_task, task_output
+from compress.positions import (
+    IGNORE_INDEX,
+    Dim,
+    attention_mask,
+    class_dim,
+    lengths,
+    pad_cat,
+    resolve_dim,
+    valid_positions,
+)
+from compress.task_metrics import TASK, check_labels, miou, pixel_accuracy, top1  # noqa: F401 (public here too)
 
 LABEL_FREE = ("agreement", "cosine")
 SEGMENTATION = ("pixel_accuracy", "miou")  # labels [N, H, W] against outputs [N, classes, H, W]
@@ -56,82 +68,43 @@ class MetricSpec(Strict):
         return self.name if self.output is None else {"name": self.name, "output": self.output}
 
 
-def top1(outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of samples whose arg-max output equals the label."""
-    if outputs.ndim != 2 or labels.ndim != 1 or len(outputs) != len(labels):
-        raise DataError(f"top1 needs (N, classes) outputs and N labels, got {list(outputs.shape)} and {list(labels.shape)}")
-    return float((outputs.argmax(1) == labels).float().mean())
+def predictions(outputs: torch.Tensor, dim: Dim = "auto") -> torch.Tensor:
+    """Arg-max over the class axis ``dim`` (see :mod:`compress.positions`): per sample ``[N]``, per position
+    ``[N, H, W]`` for ``[N, C, H, W]`` or ``[N, T]`` for ``[N, T, C]``; ``dim`` None: over the whole sample."""
+    dim = resolve_dim(outputs, dim)
+    if dim is None:
+        return outputs.reshape(len(outputs), -1).argmax(1)
+    return outputs.argmax(dim)
 
 
-def _segmentation(outputs: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if outputs.ndim != 4 or labels.shape != (outputs.shape[0], *outputs.shape[2:]):
-        raise DataError(f"{name} needs (N, classes, H, W) outputs and (N, H, W) labels, got {list(outputs.shape)} "
-                        f"and {list(labels.shape)}")
-    return outputs.argmax(1), labels
+def counted(outputs: torch.Tensor, dim: Dim = "auto", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The values of the positions ``valid`` keeps, ``[positions, classes]`` (all of ``outputs`` without ``valid``)."""
+    dim = resolve_dim(outputs, dim)
+    if valid is None or dim is None:
+        return outputs
+    return outputs.movedim(dim, -1)[valid]
 
 
-def pixel_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of pixels whose arg-max over classes (dim 1) equals the label (pixels labelled outside
-    0..classes-1, an ignore index such as 255, are left out here and in :func:`miou`)."""
-    pred, labels = _segmentation(outputs, labels, "pixel_accuracy")
-    valid = (labels >= 0) & (labels < outputs.shape[1])
-    return float((pred[valid] == labels[valid]).double().mean())
-
-
-def miou(outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean intersection over union of the arg-max classes, over the classes present in the labels or
-    the predictions (a class absent from both has no IoU and is left out)."""
-    pred, labels = _segmentation(outputs, labels, "miou")
-    classes = outputs.shape[1]
-    valid = (labels >= 0) & (labels < classes)
-    pred, labels = pred[valid].long(), labels[valid].long()
-    bins = torch.bincount(labels * classes + pred, minlength=classes * classes).reshape(classes, classes).double()
-    inter = bins.diagonal()
-    union = bins.sum(0) + bins.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
-
-
-TASK = {"top1": top1, "pixel_accuracy": pixel_accuracy, "miou": miou}
-
-
-def check_labels(logits: torch.Tensor, labels: torch.Tensor | None, where: str) -> None:
-    """Class indices must address the model's outputs: 0..classes-1 for ``(N, classes)`` logits.
-
-    Only integer ``(N,)`` labels against ``(N, classes)`` logits are checked (soft or absent labels pass).
-
-    Raises:
-        DataError: a label outside 0..classes-1, naming ``where``.
-    """
-    if labels is None or labels.is_floating_point() or not labels.numel():
-        return
-    if not (logits.ndim == 2 and labels.ndim == 1) and not (logits.ndim == 4 and labels.ndim == 3):
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= logits.shape[1]:
-        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
-
-
-def predictions(outputs: torch.Tensor) -> torch.Tensor:
-    """Arg-max per sample ``[N]``, or per pixel ``[N, H, W]`` for ``[N, C, H, W]`` outputs (over C)."""
-    if outputs.ndim == 4:
-        return outputs.argmax(1)
-    return outputs.reshape(len(outputs), -1).argmax(1)
-
-
-def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Agreement of arg-max (per pixel for ``[N, C, H, W]``), mean per-sample cosine, max and mean
-    absolute error vs ``reference``."""
+def fidelity(outputs: torch.Tensor, reference: torch.Tensor, dim: Dim = "auto",
+             valid: torch.Tensor | None = None) -> dict[str, float]:
+    """Agreement of arg-max (per position for per-position outputs, see :mod:`compress.positions`), mean
+    per-sample cosine, max and mean absolute error vs ``reference``, over the positions ``valid`` keeps."""
     if outputs.shape != reference.shape:
         raise CompressError(f"outputs of shape {list(outputs.shape)} cannot be compared with reference {list(reference.shape)}")
+    dim = resolve_dim(outputs, dim)
+    same = predictions(outputs, dim) == predictions(reference, dim)
+    if valid is not None and dim is not None:
+        same = same[valid]
+        keep = valid.unsqueeze(dim)  # positions left out count as equal zeros in the cosine
+        outputs, reference = outputs.where(keep, 0.0), reference.where(keep, 0.0)
     a = outputs.reshape(len(outputs), -1).double()
     b = reference.reshape(len(reference), -1).double()
-    diff = (a - b).abs()
+    diff = (counted(outputs, dim, valid) - counted(reference, dim, valid)).double().abs()
     return {
-        "agreement": float((predictions(outputs) == predictions(reference)).double().mean()),
+        "agreement": float(same.double().mean()),
         "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean()),
-        "max_abs": float(diff.max()),
-        "mean_abs": float(diff.mean()),
+        "max_abs": float(diff.max()) if diff.numel() else 0.0,
+        "mean_abs": float(diff.mean()) if diff.numel() else 0.0,
     }
 
 
@@ -139,36 +112,63 @@ def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
 class Outputs:
     """A model's outputs over a split (on the CPU) by name, with the labels if the data has them, and
     the name of the task output (None: several outputs and none named; see :mod:`compress.outputs`).
-    A bare tensor stands for a single output named ``output``."""
+    A bare tensor stands for a single output named ``output``.
+
+    ``class_dims``: each output's class axis (see :mod:`compress.positions`; missing ones follow the rule
+    with the labels as the only lengths). ``valid``: for per-position outputs, the positions that count
+    (``[N, positions]`` bool: not padding, attention mask 1); a missing entry counts every position.
+    """
 
     tensors: dict[str, torch.Tensor]
     labels: torch.Tensor | None
     task: str | None = SINGLE
+    class_dims: dict[str, int | None] = field(default_factory=dict)
+    valid: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.tensors, torch.Tensor):
             self.tensors = {SINGLE: self.tensors}
         if self.task is not None and self.task not in self.tensors:
             self.task = task_output(list(self.tensors))
+        found = {int(self.labels.shape[1])} if isinstance(self.labels, torch.Tensor) and self.labels.dim() == 2 else set()
+        for name, t in self.tensors.items():
+            if name not in self.class_dims:
+                self.class_dims[name] = class_dim([t.shape], [found], name)
 
     @property
-    def logits(self) -> torch.Tensor:
-        """The task output.
+    def task_name(self) -> str:
+        """The task output's name.
 
         Raises:
             CompressError: several outputs and none named (the message lists them).
         """
-        if self.task is None:
-            raise CompressError(unnamed(list(self.tensors)))
-        return self.tensors[self.task]
+        return require_task(self.names, self.task)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The task output (see :attr:`task_name`)."""
+        return self.tensors[self.task_name]
 
     @property
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def layout(self, name: str) -> tuple[int | None, torch.Tensor | None]:
+        """``(class axis, positions that count)`` of output ``name``."""
+        return self.class_dims[name], self.valid.get(name)
+
+
+def alongside(outputs: Outputs, tensor: torch.Tensor, labels: torch.Tensor | None) -> Outputs:
+    """Outputs saved from the same inputs as ``outputs``' task output (a saved reference file's), under its name
+    and with its layout (class axis, positions that count), which the saved file does not record."""
+    name = outputs.task_name
+    valid = {name: outputs.valid[name]} if name in outputs.valid else {}
+    return Outputs({name: tensor}, labels, name, {name: outputs.class_dims[name]}, valid)
+
 
 def pair_outputs(outputs: Outputs, reference: Outputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, output, reference output)`` for every output: matched by name, or the one output of each.
+    """``(name, output, reference output)`` for every output: matched by name, or the one output of each
+    (named as ``outputs`` names it).
 
     Raises:
         CompressError: the two return different outputs.
@@ -182,9 +182,28 @@ def pair_outputs(outputs: Outputs, reference: Outputs) -> list[tuple[str, torch.
     return [(name, t, reference.tensors[name]) for name, t in outputs.tensors.items()]
 
 
+def task_pair(outputs: Outputs, reference: Outputs) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The task output's entry of :func:`pair_outputs` (the one pair when each has one output).
+
+    Raises:
+        CompressError: the two return different outputs, or several and none is named.
+    """
+    pairs = pair_outputs(outputs, reference)
+    if len(pairs) == 1:
+        return pairs[0]
+    name = outputs.task_name
+    return next(p for p in pairs if p[0] == name)
+
+
 def fidelity_all(outputs: Outputs, reference: Outputs) -> dict[str, dict[str, float]]:
-    """:func:`fidelity` of every output (see :func:`pair_outputs`), by name."""
-    return {name: fidelity(a, b) for name, a, b in pair_outputs(outputs, reference)}
+    """:func:`fidelity` of every output (see :func:`pair_outputs`), by name, each on its own layout."""
+    return {name: fidelity(a, b, *outputs.layout(name)) for name, a, b in pair_outputs(outputs, reference)}
+
+
+def task_fidelity(outputs: Outputs, reference: Outputs) -> dict[str, float]:
+    """:func:`fidelity` of the task output (see :func:`task_pair`)."""
+    name, a, b = task_pair(outputs, reference)
+    return fidelity(a, b, *outputs.layout(name))
 
 
 Runner = Callable[[Any], Any]  # inputs (see compress.inputs) -> a tensor, or several outputs (see compress.outputs)
@@ -196,6 +215,64 @@ def _device_of(model: Runner) -> torch.device | None:
     return None
 
 
+@dataclass
+class _Seen:
+    """What every model shares per batch: labels, sequence lengths, attention mask (see :mod:`compress.positions`)."""
+
+    labels: list[torch.Tensor | None] = field(default_factory=list)
+    lengths: list[set[int]] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def add(self, x: Any, y: Any) -> None:
+        label = y.cpu() if isinstance(y, torch.Tensor) else None
+        self.labels.append(label)
+        self.lengths.append(lengths(x, label))
+        self.masks.append(attention_mask(x))
+
+    def label(self) -> torch.Tensor | None:
+        """The labels joined; per-position labels of batches padded to different lengths are padded with -100."""
+        if not self.labels or any(y is None for y in self.labels):
+            return None
+        parts: list[torch.Tensor] = self.labels  # type: ignore[assignment]
+        fill = 0.0 if parts[0].is_floating_point() else IGNORE_INDEX
+        return pad_cat(parts, fill, None, "labels")
+
+
+def _run(model: Runner, device: torch.device | None, x: Any, name: str) -> dict[str, torch.Tensor]:
+    """``model``'s outputs on ``x`` by name; a module gets ``model(x)``/``model(*x)``/``model(**x)`` on its
+    device, an engine the inputs as they are."""
+    try:
+        out = call_model(model, move_inputs(x, device)) if device is not None else model(x)
+    except CompressError:
+        raise
+    except Exception as exc:  # the model and the data do not fit together: bad input
+        raise CompressError(f"{name} cannot run on inputs of shape {describe_inputs(x)}: {first_line(exc)}") from None
+    try:
+        return named(out)
+    except CompressError as exc:
+        raise CompressError(f"{name}: {exc}") from None
+
+
+def _assemble(parts: dict[str, list[torch.Tensor]], seen: _Seen, name: str, output: str | None) -> Outputs:
+    """One model's batches as :class:`Outputs`: per-position outputs padded to the longest batch, the padding
+    and the attention mask's zeros marked as not counting."""
+    try:
+        task = task_output(list(parts), output)
+        dims = {key: class_dim([t.shape for t in ts], seen.lengths, key) for key, ts in parts.items()}
+    except CompressError as exc:
+        raise CompressError(f"{name}: {exc}") from None
+    tensors, valid = {}, {}
+    for key, ts in parts.items():
+        where = f"{name}: output '{key}'"
+        tensors[key] = pad_cat(ts, 0.0, dims[key], where)
+        masks = [valid_positions(t, dims[key], m) for t, m in zip(ts, seen.masks, strict=True)]
+        if masks[0] is not None:
+            keep = pad_cat([m.to(torch.uint8) for m in masks], 0, None, where).bool()  # type: ignore[union-attr]
+            if not bool(keep.all()):
+                valid[key] = keep
+    return Outputs(tensors, seen.label(), task, dims, valid)
+
+
 @torch.no_grad()
 def collect_many(runners: Sequence[Runner], batches: Iterable[Any], *, names: Sequence[str] | None = None,
                  output: str | None = None) -> list[Outputs]:
@@ -203,7 +280,10 @@ def collect_many(runners: Sequence[Runner], batches: Iterable[Any], *, names: Se
     outputs (every one, by name: see :mod:`compress.outputs`) and the labels on the CPU.
 
     Modules run in eval mode on the device of their parameters and get their mode back afterwards;
-    any other tensor -> tensor callable (an engine) gets CPU inputs.
+    any other tensor -> tensor callable (an engine) gets CPU inputs. Batches padded to different sequence
+    lengths (dynamic padding) are joined by padding every batch's per-position outputs to the longest with
+    zeros and its per-position labels with -100; :attr:`Outputs.valid` marks the padding (and the attention
+    mask's zeros) so that no metric counts it (see :mod:`compress.positions`).
 
     Args:
         output: the task output's name (None: the rule of :func:`compress.outputs.task_output`).
@@ -213,56 +293,32 @@ def collect_many(runners: Sequence[Runner], batches: Iterable[Any], *, names: Se
             other than tensors, or ``output`` is not one of its outputs, naming the model.
         DataError: there are no batches.
     """
-    from compress.data import split_batch
-
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(runners))]
     modes = [m.training if isinstance(m, nn.Module) else None for m in runners]
     devices = [_device_of(m) for m in runners]
     outs: list[dict[str, list[torch.Tensor]]] = [{} for _ in runners]
-    labels: list[torch.Tensor] = []
-    batches_seen = 0
+    seen = _Seen()
     try:
         for m in runners:
             if isinstance(m, nn.Module):
                 m.eval()
         for batch in batches:
             x, y = split_batch(batch)
-            for i, (model, device) in enumerate(zip(runners, devices, strict=True)):
-                try:  # a module gets model(x) / model(*x) / model(**x); an engine takes the inputs as they are
-                    out = call_model(model, move_inputs(x, device)) if device is not None else model(x)
-                except CompressError:
-                    raise
-                except Exception as exc:  # the model and the data do not fit together: bad input
-                    raise CompressError(
-                        f"{names[i]} cannot run on inputs of shape {describe_inputs(x)}: {first_line(exc)}"
-                    ) from None
-                try:
-                    tensors = named(out)
-                except CompressError as exc:
-                    raise CompressError(f"{names[i]}: {exc}") from None
-                if batches_seen and list(tensors) != list(outs[i]):
-                    raise CompressError(f"{names[i]}: returns outputs {describe(list(tensors))} on one batch and "
-                                        f"{describe(list(outs[i]))} on another")
+            for model, device, name, parts in zip(runners, devices, names, outs, strict=True):
+                tensors = _run(model, device, x, name)
+                if seen.labels and list(tensors) != list(parts):
+                    raise CompressError(f"{name}: returns outputs {describe(list(tensors))} on one batch and "
+                                        f"{describe(list(parts))} on another")
                 for key, tensor in tensors.items():
-                    outs[i].setdefault(key, []).append(tensor.detach().float().cpu())
-            if isinstance(y, torch.Tensor):
-                labels.append(y.cpu())
-            batches_seen += 1
+                    parts.setdefault(key, []).append(tensor.detach().float().cpu())
+            seen.add(x, y)
     finally:
         for m, mode in zip(runners, modes, strict=True):
             if isinstance(m, nn.Module):
                 m.train(mode)
-    if not batches_seen:
+    if not seen.labels:
         raise DataError("no batches to evaluate")
-    label = torch.cat(labels) if len(labels) == batches_seen else None
-    result = []
-    for name, o in zip(names, outs, strict=True):
-        try:
-            task = task_output(list(o), output)
-        except CompressError as exc:
-            raise CompressError(f"{name}: {exc}") from None
-        result.append(Outputs({key: torch.cat(parts) for key, parts in o.items()}, label, task))
-    return result
+    return [_assemble(parts, seen, name, output) for name, parts in zip(names, outs, strict=True)]
 
 
 def collect(model: Runner, batches: Iterable[Any], *, name: str = "model", output: str | None = None) -> Outputs:
@@ -273,17 +329,19 @@ def collect(model: Runner, batches: Iterable[Any], *, name: str = "model", outpu
 def score(metric: str, outputs: Outputs, reference: Outputs | None = None) -> dict[str, float]:
     """Every metric that applies: the task metric ``metric`` first, then fidelity vs ``reference``.
 
-    Fidelity is that of the task output (:func:`fidelity_all` has every output's).
+    Fidelity is that of the task output (:func:`fidelity_all` has every output's). Per-position outputs are
+    scored per position (see :mod:`compress.positions`); a user's ``module:callable`` gets the task output and
+    the labels as they are (padded positions hold zeros and label -100).
 
     Raises:
         DataError: a task metric is asked for but the data has no labels.
     """
     result: dict[str, float] = {}
-    fid = fidelity(outputs.logits, _same_output(outputs, reference)) if reference is not None else {}
+    fid = task_fidelity(outputs, reference) if reference is not None else {}
     if metric in TASK:
         if outputs.labels is None:
             raise DataError(f"metric {metric} needs labels but the eval data has none; use metric: agreement")
-        result[metric] = TASK[metric](outputs.logits, outputs.labels)
+        result[metric] = TASK[metric](outputs.logits, outputs.labels, *outputs.layout(outputs.task_name))
     elif metric in LABEL_FREE:
         # Without a reference the model is its own reference (the baseline): 1.0 by definition.
         result[metric] = fid.get(metric, 1.0)
@@ -296,11 +354,3 @@ def score(metric: str, outputs: Outputs, reference: Outputs | None = None) -> di
     for key, value in fid.items():
         result.setdefault(key, value)
     return result
-
-
-def _same_output(outputs: Outputs, reference: Outputs) -> torch.Tensor:
-    """The reference's tensor for ``outputs``' task output (the one output of each when both have one)."""
-    for name, _, ref in pair_outputs(outputs, reference):
-        if name == outputs.task or len(outputs.tensors) == 1:
-            return ref
-    raise CompressError(unnamed(outputs.names))

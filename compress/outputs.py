@@ -70,6 +70,18 @@ def task_output(names: Sequence[str], output: str | None = None) -> str | None:
     return next((n for n in PREFERRED if n in names), None)
 
 
+def require_task(names: Sequence[str], output: str | None = None) -> str:
+    """:func:`task_output`, which every caller that needs the task output uses: the one rule.
+
+    Raises:
+        CompressError: ``output`` is not among ``names``, or none is named and the rule picks none.
+    """
+    name = task_output(names, output)
+    if name is None:
+        raise CompressError(unnamed(names))
+    return name
+
+
 def unnamed(names: Sequence[str]) -> str:
     """The message for several outputs none of which the rule picks."""
     return (f"the model returns {len(names)} outputs ({describe(names)}) and none is named {' or '.join(PREFERRED)}; "
@@ -85,7 +97,4 @@ def select(out: Any, output: str | None = None) -> torch.Tensor:
     if output is None and isinstance(out, torch.Tensor):
         return out
     tensors = named(out)
-    name = task_output(list(tensors), output)
-    if name is None:
-        raise CompressError(unnamed(list(tensors)))
-    return tensors[name]
+    return tensors[require_task(list(tensors), output)]

@@ -35,7 +35,7 @@ from compress import io, metrics, models, report, rundir, structure
 from compress.data import check_class_labels, example_input, split_batch
 from compress.errors import CompressError, DataError, located
 from compress.inputs import move_inputs, signature
-from compress.outputs import task_output, unnamed
+from compress.outputs import require_task
 from compress.profile import size_stats
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
@@ -138,11 +138,10 @@ def _task_output(recipe: Recipe, outputs: metrics.Outputs) -> None:
     """
     spec = recipe.body.metric
     try:
-        outputs.task = task_output(outputs.names, spec.output)
+        outputs.task = require_task(outputs.names, spec.output)
     except CompressError as exc:
-        raise CompressError(f"{recipe.locate('metric', 'output')}: {exc}") from None
-    if outputs.task is None:
-        raise CompressError(f"{recipe.locate('metric')}: {unnamed(outputs.names)}")
+        where = recipe.locate("metric", "output") if spec.output is not None else recipe.locate("metric")
+        raise CompressError(f"{where}: {exc}") from None
 
 
 def keep_best_notice(recipe: Recipe) -> str | None:

@@ -1,4 +1,5 @@
-"""A small generated text-classification task (no download): token ids, attention mask, topic label.
+"""A small generated text-classification task (no download): token ids, attention mask, topic label;
+and its per-token variant (:class:`TaggedTokens`: each token's topic, for token classification).
 
 Each sentence starts with a ``[CLS]`` id, holds 6-30 random filler tokens and a few *topic words*; the
 label is the topic with the most words in it (ties are re-drawn). Counting words anywhere in the sequence
@@ -9,9 +10,10 @@ mask 0) differs per sample, so a model that ignored the mask would see a differe
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 PAD, CLS = 0, 1
+IGNORE = -100  # the label of positions no metric counts (Hugging Face's ignore index)
 _FIRST_WORD = 2
 _SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
@@ -47,6 +49,7 @@ class TopicTokens(Dataset):
             ids[i, 0], ids[i, 1:length] = CLS, body
             mask[i, :length] = 1
             labels[i] = int(counts.argmax())
+        self.classes, self.words_per_topic = classes, words_per_topic
         self.input_ids, self.attention_mask, self.labels = ids, mask, labels
 
     def __len__(self) -> int:
@@ -60,3 +63,29 @@ class TopicTokens(Dataset):
 def topic_tokens(split: str = "train", **kwargs: int) -> TopicTokens:
     """Factory for recipes: ``{source: python, factory: "compress.text_data:topic_tokens", kwargs: {split: test}}``."""
     return TopicTokens(split, **kwargs)
+
+
+class TaggedTokens(TopicTokens):
+    """The same sentences tagged per token: ``labels`` ``[T]`` hold each topic word's topic + 1 (1..classes), 0
+    for filler, and -100 (not counted) for ``[CLS]`` and padding. A token classifier has ``classes + 1`` outputs."""
+
+    def __init__(self, split: str = "train", **kwargs: int) -> None:
+        super().__init__(split, **kwargs)
+        ids = self.input_ids
+        topic = (ids - _FIRST_WORD) // self.words_per_topic + 1
+        is_word = (ids >= _FIRST_WORD) & (ids < _FIRST_WORD + self.classes * self.words_per_topic)
+        tags = torch.where(is_word, topic, torch.zeros_like(ids))
+        self.labels = torch.where((self.attention_mask == 0) | (ids == CLS), torch.full_like(ids, IGNORE), tags)
+
+
+def tagged_tokens(split: str = "train", **kwargs: int) -> TaggedTokens:
+    """Factory for recipes: ``{source: python, factory: "compress.text_data:tagged_tokens", kwargs: {split: test}}``."""
+    return TaggedTokens(split, **kwargs)
+
+
+def collate_trimmed(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate``, then every per-token tensor cut to the batch's longest sentence: dynamic padding,
+    so batches have different sequence lengths (as a tokenizer padding per batch gives)."""
+    batch = default_collate(samples)
+    longest = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :longest] if v.dim() == 2 else v for k, v in batch.items()}

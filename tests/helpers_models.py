@@ -57,3 +57,35 @@ class Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).logits
+
+
+class TokenTagger(nn.Module):
+    """A token classifier: ``forward(input_ids, attention_mask)`` -> per-token logits ``[N, T, classes]`` (classes
+    last, as Hugging Face's ``BertForTokenClassification``). Each token's logits depend on that token alone, so a
+    sample's logits do not depend on how far its batch is padded."""
+
+    def __init__(self, vocab: int = 256, width: int = 32, classes: int = 5) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.head(torch.relu(self.fc(h)))
+
+
+def token_tagger(steps: int = 30) -> TokenTagger:
+    """A :class:`TokenTagger` briefly trained (fixed seed, ``steps`` Adam steps, about a second) on the generated
+    per-token topic task (``compress.text_data.TaggedTokens``)."""
+    from compress.text_data import TaggedTokens
+
+    torch.manual_seed(0)
+    model, data = TokenTagger(), TaggedTokens("train", samples=256)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for step in range(steps):
+        i = torch.arange(step * 64, step * 64 + 64) % len(data)
+        logits = model(data.input_ids[i], data.attention_mask[i])
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), data.labels[i], ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

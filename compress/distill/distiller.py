@@ -28,8 +28,9 @@ from compress.distill.features import Features
 from compress.distill.losses import Projection, hint_loss, kd_loss
 from compress.distill.options import DistillOptions
 from compress.errors import CompressError, DataError, first_line
-from compress.inputs import call_model, describe_inputs, move_inputs, tensors
+from compress.inputs import Inputs, call_model, describe_inputs, move_inputs, tensors
 from compress.outputs import select
+from compress.positions import class_dim, lengths
 
 
 def _forward(role: str, fn: Any, x: torch.Tensor, where: str) -> Any:
@@ -173,6 +174,14 @@ class Distiller:
 
     # ---------------------------------------------------------------- losses
 
+    def _class_dim(self, inputs: Inputs, out: torch.Tensor) -> int:
+        """The class axis of the task output (2 for per-token ``[N, T, C]``; see :mod:`compress.positions`)."""
+        try:
+            dim = class_dim([out.shape], [lengths(inputs, None)], self.output or "output")
+        except CompressError as exc:
+            raise CompressError(f"{self.where}: {exc}") from None
+        return 1 if dim is None else dim
+
     def _task(self, student_out: Any) -> torch.Tensor:
         """The output KD takes from what the student returned (the fine-tune loop passes it already taken)."""
         return student_out if isinstance(student_out, torch.Tensor) else select(student_out, self.output)
@@ -183,7 +192,8 @@ class Distiller:
         """``alpha * T^2 KL + hint_weight * mean(hints)`` (no task term): what the fine-tune loop adds."""
         student_out = self._task(student_out)
         teacher = self.teacher_outputs(inputs, indices)
-        terms = {"kd_loss": kd_loss(student_out, teacher[""].to(student_out.device), self.options.temperature)}
+        dim = self._class_dim(inputs, student_out)
+        terms = {"kd_loss": kd_loss(student_out, teacher[""].to(student_out.device), self.options.temperature, dim)}
         total = self.options.kd_weight * terms["kd_loss"]
         if self.options.hints:
             student = {n: self._student_features.take(n) for n in self.options.hints if n in self._student_features.out}
@@ -224,7 +234,8 @@ class Distiller:
         if self.task_weight > 0:
             if labels is None:
                 raise CompressError(f"{self.where}: no labels given; pass labels, or use label_free=True")
-            total = total + self.task_weight * F.cross_entropy(student_out.float(), labels)
+            logits = student_out.float().movedim(self._class_dim(inputs, student_out), 1)  # cross_entropy: classes on 1
+            total = total + self.task_weight * F.cross_entropy(logits, labels)
         return total
 
     def epoch_means(self) -> dict[str, float]:

@@ -10,18 +10,19 @@ from compress.distill.options import HintLoss
 from compress.errors import CompressError
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, averaged over samples (Hinton et al.).
 
-    Classes are on dim 1; outputs with more dims (``[N, C, H, W]``) average over every position.
+    Classes are on ``dim`` (1: ``[N, C]``, ``[N, C, H, W]``; 2: per-token ``[N, T, C]``, see
+    :mod:`compress.positions`); outputs with positions average over every position.
     The ``T^2`` keeps gradient magnitudes comparable across temperatures.
     """
     if student.shape != teacher.shape or student.ndim < 2:
         raise CompressError(f"distill: student outputs {list(student.shape)} and the teacher {list(teacher.shape)}; "
                             "logits KD needs equal shapes [N, classes, ...]")
-    classes = student.shape[1]
-    s = (student.float() / temperature).movedim(1, -1).reshape(-1, classes)
-    t = (teacher.float() / temperature).movedim(1, -1).reshape(-1, classes)
+    classes = student.shape[dim]
+    s = (student.float() / temperature).movedim(dim, -1).reshape(-1, classes)
+    t = (teacher.float() / temperature).movedim(dim, -1).reshape(-1, classes)
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
     return kl * temperature**2
 

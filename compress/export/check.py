@@ -92,15 +92,38 @@ def _label(obj: object, default: str) -> str:
 SAMPLE_METRICS = ("top1", "agreement")  # per-sample 0/1 scores: a drop is a whole number of samples
 
 
+def _unit(output: torch.Tensor, dim: int | None) -> str:
+    return "pixels" if output.ndim > 3 else ("tokens" if dim == 2 else "positions")
+
+
+def _moved_positions(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) -> tuple[int | None, int, str]:
+    """:func:`_moved` for per-position outputs: counts are of positions (those that count, see
+    :mod:`compress.positions`); a sample changed when any of its positions did."""
+    name, a, b = metrics.task_pair(outputs, reference)
+    dim, valid = outputs.layout(name)
+    pred, ref = metrics.predictions(a, dim), metrics.predictions(b, dim)
+    count = valid if valid is not None else torch.ones_like(pred, dtype=torch.bool)
+    per_sample = ((pred != ref) & count).reshape(len(pred), -1).sum(1)
+    changed, n, moved, unit = int((per_sample > 0).sum()), len(pred), int(per_sample.sum()), _unit(a, dim)
+    labels = outputs.labels
+    if metric == "top1" and labels is not None and labels.shape == pred.shape:
+        labelled = count & (labels >= 0) & (labels < a.shape[dim])  # type: ignore[index]
+        lost = int(((ref == labels) & (pred != labels) & labelled).sum())
+        gained = int(((ref != labels) & (pred == labels) & labelled).sum())
+        return lost - gained, changed, (f"{lost - gained} of {int(labelled.sum())} labelled {unit} ({lost} lost, "
+                                        f"{gained} gained; {changed} of {n} samples changed)")
+    return (moved if metric == "agreement" else None), changed, \
+        f"{changed} of {n} samples ({moved} of {int(count.sum())} {unit}) changed their arg-max"
+
+
 def _moved(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) -> tuple[int | None, int, str]:
-    """``(net samples lost, samples whose arg-max changed, a phrase for messages)``."""
-    pred, ref = metrics.predictions(outputs.logits), metrics.predictions(reference.logits)
-    if pred.ndim > 1:  # per-pixel arg-max: a sample changed when any of its pixels did
-        per_sample = (pred != ref).reshape(len(pred), -1).sum(1)
-        changed, n = int((per_sample > 0).sum()), len(pred)
-        pixels = int(per_sample.sum())
-        return (pixels if metric == "agreement" else None), changed, \
-            f"{changed} of {n} samples ({pixels} of {pred.numel()} pixels) changed their arg-max"
+    """``(net samples lost, samples whose arg-max changed, a phrase for messages)``; per-position outputs
+    count positions (:func:`_moved_positions`)."""
+    name, a, b = metrics.task_pair(outputs, reference)
+    dim = outputs.layout(name)[0]
+    if dim is not None and a.ndim > 2:
+        return _moved_positions(outputs, reference, metric)
+    pred, ref = metrics.predictions(a, dim), metrics.predictions(b, dim)
     changed = int((pred != ref).sum())
     n = len(pred)
     if metric == "top1" and outputs.labels is not None and reference.labels is not None:
@@ -110,6 +133,82 @@ def _moved(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) ->
     if metric == "agreement":
         return changed, changed, f"{changed} of {n} samples changed their arg-max"
     return None, changed, f"{changed} of {n} samples changed their arg-max"
+
+
+def _per_output(outputs: metrics.Outputs, reference: metrics.Outputs) -> dict[str, dict[str, float]]:
+    """Every output's fidelity and ``rel_error`` (over the positions that count), by name."""
+    per_output = metrics.fidelity_all(outputs, reference)
+    for name, a, b in metrics.pair_outputs(outputs, reference):
+        dim, valid = outputs.layout(name)
+        per_output[name]["rel_error"] = rel_error(metrics.counted(a, dim, valid), metrics.counted(b, dim, valid))
+    return per_output
+
+
+def _worst_of(per_output: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The worst figure over the outputs (a NaN ``rel_error`` is the worst)."""
+    return {"agreement": min(f["agreement"] for f in per_output.values()),
+            "cosine": min(f["cosine"] for f in per_output.values()),
+            "max_abs": max(f["max_abs"] for f in per_output.values()),
+            "mean_abs": max(f["mean_abs"] for f in per_output.values()),
+            "rel_error": max((f["rel_error"] for f in per_output.values()), key=lambda v: (v != v, v))}
+
+
+def _task_metrics(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) -> tuple[float, float]:
+    """``(model's, reference's)`` task metric; a label-free one is the model's against the reference (1.0)."""
+    if metric in metrics.LABEL_FREE:
+        return metrics.task_fidelity(outputs, reference)[metric], 1.0
+    return metrics.score(metric, outputs)[metric], metrics.score(metric, reference)[metric]
+
+
+def _worst_samples(outputs: metrics.Outputs, reference: metrics.Outputs, worst: int) -> list[dict[str, Any]]:
+    """The ``worst`` samples by max |error| of the task output (positions that count only)."""
+    name, a, b = metrics.task_pair(outputs, reference)
+    dim, valid = outputs.layout(name)
+    diff = (a - b).abs()
+    if valid is not None and dim is not None:
+        diff = diff.where(valid.unsqueeze(dim), 0.0)
+    err = diff.reshape(len(a), -1).amax(1)
+    classify = dim is None or a.ndim == 2  # a per-position output has no one arg-max per sample
+    labels = outputs.labels
+    return [
+        {
+            "index": i,
+            "max_abs": float(err[i]),
+            **({"model_top1": int(a[i].reshape(-1).argmax()), "reference_top1": int(b[i].reshape(-1).argmax())}
+               if classify else {}),
+            **({"label": int(labels[i])} if labels is not None and labels.ndim == 1 else {}),
+        }
+        for i in torch.topk(err, min(worst, len(err))).indices.tolist()
+    ]
+
+
+def _failures(outputs: metrics.Outputs, reference: metrics.Outputs, per_output: dict[str, dict[str, float]],
+              found: dict[str, Any], limits: dict[str, float | None]) -> list[str]:
+    """One line per threshold exceeded (``found``: metric, drop, drop_samples, changed, moved); NaN/Inf outputs
+    fail whatever the thresholds, since no metric can vouch for them."""
+    pairs = metrics.pair_outputs(outputs, reference)
+
+    def at(name: str | None) -> str:  # which output a failure is about, when there are several
+        return f"output '{name or ''}': " if len(pairs) > 1 else ""
+
+    failures = [f"{at(name)}{who} outputs hold {bad} NaN/Inf value(s)" for name, a, b in pairs
+                for who, o in (("model", a), ("reference", b)) if (bad := int((~torch.isfinite(o)).sum()))]
+    metric, task = found["metric"], outputs.task
+    if limits["max_drop"] is not None and found["drop"] > limits["max_drop"]:
+        failures.append(f"{at(task)}{metric} drop {found['drop']:.3f} pt ({found['moved']}) > max_drop {limits['max_drop']} pt")
+    if limits["max_drop_samples"] is not None and found["drop_samples"] is not None \
+            and found["drop_samples"] > limits["max_drop_samples"]:
+        failures.append(f"{at(task)}{metric} drop {found['moved']} > max_drop_samples {limits['max_drop_samples']}")
+    for name, f in per_output.items():  # every output is held to the fidelity thresholds; the worst decides
+        if limits["min_agreement"] is not None and f["agreement"] < limits["min_agreement"]:
+            failures.append(f"{at(name)}agreement {f['agreement']:.4f} < min_agreement {limits['min_agreement']}")
+        if limits["min_cosine"] is not None and f["cosine"] < limits["min_cosine"]:
+            failures.append(f"{at(name)}cosine {f['cosine']:.6f} < min_cosine {limits['min_cosine']}")
+        bound = limits["max_rel_error"]
+        if bound is not None and not f["rel_error"] <= bound:  # NaN outputs fail here too
+            failures.append(f"{at(name)}max |error| {f['rel_error']:.3g} of the reference RMS ({found['changed']} of "
+                            f"{len(outputs.logits)} samples changed their arg-max) > max_rel_error {bound:.3g}")
+    return failures
 
 
 def compare(
@@ -126,9 +225,13 @@ def compare(
 ) -> CheckResult:
     """Compare outputs with reference outputs of the same inputs and apply the thresholds.
 
+    Per-position outputs (``[N, C, H, W]``, ``[N, T, C]``, see :mod:`compress.positions`) are compared per
+    position, leaving out padding and positions whose attention mask is 0.
+
     Args:
         max_drop: the largest metric drop in points.
-        max_drop_samples: the largest drop in samples (net: lost minus gained); top1 and agreement only.
+        max_drop_samples: the largest drop in samples (net: lost minus gained; positions for per-position
+            outputs); top1 and agreement only.
         max_rel_error: the largest ``max |model - reference| / rms(reference)`` (see :mod:`compress.export.drift`).
 
     Raises:
@@ -137,56 +240,15 @@ def compare(
     if max_drop_samples is not None and metric not in SAMPLE_METRICS:
         raise CompressError(f"max_drop_samples: counts samples, so it needs metric {' or '.join(SAMPLE_METRICS)}, "
                             f"not {metric}; use max_drop (points)")
-    per_output = metrics.fidelity_all(outputs, reference)
-    pairs = metrics.pair_outputs(outputs, reference)
-    task = outputs.task if outputs.task in per_output else (pairs[0][0] if len(pairs) == 1 else outputs.task)
-    for name, a, b in pairs:
-        per_output[name]["rel_error"] = rel_error(a, b)
-    fid = {"agreement": min(f["agreement"] for f in per_output.values()),
-           "cosine": min(f["cosine"] for f in per_output.values()),
-           "max_abs": max(f["max_abs"] for f in per_output.values()),
-           "mean_abs": max(f["mean_abs"] for f in per_output.values())}
-    rel = max((f["rel_error"] for f in per_output.values()), key=lambda v: (v != v, v))  # NaN is the worst
-    if metric in metrics.LABEL_FREE:
-        model_metric, reference_metric = per_output[_task_name(outputs, per_output)][metric], 1.0
-    else:
-        model_metric = metrics.score(metric, outputs)[metric]
-        reference_metric = metrics.score(metric, reference)[metric]
+    per_output = _per_output(outputs, reference)
+    fid = _worst_of(per_output)
+    model_metric, reference_metric = _task_metrics(outputs, reference, metric)
     drop = (reference_metric - model_metric) * 100.0
     drop_samples, changed, moved = _moved(outputs, reference, metric)
-    several = len(pairs) > 1
-
-    def at(name: str) -> str:  # which output a failure is about, when there are several
-        return f"output '{name}': " if several else ""
-
-    failures = [f"{at(name)}{who} outputs hold {bad} NaN/Inf value(s)" for name, a, b in pairs
-                for who, o in (("model", a), ("reference", b))
-                if (bad := int((~torch.isfinite(o)).sum()))]  # no metric can vouch for such outputs
-    if max_drop is not None and drop > max_drop:
-        failures.append(f"{at(task or '')}{metric} drop {drop:.3f} pt ({moved}) > max_drop {max_drop} pt")
-    if max_drop_samples is not None and drop_samples is not None and drop_samples > max_drop_samples:
-        failures.append(f"{at(task or '')}{metric} drop {moved} > max_drop_samples {max_drop_samples}")
-    for name, f in per_output.items():  # every output is held to the fidelity thresholds; the worst decides
-        if min_agreement is not None and f["agreement"] < min_agreement:
-            failures.append(f"{at(name)}agreement {f['agreement']:.4f} < min_agreement {min_agreement}")
-        if min_cosine is not None and f["cosine"] < min_cosine:
-            failures.append(f"{at(name)}cosine {f['cosine']:.6f} < min_cosine {min_cosine}")
-        if max_rel_error is not None and not f["rel_error"] <= max_rel_error:  # NaN outputs fail here too
-            failures.append(f"{at(name)}max |error| {f['rel_error']:.3g} of the reference RMS ({changed} of "
-                            f"{len(outputs.logits)} samples changed their arg-max) > max_rel_error {max_rel_error:.3g}")
-    err = (outputs.logits - reference.logits).abs().reshape(len(outputs.logits), -1).amax(1)
-    top = torch.topk(err, min(worst, len(err))).indices.tolist()
-    classify = outputs.logits.ndim != 4  # a per-pixel map has no one arg-max per sample
-    worst_rows = [
-        {
-            "index": i,
-            "max_abs": float(err[i]),
-            **({"model_top1": int(outputs.logits[i].reshape(-1).argmax()),
-                "reference_top1": int(reference.logits[i].reshape(-1).argmax())} if classify else {}),
-            **({"label": int(outputs.labels[i])} if outputs.labels is not None and outputs.labels.ndim == 1 else {}),
-        }
-        for i in top
-    ]
+    thresholds = {"max_drop": max_drop, "max_drop_samples": max_drop_samples, "min_agreement": min_agreement,
+                  "min_cosine": min_cosine, "max_rel_error": max_rel_error}
+    found = {"metric": metric, "drop": drop, "drop_samples": drop_samples, "changed": changed, "moved": moved}
+    failures = _failures(outputs, reference, per_output, found, thresholds)
     return CheckResult(
         passed=not failures,
         metric=metric,
@@ -199,22 +261,14 @@ def compare(
         cosine=fid["cosine"],
         max_abs=fid["max_abs"],
         mean_abs=fid["mean_abs"],
-        rel_error=rel,
+        rel_error=fid["rel_error"],
         samples=len(outputs.logits),
-        thresholds={"max_drop": max_drop, "max_drop_samples": max_drop_samples, "min_agreement": min_agreement,
-                    "min_cosine": min_cosine, "max_rel_error": max_rel_error},
+        thresholds=thresholds,
         failures=failures,
-        worst=worst_rows,
-        output=task,
+        worst=_worst_samples(outputs, reference, worst),
+        output=outputs.task,
         outputs=per_output,
     )
-
-
-def _task_name(outputs: metrics.Outputs, per_output: dict[str, Any]) -> str:
-    if len(per_output) == 1:
-        return next(iter(per_output))
-    outputs.logits  # noqa: B018 - raises the "name the task output" error when there is none
-    return str(outputs.task)
 
 
 def check(

@@ -252,8 +252,8 @@ def check_engine(evaluation: Evaluation, model_out: metrics.Outputs, baseline_ou
     onnx = evaluation.onnx
     return EngineCheck(
         reference=options.reference, result=result,
-        onnx_vs_model=metrics.fidelity(onnx.logits, model_out.logits) if onnx is not None else None,
-        engine_vs_onnx=metrics.fidelity(evaluation.engine.logits, onnx.logits) if onnx is not None else None,
+        onnx_vs_model=metrics.task_fidelity(onnx, model_out) if onnx is not None else None,
+        engine_vs_onnx=metrics.task_fidelity(evaluation.engine, onnx) if onnx is not None else None,
     )
 
 

@@ -67,20 +67,25 @@ def miou(outputs: torch.Tensor, labels: torch.Tensor, dim: Dim = "auto", valid: 
 TASK = {"top1": top1, "pixel_accuracy": pixel_accuracy, "miou": miou}
 
 
-def check_labels(logits: torch.Tensor, labels: torch.Tensor | None, where: str) -> None:
-    """Class indices must address the model's outputs: 0..classes-1 for ``(N, classes)`` logits.
+def check_labels(logits: torch.Tensor, labels: torch.Tensor | None, where: str, dim: int = 1) -> None:
+    """Class indices must address the model's outputs: 0..classes-1 (classes on ``dim`` of ``logits``).
 
-    Only integer ``(N,)`` labels against ``(N, classes)`` logits are checked (soft or absent labels pass).
+    Checked: integer ``(N,)`` labels against ``(N, classes)`` logits, ``(N, H, W)`` against ``(N, classes, H, W)``
+    and per-token ``(N, T)`` against ``(N, T, classes)`` (``dim`` 2), where -100 (Hugging Face's ignore index,
+    what cross-entropy skips) is allowed too. Soft or absent labels pass.
 
     Raises:
         DataError: a label outside 0..classes-1, naming ``where``.
     """
     if labels is None or labels.is_floating_point() or not labels.numel():
         return
-    if not (logits.ndim == 2 and labels.ndim == 1) and not (logits.ndim == 4 and labels.ndim == 3):
+    if logits.ndim != labels.ndim + 1 or logits.ndim not in (2, 3, 4) or (logits.ndim == 3 and dim != 2):
         return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= logits.shape[1]:
-        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[1]} classes")
+    counted = labels[labels != -100] if logits.ndim == 3 else labels
+    if not counted.numel():
+        return
+    low, high = int(counted.min()), int(counted.max())
+    if low < 0 or high >= logits.shape[dim]:
+        raise DataError(f"{where}: labels range over {low}..{high} but the model outputs {logits.shape[dim]} classes")
 
 

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from compress import metrics, structure
+from compress import metrics, positions, structure
 from compress.callbacks import Callback, TrainState
 from compress.config import Seed, Strict
 from compress.data import split_batch
@@ -326,10 +326,12 @@ def _finetune(
                     terms = [cb_loss for cb in callbacks if (cb_loss := cb.extra_loss(state)) is not None]
                     weight = math.prod(getattr(cb, "task_loss_weight", lambda _s: 1.0)(state) for cb in callbacks)
                     if y is not None:
+                        dim = _class_dim(out, x, y)
                         if state.step == 0:
-                            metrics.check_labels(out, y, "finetune")
+                            metrics.check_labels(out, y, "finetune", dim)
                         if weight > 0:
-                            terms.insert(0, weight * criterion(out.float(), y))
+                            logits = out.float() if loss_fn else out.float().movedim(dim, 1)
+                            terms.insert(0, weight * criterion(logits, y))
                 if not terms:
                     raise DataError("finetune: the training data has no labels and no callback provides a loss")
                 loss = torch.stack([t.float() for t in terms]).sum()
@@ -374,6 +376,16 @@ def _finetune(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _class_dim(out: torch.Tensor, inputs: Any, labels: torch.Tensor) -> int:
+    """The class axis of the task output: 2 for per-token ``[N, T, C]`` logits (:mod:`compress.positions`; the
+    default loss moves it to 1, where cross-entropy takes classes, and skips -100 labels), else 1."""
+    try:
+        dim = positions.class_dim([out.shape], [positions.lengths(inputs, labels)], "output")
+    except CompressError as exc:
+        raise CompressError(f"finetune: {exc}") from None
+    return 1 if dim is None else dim
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:

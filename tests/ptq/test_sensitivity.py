@@ -1,0 +1,108 @@
+"""compress.ptq.sensitivity and compress.ptq.fallback on a trained digits CNN with one layer made sensitive.
+
+Digits test split (360 samples): one sample is 0.28 points of top-1. The planted fault costs ~85 points
+alone; every other unit alone moves top-1 by at most a few samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers_budget import SENSITIVE, sensitive_model
+from helpers_quant import digits, top1
+
+from compress import ptq, quant
+from compress.errors import CompressError, DataError
+
+SAMPLE = 100 / 360  # one sample of the digits test split, in points
+
+
+@pytest.fixture(scope="module")
+def model(digits_cnn_checkpoint):
+    return sensitive_model(digits_cnn_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def val():
+    return digits("test", 360)
+
+
+def test_sensitivity_ranks_the_planted_layer_first_and_states_its_cost(model, val):
+    lines: list[str] = []
+    units = quant.units(model)
+    table = ptq.sensitivity(model, val, "top1", announce=lines.append)
+    assert ptq.planned_passes(model) == 2 * len(units) + 2 == table.passes == 20  # 7 layers, 2 residual adds
+    assert lines == ["sensitivity: 9 quantized units, 20 forward passes over the data (2 per unit, 1 float, 1 all-INT8)"]
+    assert [r.name for r in table.rows] == [u.name for u in units]
+    top = table.ranked()[0]
+    assert top.name == SENSITIVE
+    assert top.drop_alone > 50 and top.recovery_alone > 50  # the fault: ~85 points either way
+    assert top.fidelity_alone < 0.5 < 0.999 < top.fidelity_float  # cosine with the float outputs
+    for row in table.rows[1:]:
+        if row.name != SENSITIVE:
+            assert abs(row.drop_alone) <= 3 * SAMPLE + 1e-6  # a few samples at most
+    assert table.drop == pytest.approx(100 * (table.float_score - table.int8_score), abs=1e-3)
+    assert table.macs > 0 and {r.name: r.macs for r in table.rows}[SENSITIVE] == 32 * 32 * 9 * 8 * 8
+    assert all(q.quant_enabled for _, q in quant.quantizers(model))  # every switch restored
+    row = table.to_dict()["layers"][0]
+    assert set(row) == {"name", "kind", "macs", "drop_alone", "recovery_alone", "fidelity_alone", "fidelity_float"}
+
+
+def test_sensitivity_on_unlabeled_data_with_a_label_free_metric(model, val):
+    unlabeled = [x for x, _ in val]
+    table = ptq.sensitivity(model, unlabeled, "agreement")
+    assert table.float_score == 1.0 and table.ranked()[0].name == SENSITIVE
+    with pytest.raises(DataError, match="metric top1 needs labels and the data has none; use metric: agreement"):
+        ptq.sensitivity(model, unlabeled, "top1")
+    assert all(q.quant_enabled for _, q in quant.quantizers(model))
+
+
+def test_sensitivity_refuses_what_it_cannot_measure(model, val, digits_cnn_checkpoint):
+    import compress
+
+    with pytest.raises(CompressError, match="one-shot iterator"):
+        ptq.sensitivity(model, iter(val))
+    with pytest.raises(CompressError, match="has no quantizers"):
+        ptq.sensitivity(compress.load(digits_cnn_checkpoint), val)
+
+
+def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    steps: list[ptq.Step] = []
+    result = ptq.fallback(qmodel, val, max_drop=0.3, on_step=steps.append)
+    assert result.met and result.gap == 0
+    assert result.step.float_units == [SENSITIVE] and quant.float_units(qmodel) == [SENSITIVE]
+    assert [s.float_units for s in result.steps] == [[], [SENSITIVE]] and steps == result.steps
+    assert result.steps[0].drop > 50 and result.step.drop <= 0.3
+    assert result.passes == 20 + 1  # the table, then one step
+    macs = {r.name: r.macs for r in result.sensitivity.rows}
+    assert result.step.int8_macs_share == pytest.approx(1 - macs[SENSITIVE] / result.sensitivity.macs, abs=1e-4)
+    assert 100 * (result.sensitivity.float_score - top1(qmodel, val)) <= 0.3  # the model is left as measured
+    assert "budget 0.3 pt met" in result.summary()
+
+
+def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers: one unit in float cannot fix three
+        (unit,) = [u for u in quant.units(qmodel) if u.name == name]
+        qmodel.get_submodule(unit.quantizers[0]).amax *= 300
+    result = ptq.fallback(qmodel, val, max_drop=0.0, max_units=1)
+    assert not result.met and result.gap == result.step.drop > 1
+    assert len(result.steps) == 2 and result.kept == 1  # one unit in float is closer than none
+    assert quant.float_units(qmodel) == result.step.float_units
+    assert "not met (closest:" in result.summary()
+
+
+def test_fallback_with_no_drop_changes_nothing(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint, factor=1.0)
+    result = ptq.fallback(qmodel, val, max_drop=5.0)
+    assert result.met and result.steps[0].float_units == [] and len(result.steps) == 1
+    assert quant.float_units(qmodel) == [] and all(q.quant_enabled for _, q in quant.quantizers(qmodel))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_drop": -0.1}, "max_drop must be at least 0"),
+                                             ({"max_drop": float("nan")}, "max_drop must be at least 0"),
+                                             ({"max_drop": 1, "max_units": -1}, "max_units must be at least 0")])
+def test_fallback_refuses_bad_budgets(model, val, kwargs, message):
+    with pytest.raises(CompressError, match=message):
+        ptq.fallback(model, val, **kwargs)
+

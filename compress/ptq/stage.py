@@ -1,19 +1,91 @@
-"""``ptq``: insert quantizers for the export target and calibrate them on the calibration split."""
+"""``ptq``: insert quantizers for the export target and calibrate them on the calibration split.
+
+With ``budget: {max_drop, metric}`` the most sensitive units are then kept float until the metric on
+``data.val`` is within ``max_drop`` points of the float model's (:func:`compress.ptq.fallback`); never
+measured on ``data.eval``.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
+from pydantic import Field, field_validator
 from torch import nn
 
+from compress import metrics
+from compress.config import Strict
+from compress.data import split_batch
+from compress.errors import CompressError
+from compress.ptq.fallback import fallback
+from compress.quant import quantizable_layers
 from compress.stages.context import StageContext, StageResult
 from compress.stages.quantize import QuantOptions, calibration_warnings, check_quant_options, quantize
 from compress.stages.registry import Effect, register
 
 
+class Budget(Strict):
+    """``ptq.budget``: how much of the metric INT8 may cost, measured on ``data.val``."""
+
+    # points of the metric (0.3 = 0.3 percentage points); a metric is a fraction, so 100 is its whole range
+    max_drop: Annotated[float, Field(ge=0, le=100)]
+    metric: str | None = None  # default: the recipe's metric
+    max_units: Annotated[int, Field(gt=0)] | None = None  # at most this many units in float (default: no limit)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        return None if v is None else metrics.check_metric_name(v)
+
+
 class PtqConfig(QuantOptions):
-    pass
+    budget: Budget | None = None
 
 
-@register("ptq", PtqConfig, check=check_quant_options, effects=Effect.QUANTIZES)
+def check_budget(model: nn.Module, budget: Budget, ctx: StageContext) -> str:
+    """Dry-run checks of ``budget``: ``data.val`` present, labels there for a task metric. Returns the cost line.
+
+    Raises:
+        CompressError: no ``data.val``; a task metric on a val split without labels.
+    """
+    where = f"{ctx.where}.budget"
+    if not ctx.splits.has("val"):
+        raise CompressError(f"{where}: needs data.val (a split, or {{holdout: F}} of data.train) to measure on; "
+                            "a budget is never measured on data.eval")
+    metric = budget.metric or ctx.metric
+    if metric in metrics.TASK:
+        loader = ctx.splits.loader("val", needed_by=where)
+        _, labels = split_batch(next(iter(loader)))
+        if labels is None:
+            field = "metric" if budget.metric else "metric (the recipe's)"
+            raise CompressError(f"{where}.{field}: {metric} needs labels but data.val has none; "
+                                "use metric: agreement (label-free, against the float model)")
+    return f"budget: 2 passes over data.val per quantized unit + 2, then 1 per unit put in float " \
+           f"(~{len(quantizable_layers(model))} quantizable layers)"
+
+
+def check_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> str | None:
+    check_quant_options(model, config, ctx)
+    return check_budget(model, config.budget, ctx) if config.budget is not None else None
+
+
+@register("ptq", PtqConfig, check=check_ptq, effects=Effect.QUANTIZES)
 def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResult:
     qmodel, info = quantize(model, config, ctx)
-    return StageResult(qmodel, info=info, warnings=calibration_warnings(info))
+    warnings = calibration_warnings(info)
+    budget = config.budget
+    if budget is not None:
+        check_budget(model, budget, ctx)
+
+        def announce(line: str) -> None:
+            if ctx.progress:
+                print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
+
+        result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
+                          budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
+                          announce=announce)
+        info["budget"] = {**result.to_dict(), "split": "val"}
+        announce(result.summary())
+        if not result.met:
+            warnings.append(f"{ctx.where}.budget: {result.summary()}")
+    return StageResult(qmodel, info=info, warnings=warnings)

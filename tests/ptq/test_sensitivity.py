@@ -1,7 +1,7 @@
 """compress.ptq.sensitivity and compress.ptq.fallback on a trained digits CNN with one layer made sensitive.
 
-Digits test split (360 samples): one sample is 0.28 points of top-1. The planted fault costs ~85 points
-alone; every other unit alone moves top-1 by at most a few samples.
+Digits test split (360 samples): one sample is 0.28 points of top-1. The planted outlier channel
+(tests/helpers_budget.py) costs ~85 points alone; every other unit alone moves top-1 by a few samples at most.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(d
 
 def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn_checkpoint, val):
     qmodel = sensitive_model(digits_cnn_checkpoint)
-    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers: one unit in float cannot fix three
+    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers (input range x300): one float unit cannot fix three
         (unit,) = [u for u in quant.units(qmodel) if u.name == name]
         qmodel.get_submodule(unit.quantizers[0]).amax *= 300
     result = ptq.fallback(qmodel, val, max_drop=0.0, max_units=1)
@@ -93,7 +93,7 @@ def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn
 
 
 def test_fallback_with_no_drop_changes_nothing(digits_cnn_checkpoint, val):
-    qmodel = sensitive_model(digits_cnn_checkpoint, factor=1.0)
+    qmodel = sensitive_model(digits_cnn_checkpoint, outlier=1.0)
     result = ptq.fallback(qmodel, val, max_drop=5.0)
     assert result.met and result.steps[0].float_units == [] and len(result.steps) == 1
     assert quant.float_units(qmodel) == [] and all(q.quant_enabled for _, q in quant.quantizers(qmodel))

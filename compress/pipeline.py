@@ -37,10 +37,13 @@ from compress.errors import CompressError, DataError, located
 from compress.inputs import move_inputs, signature
 from compress.outputs import task_output, unnamed
 from compress.profile import size_stats
+from compress.ptq.sensitivity import Sensitivity
+from compress.ptq.sensitivity import sensitivity as measure_sensitivity
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
 from compress.stages.finetune import check_finetune
-from compress.stages.registry import stage_types
+from compress.stages.quantize import QuantOptions, quantize
+from compress.stages.registry import Effect, stage_types
 from compress.train import FinetuneConfig, barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
@@ -371,3 +374,43 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
     if notice is not None:
         lines.append(f"note    {notice}")
     return lines
+
+
+def _quantizing_stage(recipe: Recipe) -> StageSpec:
+    """The recipe's first stage that quantizes with :class:`QuantOptions` (ptq, qat).
+
+    Raises:
+        CompressError: there is none.
+    """
+    registry = stage_types()
+    for spec in recipe.stages:
+        if isinstance(spec.config, QuantOptions) and registry[spec.type].effects(spec.config) & Effect.QUANTIZES:
+            return spec
+    raise CompressError(f"{recipe.locate('stages')}: no ptq or qat stage: sensitivity needs to know how to quantize")
+
+
+def sensitivity(recipe: Recipe, *, progress: bool = True, log: Log | None = None) -> tuple[Sensitivity, str]:
+    """``compress sensitivity``: the per-unit table of the recipe's input model quantized as its first ptq/qat
+    stage would (placed and calibrated with its options; earlier stages are not run), measured on ``data.val``.
+    Nothing is written.
+
+    Returns:
+        The table, and one line saying what was measured.
+
+    Raises:
+        CompressError: bad recipe, model or data; no ptq/qat stage; no ``data.val``.
+    """
+    prep = prepare(recipe, progress=progress)
+    spec = _quantizing_stage(recipe)
+    ctx = _context(prep, spec, Path("."), prep.baseline_model, prep.baseline_outputs)
+    budget = getattr(spec.config, "budget", None)
+    metric = (budget.metric if budget is not None else None) or ctx.metric
+    with located(ctx.where, recipe.source):
+        loader = prep.splits.loader("val", needed_by=f"{ctx.where} (sensitivity, measured on data.val)")
+        qmodel, _ = quantize(copy.deepcopy(prep.model), spec.config, ctx)  # type: ignore[arg-type]
+        table = measure_sensitivity(qmodel, loader, metric, output=ctx.metric_output, announce=log)
+    earlier = [s.type for s in recipe.stages[:spec.index]]
+    what = (f"{recipe.name}: stage {spec.index + 1} {spec.type} on the input model"
+            + (f" (stages before it not run: {', '.join(earlier)})" if earlier else "")
+            + f", {metric} on data.val ({table.samples} samples)")
+    return table, what

@@ -72,6 +72,8 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     assert max(budget["sensitivity"]["layers"], key=lambda r: r["recovery_alone"])["name"] == SENSITIVE
     assert 0.5 < budget["int8_macs_share"] < 1  # layer1.conv2 is 28% of the MACs
     assert report["check"]["passed"]
+    reasons = {f["layer"]: f["reason"] for f in report["engine"]["not_int8"]}
+    assert reasons[SENSITIVE] == "kept_float" and SENSITIVE not in report["engine"]["int8_unplanned"]
 
     model = compress.load(out / report["stages"][0]["checkpoint"])  # the stage checkpoint keeps the layer float
     assert quant.float_units(model) == [SENSITIVE]

@@ -6,6 +6,10 @@ until the metric is within ``max_drop`` points of the float model's. Each step i
 float, the metric, the drop and the share of MACs still INT8. A budget that cannot be met (``max_units``
 reached) is not an error: the closest step is kept and the result says by how much it misses.
 
+With ``engine`` (a function building a deployable engine from the model as it stands), every step the
+fake-quant model says meets the budget is confirmed on that engine; while the engine misses, the search
+goes on (the engine's figure decides, the fake-quant one only says when to start asking it).
+
 The units kept float are recorded on the model (:func:`compress.quant.keep_float`): checkpoints rebuild
 them float and ONNX export writes no Q/DQ for them.
 """
@@ -14,15 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from compress import metrics
 from compress.errors import CompressError
+from compress.metrics import Runner
 from compress.ptq.sensitivity import Scorer, Sensitivity, check_reiterable, measure, points, quantized_units
-from compress.quant import keep_float
+from compress.quant import keep_float, quantizing
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,13 @@ class Step:
     drop: float  # points below the float model
     int8_macs_share: float  # MACs of the units still INT8 / the model's MACs (per sample)
     fidelity: float  # cosine of the task output with the float model's
+    engine_score: float | None = None  # the metric on the engine (steps confirmed there)
+    engine_drop: float | None = None  # points below the float model, on the engine
+
+    @property
+    def decisive_drop(self) -> float:
+        """The engine's drop where it was measured, else the fake-quant model's."""
+        return self.drop if self.engine_drop is None else self.engine_drop
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,24 +70,25 @@ class Fallback:
 
     @property
     def met(self) -> bool:
-        return self.step.drop <= self.max_drop
+        return self.step.decisive_drop <= self.max_drop
 
     @property
     def gap(self) -> float:
         """Points by which the kept model misses the budget (0 when met)."""
-        return round(max(0.0, self.step.drop - self.max_drop), 4)
+        return round(max(0.0, self.step.decisive_drop - self.max_drop), 4)
 
     def summary(self) -> str:
         """One line: met or not, the drop, the units in float and the INT8 share."""
         s = self.step
         head = (f"budget {self.max_drop} pt met" if self.met else
                 f"budget {self.max_drop} pt not met (closest: {self.gap} pt over)")
-        return (f"{head}: drop {s.drop} pt with {len(s.float_units)} unit(s) float "
+        engine = "" if s.engine_drop is None else f" (engine {s.engine_drop} pt)"
+        return (f"{head}: drop {s.drop} pt{engine} with {len(s.float_units)} unit(s) float "
                 f"({', '.join(s.float_units) or 'none'}), {s.int8_macs_share:.1%} of MACs INT8")
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_drop": self.max_drop, "metric": self.sensitivity.metric, "met": self.met, "gap": self.gap,
-                "float_units": self.step.float_units, "drop": self.step.drop,
+                "float_units": self.step.float_units, "drop": self.step.drop, "engine_drop": self.step.engine_drop,
                 "int8_macs_share": self.step.int8_macs_share, "kept_step": self.kept, "passes": self.passes,
                 "seconds": self.seconds, "path": [s.to_dict() for s in self.steps],
                 "sensitivity": self.sensitivity.to_dict()}
@@ -96,6 +110,7 @@ def fallback(
     max_units: int | None = None,
     announce: Callable[[str], None] | None = None,
     on_step: Callable[[Step], None] | None = None,
+    engine: Callable[[nn.Module], Runner] | None = None,
 ) -> Fallback:
     """Keep units float (in place) until the metric on ``data`` is within ``max_drop`` points of the float model's.
 
@@ -107,6 +122,9 @@ def fallback(
             by the float model).
         announce: called with one line stating the cost before the first pass.
         on_step: called after each measured step (to save the model so far, or show progress).
+        engine: ``model -> runner``: builds an engine (an ONNX Runtime session, say) from the model in the
+            step's state; each step the fake-quant model says meets the budget is measured on it (one pass
+            each) and the engine's drop decides.
 
     Returns:
         The table, the search path and the step the model is left at; ``met`` False and ``gap`` say how far
@@ -128,21 +146,32 @@ def fallback(
                  f"the sensitivity table, then up to {limit} more (one per unit put in float)")
     scorer = Scorer(qmodel, data, metric, found, output)
     sens = measure(scorer)
-    steps = [Step([], sens.int8_score, sens.drop, _share(sens, set()), sens.int8_fidelity)]
-    if on_step is not None:
-        on_step(steps[0])
+
+    def record(step: Step, floated: list[str]) -> Step:
+        if engine is not None and step.drop <= max_drop:
+            with quantizing(qmodel, [u for u in found if u.name not in floated], found):
+                runner = engine(qmodel)
+            result = metrics.score(metric, metrics.collect(runner, data, name="the engine", output=output),
+                                   scorer.float_reference())
+            scorer.passes += 1
+            step = replace(step, engine_score=result[metric], engine_drop=points(sens.float_score - result[metric]))
+        steps.append(step)
+        if on_step is not None:
+            on_step(step)
+        return step
+
+    steps: list[Step] = []
+    last = record(Step([], sens.int8_score, sens.drop, _share(sens, set()), sens.int8_fidelity), [])
     floated: list[str] = []
     for row in sens.ranked()[:limit]:
-        if steps[-1].drop <= max_drop:
+        if last.decisive_drop <= max_drop:
             break
         floated.append(row.name)
         score, fid = scorer.score([u for u in found if u.name not in floated])
-        steps.append(Step(list(floated), score, points(sens.float_score - score), _share(sens, set(floated)),
-                          round(fid, 6)))
-        if on_step is not None:
-            on_step(steps[-1])
-    met = [i for i, s in enumerate(steps) if s.drop <= max_drop]
-    kept = met[0] if met else min(range(len(steps)), key=lambda i: (steps[i].drop, i))
+        last = record(Step(list(floated), score, points(sens.float_score - score), _share(sens, set(floated)),
+                           round(fid, 6)), floated)
+    met = [i for i, s in enumerate(steps) if s.decisive_drop <= max_drop]
+    kept = met[0] if met else min(range(len(steps)), key=lambda i: (steps[i].decisive_drop, i))
     keep_float(qmodel, steps[kept].float_units)
     return Fallback(max_drop, sens, steps, kept, scorer.passes, round(time.perf_counter() - start, 3))
 

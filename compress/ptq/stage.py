@@ -2,13 +2,17 @@
 
 With ``budget: {max_drop, metric}`` the most sensitive units are then kept float until the metric on
 ``data.val`` is within ``max_drop`` points of the float model's (:func:`compress.ptq.fallback`); never
-measured on ``data.eval``.
+measured on ``data.eval``. ``engine: true`` confirms the steps that meet it on an ONNX Runtime engine
+(exported as the export stage would, run at optimization level ``all``).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -17,6 +21,8 @@ from compress import metrics
 from compress.config import Strict
 from compress.data import split_batch
 from compress.errors import CompressError
+from compress.export.onnx import export_onnx
+from compress.export.onnxruntime import OrtEngine
 from compress.ptq.fallback import fallback
 from compress.quant import quantizable_layers
 from compress.stages.context import StageContext, StageResult
@@ -31,6 +37,7 @@ class Budget(Strict):
     max_drop: Annotated[float, Field(ge=0, le=100)]
     metric: str | None = None  # default: the recipe's metric
     max_units: Annotated[int, Field(gt=0)] | None = None  # at most this many units in float (default: no limit)
+    engine: bool = False  # confirm on an ONNX Runtime engine the steps the fake-quant model says meet the budget
 
     @field_validator("metric")
     @classmethod
@@ -69,6 +76,21 @@ def check_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> str | N
     return check_budget(model, config.budget, ctx) if config.budget is not None else None
 
 
+def _engine_builder(ctx: StageContext, folder: Path) -> Callable[[nn.Module], Any]:
+    """``model -> OrtEngine``: the model exported to ONNX (its own target, dynamic batch) and loaded in ONNX Runtime."""
+    count = iter(range(1_000_000))
+
+    def build(model: nn.Module) -> OrtEngine:
+        path = folder / f"step{next(count)}.onnx"
+        try:
+            export_onnx(model, ctx.example_input, path)
+        except CompressError as exc:
+            raise CompressError(f"{ctx.where}.budget.engine: {exc}") from None
+        return OrtEngine(path)
+
+    return build
+
+
 @register("ptq", PtqConfig, check=check_ptq, effects=Effect.QUANTIZES)
 def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResult:
     qmodel, info = quantize(model, config, ctx)
@@ -81,9 +103,10 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
             if ctx.progress:
                 print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
 
-        result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
-                          budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
-                          announce=announce)
+        with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
+            result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
+                              budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
+                              announce=announce, engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None)
         info["budget"] = {**result.to_dict(), "split": "val"}
         announce(result.summary())
         if not result.met:

@@ -58,7 +58,7 @@ def _dq_inputs(onnx_path, model, layer: str) -> list[bool]:
 
 @pytest.mark.slow  # a full run: ptq, the search, export, engine and check (~6 s on an idle 2-core machine)
 def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe, checkpoint, tmp_path):
-    recipe = _recipe(write_recipe, checkpoint)
+    recipe = _recipe(write_recipe, checkpoint, budget="{max_drop: 0.3, engine: true}")
     assert cli("validate", recipe).code == 0
     out = tmp_path / "run"
     result = cli("run", recipe, "--out", out, "--quiet")
@@ -68,6 +68,10 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     assert budget["split"] == "val" and budget["met"] and budget["float_units"] == [SENSITIVE]
     assert [s["float_units"] for s in budget["path"]] == [[], [SENSITIVE]]
     assert budget["path"][0]["drop"] > 50 and budget["drop"] <= 0.3  # on the 287 held-out train digits
+    # confirmed on the ONNX Runtime engine: only the step the fake-quant model said meets the budget
+    assert budget["path"][0]["engine_drop"] is None and budget["engine_drop"] == budget["path"][1]["engine_drop"]
+    units = len(budget["sensitivity"]["layers"])  # 14 for onnxruntime: 7 layers, 7 shared tensors
+    assert budget["engine_drop"] <= 0.3 and budget["passes"] == 2 * units + 2 + 1 + 1  # table, 1 step, 1 engine
     assert budget["sensitivity"]["layers"] and budget["sensitivity"]["samples"] == 287
     assert max(budget["sensitivity"]["layers"], key=lambda r: r["recovery_alone"])["name"] == SENSITIVE
     assert 0.5 < budget["int8_macs_share"] < 1  # layer1.conv2 is 28% of the MACs

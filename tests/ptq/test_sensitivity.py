@@ -106,3 +106,25 @@ def test_fallback_refuses_bad_budgets(model, val, kwargs, message):
     with pytest.raises(CompressError, match=message):
         ptq.fallback(model, val, **kwargs)
 
+
+
+def test_fallback_confirms_the_budget_on_an_onnx_runtime_engine(digits_cnn_checkpoint, val, tmp_path):
+    from compress.export.onnx import export_onnx
+    from compress.export.onnxruntime import OrtEngine
+
+    qmodel = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
+    example = next(iter(val))[0][:1]
+    built: list[int] = []
+
+    def engine(model):
+        path = tmp_path / f"step{len(built)}.onnx"
+        built.append(sum(q.quant_enabled for _, q in quant.quantizers(model)))  # the step's state, as exported
+        export_onnx(model, example, path)
+        return OrtEngine(path)
+
+    result = ptq.fallback(qmodel, val, max_drop=0.3, engine=engine)
+    assert result.met and result.step.float_units == [SENSITIVE]
+    assert built == [sum(q.quant_enabled for _, q in quant.quantizers(qmodel))]  # one engine: the step that met it
+    assert result.steps[0].engine_drop is None and result.step.engine_drop <= 0.3
+    # INT8 kernels round differently from the fake-quant model: within 2 samples of it
+    assert abs(result.step.engine_score - result.step.score) <= 2 / 360 + 1e-6

@@ -79,6 +79,10 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     reasons = {f["layer"]: f["reason"] for f in report["engine"]["not_int8"]}
     assert reasons[SENSITIVE] == "kept_float" and SENSITIVE not in report["engine"]["int8_unplanned"]
 
+    md = (out / "report.md").read_text()
+    assert "### 1. ptq: top1 within 0.3 pt of float on data.val: met" in md
+    assert f"| 1 (kept) | `{SENSITIVE}` |" in md
+
     model = compress.load(out / report["stages"][0]["checkpoint"])  # the stage checkpoint keeps the layer float
     assert quant.float_units(model) == [SENSITIVE]
     assert _dq_inputs(out / "model.onnx", model, SENSITIVE) == [False, False]

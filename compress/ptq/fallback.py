@@ -60,8 +60,9 @@ class Fallback:
     sensitivity: Sensitivity
     steps: list[Step] = field(default_factory=list)
     kept: int = 0  # index into steps
-    passes: int = 0  # forward passes over the data, sensitivity included
+    passes: int = 0  # forward passes over the data this time, sensitivity included
     seconds: float = 0.0
+    resumed: bool = False  # the table (and the steps it could) came from a saved search
 
     @property
     def step(self) -> Step:
@@ -86,12 +87,30 @@ class Fallback:
         return (f"{head}: drop {s.drop} pt{engine} with {len(s.float_units)} unit(s) float "
                 f"({', '.join(s.float_units) or 'none'}), {s.int8_macs_share:.1%} of MACs INT8")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fallback:
+        """The inverse of :meth:`to_dict` (a search saved by ``on_step``).
+
+        Raises:
+            KeyError, TypeError: ``d`` is not what :meth:`to_dict` wrote.
+        """
+        steps = [Step(**p) for p in d["path"]]
+        return cls(d["max_drop"], Sensitivity.from_dict(d["sensitivity"]), steps, d["kept_step"], d["passes"],
+                   d["seconds"], d.get("resumed", False))
+
     def to_dict(self) -> dict[str, Any]:
         return {"max_drop": self.max_drop, "metric": self.sensitivity.metric, "met": self.met, "gap": self.gap,
                 "float_units": self.step.float_units, "drop": self.step.drop, "engine_drop": self.step.engine_drop,
                 "int8_macs_share": self.step.int8_macs_share, "kept_step": self.kept, "passes": self.passes,
-                "seconds": self.seconds, "path": [s.to_dict() for s in self.steps],
+                "seconds": self.seconds, "resumed": self.resumed, "path": [s.to_dict() for s in self.steps],
                 "sensitivity": self.sensitivity.to_dict()}
+
+
+def _reusable(saved: Fallback | None, found: list, metric: str) -> Fallback | None:
+    """``saved`` if it was measured on these units with this metric, else None."""
+    if saved is None or saved.sensitivity.metric != metric:
+        return None
+    return saved if [r.name for r in saved.sensitivity.rows] == [u.name for u in found] else None
 
 
 def _share(sens: Sensitivity, floated: set[str]) -> float:
@@ -109,8 +128,9 @@ def fallback(
     output: str | None = None,
     max_units: int | None = None,
     announce: Callable[[str], None] | None = None,
-    on_step: Callable[[Step], None] | None = None,
+    on_step: Callable[[Fallback], None] | None = None,
     engine: Callable[[nn.Module], Runner] | None = None,
+    resume: Fallback | None = None,
 ) -> Fallback:
     """Keep units float (in place) until the metric on ``data`` is within ``max_drop`` points of the float model's.
 
@@ -121,10 +141,13 @@ def fallback(
         max_units: at most this many units go float (default: no limit, so a budget is always met, at worst
             by the float model).
         announce: called with one line stating the cost before the first pass.
-        on_step: called after each measured step (to save the model so far, or show progress).
+        on_step: called with the search so far after each measured step (``kept`` is its last step): save it,
+            and pass it back as ``resume`` to go on from there after an interruption.
         engine: ``model -> runner``: builds an engine (an ONNX Runtime session, say) from the model in the
             step's state; each step the fake-quant model says meets the budget is measured on it (one pass
             each) and the engine's drop decides.
+        resume: a search saved by ``on_step`` (:meth:`Fallback.from_dict`): its table and steps are reused
+            where they fit this model (the same units and metric), so only the rest is measured.
 
     Returns:
         The table, the search path and the step the model is left at; ``met`` False and ``gap`` say how far
@@ -145,10 +168,13 @@ def fallback(
         announce(f"fallback: {len(found)} quantized units: {2 * len(found) + 2} forward passes over the data for "
                  f"the sensitivity table, then up to {limit} more (one per unit put in float)")
     scorer = Scorer(qmodel, data, metric, found, output)
-    sens = measure(scorer)
+    reused = _reusable(resume, found, metric)
+    sens = reused.sensitivity if reused is not None else measure(scorer)
+    done = list(reused.steps) if reused is not None else []
+    steps: list[Step] = []
 
     def record(step: Step, floated: list[str]) -> Step:
-        if engine is not None and step.drop <= max_drop:
+        if engine is not None and step.drop <= max_drop and step.engine_drop is None:
             with quantizing(qmodel, [u for u in found if u.name not in floated], found):
                 runner = engine(qmodel)
             result = metrics.score(metric, metrics.collect(runner, data, name="the engine", output=output),
@@ -157,21 +183,27 @@ def fallback(
             step = replace(step, engine_score=result[metric], engine_drop=points(sens.float_score - result[metric]))
         steps.append(step)
         if on_step is not None:
-            on_step(step)
+            on_step(Fallback(max_drop, sens, list(steps), len(steps) - 1, scorer.passes,
+                             round(time.perf_counter() - start, 3), resumed=reused is not None))
         return step
 
-    steps: list[Step] = []
-    last = record(Step([], sens.int8_score, sens.drop, _share(sens, set()), sens.int8_fidelity), [])
+    def measured(floated: list[str]) -> Step:
+        if len(done) > len(steps) and done[len(steps)].float_units == floated:
+            return done[len(steps)]
+        score, fid = scorer.score([u for u in found if u.name not in floated])
+        return Step(list(floated), score, points(sens.float_score - score), _share(sens, set(floated)), round(fid, 6))
+
+    first = done[0] if done else Step([], sens.int8_score, sens.drop, _share(sens, set()), sens.int8_fidelity)
+    last = record(first, [])
     floated: list[str] = []
     for row in sens.ranked()[:limit]:
         if last.decisive_drop <= max_drop:
             break
         floated.append(row.name)
-        score, fid = scorer.score([u for u in found if u.name not in floated])
-        last = record(Step(list(floated), score, points(sens.float_score - score), _share(sens, set(floated)),
-                           round(fid, 6)), floated)
+        last = record(measured(floated), floated)
     met = [i for i, s in enumerate(steps) if s.decisive_drop <= max_drop]
     kept = met[0] if met else min(range(len(steps)), key=lambda i: (steps[i].decisive_drop, i))
     keep_float(qmodel, steps[kept].float_units)
-    return Fallback(max_drop, sens, steps, kept, scorer.passes, round(time.perf_counter() - start, 3))
+    return Fallback(max_drop, sens, steps, kept, scorer.passes, round(time.perf_counter() - start, 3),
+                    resumed=reused is not None)
 

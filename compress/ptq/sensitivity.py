@@ -76,6 +76,17 @@ class Sensitivity:
         float leaves the outputs closest to the float model's (a task metric on few samples ties often)."""
         return sorted(self.rows, key=lambda r: (-r.recovery_alone, r.macs, -r.fidelity_float, r.name))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sensitivity:
+        """The inverse of :meth:`to_dict` (a saved search resumed).
+
+        Raises:
+            KeyError, TypeError: ``d`` is not what :meth:`to_dict` wrote.
+        """
+        rows = [UnitSensitivity(**r) for r in d["layers"]]
+        return cls(d["metric"], d["float"], d["int8"], d["samples"], d["passes"], d["seconds"], d["macs"],
+                   d["int8_fidelity"], rows)
+
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "fidelity": FIDELITY, "float": self.float_score, "int8": self.int8_score,
                 "drop": self.drop, "int8_fidelity": self.int8_fidelity, "samples": self.samples, "passes": self.passes, "seconds": self.seconds,

@@ -8,6 +8,7 @@ measured on ``data.eval``. ``engine: true`` confirms the steps that meet it on a
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -17,13 +18,14 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from torch import nn
 
-from compress import metrics
+from compress import io, metrics
+from compress.checkpoint import weights_digest
 from compress.config import Strict
 from compress.data import split_batch
 from compress.errors import CompressError
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import OrtEngine
-from compress.ptq.fallback import fallback
+from compress.ptq.fallback import Fallback, fallback
 from compress.quant import quantizable_layers
 from compress.stages.context import StageContext, StageResult
 from compress.stages.quantize import QuantOptions, calibration_warnings, check_quant_options, quantize
@@ -76,6 +78,25 @@ def check_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> str | N
     return check_budget(model, config.budget, ctx) if config.budget is not None else None
 
 
+class SavedSearch:
+    """The search so far in ``stage_dir/budget.json``, written after every step, so a run interrupted mid-search
+    and resumed (``compress run --resume``) measures only what it had not. Read back only for the same
+    calibrated model (the digest of its state_dict, amax included)."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        self.path, self.digest = path, digest
+
+    def write(self, search: Fallback) -> None:
+        io.write_json(self.path, {"weights_sha256": self.digest, "search": search.to_dict()})
+
+    def read(self) -> Fallback | None:
+        try:
+            saved = json.loads(self.path.read_text())
+            return Fallback.from_dict(saved["search"]) if saved.get("weights_sha256") == self.digest else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or not ours: measure again
+            return None
+
+
 def _engine_builder(ctx: StageContext, folder: Path) -> Callable[[nn.Module], Any]:
     """``model -> OrtEngine``: the model exported to ONNX (its own target, dynamic batch) and loaded in ONNX Runtime."""
     count = iter(range(1_000_000))
@@ -103,10 +124,12 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
             if ctx.progress:
                 print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
 
+        saved = SavedSearch(ctx.stage_dir / "budget.json", weights_digest(qmodel.state_dict()))
         with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
             result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
                               budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
-                              announce=announce, engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None)
+                              announce=announce, engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
+                              on_step=saved.write, resume=saved.read())
         info["budget"] = {**result.to_dict(), "split": "val"}
         announce(result.summary())
         if not result.met:

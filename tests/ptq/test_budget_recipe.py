@@ -56,7 +56,6 @@ def _dq_inputs(onnx_path, model, layer: str) -> list[bool]:
     raise AssertionError(f"no weighted node of {layer}")
 
 
-@pytest.mark.slow  # a full run: ptq, the search, export, engine and check (~6 s on an idle 2-core machine)
 def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe, checkpoint, tmp_path):
     recipe = _recipe(write_recipe, checkpoint, budget="{max_drop: 0.3, engine: true}")
     assert cli("validate", recipe).code == 0
@@ -87,6 +86,13 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     assert quant.float_units(model) == [SENSITIVE]
     assert _dq_inputs(out / "model.onnx", model, SENSITIVE) == [False, False]
     assert _dq_inputs(out / "model.onnx", model, "layer1.conv1") == [True, True]
+
+    # the search is saved after every step: a ptq stage run again (as --resume does after an interruption)
+    # measures nothing it had measured
+    (out / "stages/01-ptq/metrics.json").unlink()
+    assert cli("run", recipe, "--out", out, "--resume", "--quiet").code == 0
+    again = read_report(out)["stages"][0]["budget"]
+    assert again["resumed"] and again["passes"] == 0 and again["path"] == budget["path"]
 
 
 @pytest.mark.parametrize("budget, val, message", [

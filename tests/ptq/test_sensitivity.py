@@ -67,11 +67,12 @@ def test_sensitivity_refuses_what_it_cannot_measure(model, val, digits_cnn_check
 
 def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(digits_cnn_checkpoint, val):
     qmodel = sensitive_model(digits_cnn_checkpoint)
-    steps: list[ptq.Step] = []
-    result = ptq.fallback(qmodel, val, max_drop=0.3, on_step=steps.append)
+    saved: list[ptq.Fallback] = []
+    result = ptq.fallback(qmodel, val, max_drop=0.3, on_step=saved.append)
     assert result.met and result.gap == 0
     assert result.step.float_units == [SENSITIVE] and quant.float_units(qmodel) == [SENSITIVE]
-    assert [s.float_units for s in result.steps] == [[], [SENSITIVE]] and steps == result.steps
+    assert [s.float_units for s in result.steps] == [[], [SENSITIVE]]
+    assert [s.step for s in saved] == result.steps and saved[-1].steps == result.steps  # the search so far, each step
     assert result.steps[0].drop > 50 and result.step.drop <= 0.3
     assert result.passes == 20 + 1  # the table, then one step
     macs = {r.name: r.macs for r in result.sensitivity.rows}
@@ -128,3 +129,19 @@ def test_fallback_confirms_the_budget_on_an_onnx_runtime_engine(digits_cnn_check
     assert result.steps[0].engine_drop is None and result.step.engine_drop <= 0.3
     # INT8 kernels round differently from the fake-quant model: within 2 samples of it
     assert abs(result.step.engine_score - result.step.score) <= 2 / 360 + 1e-6
+
+
+def test_an_interrupted_fallback_resumes_from_its_saved_search(digits_cnn_checkpoint, val):
+    saved: list[dict] = []
+    first = ptq.fallback(sensitive_model(digits_cnn_checkpoint), val, max_drop=0.3,
+                         on_step=lambda search: saved.append(search.to_dict()))
+    interrupted = ptq.Fallback.from_dict(saved[0])  # saved after the table and step 0, before step 1
+    assert [s.float_units for s in interrupted.steps] == [[]]
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    resumed = ptq.fallback(qmodel, val, max_drop=0.3, resume=interrupted)
+    assert resumed.resumed and resumed.passes == 2  # the float outputs once, then step 1; no table passes
+    assert resumed.steps == first.steps and quant.float_units(qmodel) == [SENSITIVE]
+    # a search of another model (other units) is not reused
+    other = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
+    fresh = ptq.fallback(other, val, max_drop=0.3, resume=interrupted)
+    assert not fresh.resumed and fresh.passes == 2 * len(fresh.sensitivity.rows) + 2 + 1

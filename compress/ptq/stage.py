@@ -134,4 +134,7 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
         announce(result.summary())
         if not result.met:
             warnings.append(f"{ctx.where}.budget: {result.summary()}")
+        if budget.engine and info["target"] == "tensorrt":
+            warnings.append(f"{ctx.where}.budget.engine: measured in ONNX Runtime, which runs a tensorrt-target graph "
+                            "with INT8 simulated in float; a TensorRT engine may round differently")
     return StageResult(qmodel, info=info, warnings=warnings)

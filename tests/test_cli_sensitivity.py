@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_budget import SENSITIVE, outlier_checkpoint
+from helpers_budget import SENSITIVE, outlier_checkpoint, sensitive_model
+
+import compress
 
 RECIPE = """\
 name: sens
@@ -49,8 +51,23 @@ def test_sensitivity_prints_the_table_and_writes_nothing(cli, write_recipe, chec
 
 @pytest.mark.parametrize("val, stages, message", [
     ("", PTQ, "stages.0.ptq (sensitivity, measured on data.val) needs data.val"),
-    ("  val: {holdout: 0.2}\n", "  - train: {finetune: {epochs: 1}}\n", "no ptq or qat stage"),
+    ("  val: {holdout: 0.2}\n", "  - train: {finetune: {epochs: 1}}\n",
+     "no ptq or qat stage and the model is not quantized"),
 ])
 def test_sensitivity_bad_input_is_one_line(cli, write_recipe, checkpoint, val, stages, message):
     line = cli("sensitivity", _recipe(write_recipe, checkpoint, val=val, stages=stages)).error_line()
     assert message in line
+
+
+def test_sensitivity_of_a_quantized_checkpoint_as_it_is(cli, write_recipe, digits_cnn_checkpoint, tmp_path):
+    path = tmp_path / "int8.pt"
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    compress.quant.keep_float(qmodel, ["fc"])  # already float: not a unit any more
+    compress.save(qmodel, path)
+    result = cli("sensitivity", _recipe(write_recipe, path, stages="  []\n"), "--quiet", "--json")
+    assert result.code == 0, result.err
+    table = json.loads(result.out)
+    assert table["what"] == "sens: the input model as quantized, top1 on data.val (287 samples)"
+    names = [r["name"] for r in table["layers"]]
+    assert "fc" not in names and len(names) == 8
+    assert max(table["layers"], key=lambda r: r["recovery_alone"])["name"] == SENSITIVE

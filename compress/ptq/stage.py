@@ -8,6 +8,8 @@ measured on ``data.eval``. ``engine: true`` confirms the steps that meet it on a
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from compress.quant import quantizable_layers
 from compress.stages.context import StageContext, StageResult
 from compress.stages.quantize import QuantOptions, calibration_warnings, check_quant_options, quantize
 from compress.stages.registry import Effect, register
+from compress.train import is_main_process
 
 
 class Budget(Strict):
@@ -79,27 +82,32 @@ def check_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> str | N
 
 
 class SavedSearch:
-    """The search so far in ``stage_dir/budget.json``, written after every step, so a run interrupted mid-search
-    and resumed (``compress run --resume``) measures only what it had not. Read back only for the same
-    calibrated model (the digest of its state_dict, amax included)."""
+    """The search so far in ``stage_dir/budget.json``, written after every step (by rank 0), so a run interrupted
+    mid-search and resumed (``compress run --resume``) measures only what it had not. Read back only for the same
+    calibrated model (the digest of its state_dict, amax included) on the same data (the recipe's ``data``
+    section and seed) and metric output."""
 
-    def __init__(self, path: Path, digest: str) -> None:
-        self.path, self.digest = path, digest
+    def __init__(self, path: Path, qmodel: nn.Module, ctx: StageContext) -> None:
+        digest = hashlib.sha256(weights_digest(qmodel.state_dict()).encode())
+        digest.update(json.dumps([ctx.recipe.resolved().get("data"), ctx.recipe.body.seed, ctx.metric_output],
+                                 sort_keys=True, default=str).encode())
+        self.path, self.digest = path, digest.hexdigest()
 
     def write(self, search: Fallback) -> None:
-        io.write_json(self.path, {"weights_sha256": self.digest, "search": search.to_dict()})
+        if is_main_process():
+            io.write_json(self.path, {"fingerprint": self.digest, "search": search.to_dict()})
 
     def read(self) -> Fallback | None:
         try:
             saved = json.loads(self.path.read_text())
-            return Fallback.from_dict(saved["search"]) if saved.get("weights_sha256") == self.digest else None
+            return Fallback.from_dict(saved["search"]) if saved.get("fingerprint") == self.digest else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or not ours: measure again
             return None
 
 
 def _engine_builder(ctx: StageContext, folder: Path) -> Callable[[nn.Module], Any]:
     """``model -> OrtEngine``: the model exported to ONNX (its own target, dynamic batch) and loaded in ONNX Runtime."""
-    count = iter(range(1_000_000))
+    count = itertools.count()
 
     def build(model: nn.Module) -> OrtEngine:
         path = folder / f"step{next(count)}.onnx"
@@ -124,7 +132,7 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
             if ctx.progress:
                 print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
 
-        saved = SavedSearch(ctx.stage_dir / "budget.json", weights_digest(qmodel.state_dict()))
+        saved = SavedSearch(ctx.stage_dir / "budget.json", qmodel, ctx)
         with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
             result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
                               budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,

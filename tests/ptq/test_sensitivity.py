@@ -7,6 +7,7 @@ Digits test split (360 samples): one sample is 0.28 points of top-1. The planted
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers_budget import SENSITIVE, sensitive_model
 from helpers_quant import digits, top1
 
@@ -145,3 +146,23 @@ def test_an_interrupted_fallback_resumes_from_its_saved_search(digits_cnn_checkp
     other = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
     fresh = ptq.fallback(other, val, max_drop=0.3, resume=interrupted)
     assert not fresh.resumed and fresh.passes == 2 * len(fresh.sensitivity.rows) + 2 + 1
+
+
+def test_an_attentions_matmul_quantizers_are_one_unit_and_rank_first_when_they_break_it():
+    from compress.zoo import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny()
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every output 0
+    x = torch.randn(64, 3, 32, 32)
+    qmodel = quant.prepare(model, "tensorrt", example_input=x[:1])
+    ptq.calibrate(qmodel, [x], "max")
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    # softmax probabilities (0..1) behind a range 1000x too wide: they all round to 0, the attention outputs nothing
+    qmodel.get_submodule(f"{attention}.probs_quantizer").amax *= 1000
+    table = ptq.sensitivity(qmodel, [x[:32], x[32:]], "agreement")  # unlabeled: agreement with the float model
+    rows = {r.name: r for r in table.rows}
+    assert table.passes == 2 * 21 + 2 and rows[attention].kind == "attention"  # 16 layers, 2 attentions, 3 adds
+    assert rows[attention].macs == 2 * 17 * 17 * 64  # Q.K^T and A.V for 17 tokens of width 64
+    assert table.ranked()[0].name == attention and rows[attention].recovery_alone > 30  # > 20 of 64 samples
+    assert min(table.rows, key=lambda r: r.fidelity_alone).name == attention

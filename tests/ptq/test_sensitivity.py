@@ -38,9 +38,9 @@ def test_sensitivity_ranks_the_planted_layer_first_and_states_its_cost(model, va
     assert top.name == SENSITIVE
     assert top.drop_alone > 50 and top.recovery_alone > 50  # the fault: ~85 points either way
     assert top.fidelity_alone < 0.5 < 0.999 < top.fidelity_float  # cosine with the float outputs
-    for row in table.rows[1:]:
+    for row in table.rows:
         if row.name != SENSITIVE:
-            assert abs(row.drop_alone) <= 3 * SAMPLE + 1e-6  # a few samples at most
+            assert abs(row.drop_alone) <= 3 * SAMPLE + 1e-6  # 3 samples at most (per-layer rounding flips a few)
     assert table.drop == pytest.approx(100 * (table.float_score - table.int8_score), abs=1e-3)
     assert table.macs > 0 and {r.name: r.macs for r in table.rows}[SENSITIVE] == 32 * 32 * 9 * 8 * 8
     assert all(q.quant_enabled for _, q in quant.quantizers(model))  # every switch restored

@@ -171,6 +171,37 @@ def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
     return ["", "## Calibration", "", *lines] if lines else []
 
 
+def _budget(stages: list[dict[str, Any]], most: int = 10) -> list[str]:
+    """Per stage with an accuracy budget: the outcome, the search path and the most sensitive units."""
+    lines: list[str] = []
+    for i, s in enumerate(stages):
+        b = s.get("budget")
+        if not b:
+            continue
+        sens = b["sensitivity"]
+        outcome = "met" if b["met"] else f"**not met** ({b['gap']} pt over; the closest step kept)"
+        lines += [f"### {i + 1}. {s['type']}: {b['metric']} within {b['max_drop']} pt of float on data.{b['split']}: "
+                  f"{outcome}", "",
+                  f"{len(b['float_units'])} unit(s) float, {b['int8_macs_share']:.1%} of MACs INT8; {b['passes']} "
+                  f"forward passes, {b['seconds']:.1f} s", "",
+                  "| step | units float | metric | drop (pt) | engine drop (pt) | MACs INT8 |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for k, p in enumerate(b["path"]):
+            engine = "" if p.get("engine_drop") is None else f"{p['engine_drop']:.2f}"
+            mark = " (kept)" if k == b["kept_step"] else ""
+            units = ", ".join(f"`{n}`" for n in p["float_units"][-3:]) or "none"
+            more = f"{len(p['float_units']) - 3} more, " if len(p["float_units"]) > 3 else ""
+            lines.append(f"| {k}{mark} | {more}{units} | {p['score']:.4f} | {p['drop']:.2f} | {engine} | "
+                         f"{p['int8_macs_share']:.1%} |")
+        ranked = sorted(sens["layers"], key=lambda r: (-r["recovery_alone"], r["macs"]))[:most]
+        lines += ["", "| unit | kind | MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | "
+                  f"{r['fidelity_alone']:.4f} |" for r in ranked]
+        lines.append("")
+    return ["", "## Accuracy budget", "", *lines] if lines else []
+
+
 def _not_int8(g: dict[str, Any], most: int) -> str:
     """``INT8 kernels run 88% of the MACs; in float: `conv2` (excluded, 42%), ...`` for a quantized engine."""
     total = g.get("weighted_macs") or 0
@@ -232,6 +263,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
     lines += _calibration(doc["stages"])
+    lines += _budget(doc["stages"])
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "

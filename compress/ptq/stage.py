@@ -3,7 +3,8 @@
 With ``budget: {max_drop, metric}`` the most sensitive units are then kept float until the metric on
 ``data.val`` is within ``max_drop`` points of the float model's (:func:`compress.ptq.fallback`); never
 measured on ``data.eval``. ``engine: true`` confirms the steps that meet it on an ONNX Runtime engine
-(exported as the export stage would, run at optimization level ``all``).
+(exported as the export stage would, run at optimization level ``all``) and times every step's engine against
+the float model's (:mod:`compress.ptq.step_latency`): the latency each step buys back.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from compress.errors import CompressError
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import OrtEngine
 from compress.ptq.fallback import Fallback, fallback
+from compress.ptq.step_latency import BATCH_SIZE, step_latency
 from compress.quant import quantizable_layers
+from compress.quant import units as quant_units
 from compress.stages.context import StageContext, StageResult
 from compress.stages.quantize import QuantOptions, calibration_warnings, check_quant_options, quantize
 from compress.stages.registry import Effect, register
@@ -42,7 +45,9 @@ class Budget(Strict):
     max_drop: Annotated[float, Field(ge=0, le=100)]
     metric: str | None = None  # default: the recipe's metric
     max_units: Annotated[int, Field(gt=0)] | None = None  # at most this many units in float (default: no limit)
-    engine: bool = False  # confirm on an ONNX Runtime engine the steps the fake-quant model says meet the budget
+    # confirm on an ONNX Runtime engine the steps the fake-quant model says meet the budget, and time every step's
+    # engine against the float model's (batch 8)
+    engine: bool = False
 
     @field_validator("metric")
     @classmethod
@@ -133,12 +138,17 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
                 print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
 
         saved = SavedSearch(ctx.stage_dir / "budget.json", qmodel, ctx)
+        every_unit = quant_units(qmodel)  # before the search puts any float
         with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
             result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
                               budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
                               announce=announce, engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
                               on_step=saved.write, resume=saved.read())
-        info["budget"] = {**result.to_dict(), "split": "val"}
+            info["budget"] = {**result.to_dict(), "split": "val"}
+            if budget.engine:  # the price of each step: engine latency against the float model
+                announce(f"timing {len(result.steps)} step engine(s) against the float model, batch {BATCH_SIZE}")
+                info["budget"]["latency"] = step_latency(model, qmodel, every_unit, result.steps, ctx.example_input,
+                                                         Path(tmp))
         announce(result.summary())
         if not result.met:
             warnings.append(f"{ctx.where}.budget: {result.summary()}")

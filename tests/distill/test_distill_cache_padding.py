@@ -58,8 +58,10 @@ def test_cache_reuses_per_sample_outputs_across_paddings(pad_id: int) -> None:
             losses[cache] = [float(kd.loss(x, student(**x), y, indices=i).detach()) for i, (x, y) in batches]
             if cache:
                 assert kd.cache.computed == 64 and kd.cache.reused == 64  # epoch 2 is read back, every sample
-    # the cached epoch gives the live teacher's losses (one summation order apart at most)
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-7)
+    # the cached epoch gives the live teacher's losses: a sample's pooled mean summed over another padding length
+    # differs by a few float32 ulps (eps 1.2e-7), which the KD loss (a difference of log-softmaxes, ~5e-3 here)
+    # turns into ~5e-5 relative; a wrong sample's teacher output moves a loss by more than 1e-2 relative
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-6)
 
 
 def test_cache_refuses_per_token_teacher_outputs_of_varying_length() -> None:

@@ -219,9 +219,7 @@ def _bench_sample(args: argparse.Namespace, batch_sizes: list[int]) -> Any:
     shapes = parse_shape_args(args.input_shape or [])
     onnx_file = next((m for m in args.models if Path(m).suffix == ".onnx"), None)
     if onnx_file is not None:
-        sample = sample_from_declared(onnx_file, shapes, batch_sizes)
-        logging.getLogger(_LOGGER).debug("bench: inputs read from %s: %s", onnx_file, _bench_shapes(sample))
-        return sample
+        return sample_from_declared(onnx_file, shapes, batch_sizes)
     if not shapes:
         raise CompressError("bench: give --data or --input-shape: no .onnx file among the models to read the "
                             "input shape from")
@@ -229,12 +227,6 @@ def _bench_sample(args: argparse.Namespace, batch_sizes: list[int]) -> Any:
         raise CompressError("bench --input-shape: NAME=... needs an .onnx file among the models; give one "
                             "sample's shape, e.g. 1,8,8")
     return torch.randn(1, *shapes[None], generator=torch.Generator().manual_seed(0))
-
-
-def _bench_shapes(sample: Any) -> str:
-    """``name [1, 8, 8]`` per input of a bench sample (for the debug log)."""
-    items = sample.items() if isinstance(sample, dict) else [("input", sample)]
-    return ", ".join(f"{k} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for k, t in items)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ other dimension from the file, and a dynamic one from ``--input-shape`` (or a on
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 from compress.errors import CompressError, did_you_mean, first_line
 from compress.inputs import Inputs
 from compress.io import file_problem
+
+_log = logging.getLogger(__name__)
 
 # ONNX TensorProto element types bench can generate values for
 _DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,
@@ -160,4 +163,6 @@ def sample_from_declared(
             tensors[declared.name] = torch.randn(shape, generator=generator).to(declared.dtype)
         else:
             tensors[declared.name] = torch.ones(shape, dtype=declared.dtype)
+    _log.debug("bench: inputs read from %s: %s", file, ", ".join(
+        f"{name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in tensors.items()))
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors

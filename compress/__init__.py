@@ -21,6 +21,7 @@ The public names load on first use (PEP 562 module ``__getattr__``): ``import co
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -55,10 +56,12 @@ def load_all() -> None:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'compress' has no attribute '{name}'")
-    load_all()
-    return globals()[name]
+    if name in _HOMES:
+        load_all()
+        return globals()[name]
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # compress.io, compress.zoo, ...: reachable as before
+    raise AttributeError(f"module 'compress' has no attribute '{name}'")
 
 
 def __dir__() -> list[str]:

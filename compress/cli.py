@@ -1,4 +1,4 @@
-"""The ``compress`` command: run, validate, check, bench.
+"""The ``compress`` command: run, validate, sensitivity, check, bench.
 
 Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message on stderr); 141 stdout
 closed early (``compress ... --json | head``), as a command killed by SIGPIPE reports in a shell.
@@ -94,7 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", parents=[common], help="dry run: check the recipe, model and data, print the plan")
     val.add_argument("recipe", type=Path, help="the recipe (YAML)")
-    for p in (run, val):
+    sens = sub.add_parser("sensitivity", parents=[common],
+                          help="per-layer INT8 sensitivity of a recipe's model on data.val (changes nothing)")
+    sens.add_argument("recipe", type=Path, help="the recipe (YAML)")
+    for p in (run, val, sens):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. stages.0.train.finetune.epochs=5")
 
@@ -261,6 +264,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print("\n".join(pipeline.describe(recipe, prep)))
         print("valid")
     return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from compress import pipeline
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    log = logging.getLogger(_LOGGER)
+    table, what = pipeline.sensitivity(recipe, progress=not args.quiet, log=log.info)
+    if args.json:
+        print(json.dumps({"what": what, **table.to_dict()}, indent=2))
+    else:
+        print(_sensitivity_text(table, what))
+    return 0
+
+
+def _sensitivity_text(table: Any, what: str) -> str:
+    """The table as ``compress sensitivity`` prints it: most recovery first."""
+    lines = [what,
+             f"{table.metric}: float {table.float_score:.4f}, all INT8 {table.int8_score:.4f} (drop {table.drop} pt); "
+             f"{table.passes} forward passes, {table.seconds:.1f} s",
+             f"{'unit':<40} {'kind':<9} {'MACs':>12} {'MACs %':>7} {'drop alone':>10} {'recovery':>9} "
+             f"{'cos alone':>9} {'cos float':>9}"]
+    for r in table.ranked():
+        share = 100 * r.macs / table.macs if table.macs else 0.0
+        lines.append(f"{r.name:<40} {r.kind:<9} {r.macs:>12,} {share:>6.1f}% {r.drop_alone:>10.2f} "
+                     f"{r.recovery_alone:>9.2f} {r.fidelity_alone:>9.4f} {r.fidelity_float:>9.4f}")
+    lines.append("drop alone: points lost with only that unit INT8; recovery: points won back with only it float")
+    return "\n".join(lines)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -588,7 +620,8 @@ def _main(argv: Sequence[str] | None) -> int:
     import compress
 
     compress.load_all()  # every stage type and checkpoint rebuild registered, as a library user's compress.X has it
-    handlers = {"run": _cmd_run, "validate": _cmd_validate, "check": _cmd_check, "bench": _cmd_bench}
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "sensitivity": _cmd_sensitivity, "check": _cmd_check,
+                "bench": _cmd_bench}
     handler = _log_handler(args)
     try:
         return handlers[args.command](args)

@@ -37,10 +37,14 @@ from compress.errors import CompressError, DataError, located
 from compress.inputs import move_inputs, signature
 from compress.outputs import require_task
 from compress.profile import size_stats
+from compress.ptq.sensitivity import Sensitivity
+from compress.ptq.sensitivity import sensitivity as measure_sensitivity
+from compress.quant import is_quantized
 from compress.recipe import Recipe, StageSpec
 from compress.stages.context import Splits, StageContext, recipe_factories
 from compress.stages.finetune import check_finetune
-from compress.stages.registry import stage_types
+from compress.stages.quantize import QuantOptions, quantize
+from compress.stages.registry import Effect, stage_types
 from compress.train import FinetuneConfig, barrier, broadcast_object, init_distributed, is_main_process, pick_device
 
 Log = Callable[[str], None]
@@ -370,3 +374,51 @@ def describe(recipe: Recipe, prep: Prepared) -> list[str]:
     if notice is not None:
         lines.append(f"note    {notice}")
     return lines
+
+
+def _quantizing_stage(recipe: Recipe) -> StageSpec | None:
+    """The recipe's first stage that quantizes with :class:`QuantOptions` (ptq, qat), if any."""
+    registry = stage_types()
+    for spec in recipe.stages:
+        if isinstance(spec.config, QuantOptions) and registry[spec.type].effects(spec.config) & Effect.QUANTIZES:
+            return spec
+    return None
+
+
+def sensitivity(recipe: Recipe, *, progress: bool = True, log: Log | None = None) -> tuple[Sensitivity, str]:
+    """``compress sensitivity``: the per-unit table of the recipe's input model quantized as its first ptq/qat
+    stage would (placed and calibrated with its options; earlier stages are not run), measured on ``data.val``;
+    an input model that is quantized already (a QAT checkpoint), in a recipe without such a stage, as it is.
+    Nothing is written.
+
+    Returns:
+        The table, and one line saying what was measured.
+
+    Raises:
+        CompressError: bad recipe, model or data; a float model and no ptq/qat stage; no ``data.val``.
+    """
+    prep = prepare(recipe, progress=progress)
+    spec = _quantizing_stage(recipe)
+    output = recipe.body.metric.output
+    if spec is None:
+        if not is_quantized(prep.model):
+            raise CompressError(f"{recipe.locate('stages')}: no ptq or qat stage and the model is not quantized: "
+                                "sensitivity needs to know how to quantize")
+        where = recipe.locate("data", "val")
+        metric, qmodel = recipe.body.metric.name, prep.model
+        what = f"{recipe.name}: the input model as quantized"
+    else:
+        ctx = _context(prep, spec, Path("."), prep.baseline_model, prep.baseline_outputs)
+        budget = getattr(spec.config, "budget", None)
+        metric = (budget.metric if budget is not None else None) or ctx.metric
+        where = ctx.where
+        with located(ctx.where, recipe.source):
+            prep.splits.loader("val", needed_by=f"{ctx.where} (sensitivity, measured on data.val)")
+            qmodel, _ = quantize(copy.deepcopy(prep.model), spec.config, ctx)  # type: ignore[arg-type]
+        earlier = [s.type for s in recipe.stages[:spec.index]]
+        what = (f"{recipe.name}: stage {spec.index + 1} {spec.type} on the input model"
+                + (f" (stages before it not run: {', '.join(earlier)})" if earlier else ""))
+    with located(where, recipe.source):
+        loader = prep.splits.loader("val", needed_by="compress sensitivity (measured on data.val)")
+        table = measure_sensitivity(qmodel, loader, metric, output=output, announce=log)
+    return table, f"{what}, {metric} on data.val ({table.samples} samples)"

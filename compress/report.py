@@ -10,6 +10,7 @@ from compress import io
 from compress.recipe import Recipe
 
 PLOT_NAME = "report_accuracy_vs_size.png"
+BUDGET_PLOT = "report_budget.png"  # written when a stage searched an accuracy budget
 
 
 def _versions() -> dict[str, str]:
@@ -171,6 +172,44 @@ def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
     return ["", "## Calibration", "", *lines] if lines else []
 
 
+def _budget(stages: list[dict[str, Any]], most: int = 10) -> list[str]:
+    """Per stage with an accuracy budget: the outcome, the search path and the most sensitive units."""
+    lines: list[str] = []
+    for i, s in enumerate(stages):
+        b = s.get("budget")
+        if not b:
+            continue
+        sens = b["sensitivity"]
+        outcome = "met" if b["met"] else f"**not met** ({b['gap']} pt over; the closest step kept)"
+        lines += [f"### {i + 1}. {s['type']}: {b['metric']} within {b['max_drop']} pt of float on data.{b['split']}: "
+                  f"{outcome}", "",
+                  f"{len(b['float_units'])} unit(s) float, {b['int8_macs_share']:.1%} of MACs INT8; {b['passes']} "
+                  f"forward passes, {b['seconds']:.1f} s", "",
+                  "| step | units float | metric | drop (pt) | engine drop (pt) | MACs INT8 | engine ms (x float) |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        timed = {t["step"]: t for t in b.get("latency", [])}
+        for k, p in enumerate(b["path"]):
+            engine = "" if p.get("engine_drop") is None else f"{p['engine_drop']:.2f}"
+            mark = " (kept)" if k == b["kept_step"] else ""
+            units = ", ".join(f"`{n}`" for n in p["float_units"][-3:]) or "none"
+            more = f"{len(p['float_units']) - 3} more, " if len(p["float_units"]) > 3 else ""
+            ms = f"{timed[k]['ms']:.3f} ({timed[k]['speedup']:.2f}x faster)" if k in timed else ""
+            lines.append(f"| {k}{mark} | {more}{units} | {p['score']:.4f} | {p['drop']:.2f} | {engine} | "
+                         f"{p['int8_macs_share']:.1%} | {ms} |")
+        if timed:
+            lines += ["", f"Engine latency: ONNX Runtime (level all), batch {next(iter(timed.values()))['batch_size']}, "
+                          "each step timed against the float model's engine, interleaved; \"x float\": the median "
+                          "ratio of paired runs."]
+        lines += ["", f"![accuracy budget]({BUDGET_PLOT})"]
+        ranked = sorted(sens["layers"], key=lambda r: (-r["recovery_alone"], r["macs"]))[:most]
+        lines += ["", "| unit | kind | MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | "
+                  f"{r['fidelity_alone']:.4f} |" for r in ranked]
+        lines.append("")
+    return ["", "## Accuracy budget", "", *lines] if lines else []
+
+
 def _not_int8(g: dict[str, Any], most: int) -> str:
     """``INT8 kernels run 88% of the MACs; in float: `conv2` (excluded, 42%), ...`` for a quantized engine."""
     total = g.get("weighted_macs") or 0
@@ -232,6 +271,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
     lines += _calibration(doc["stages"])
+    lines += _budget(doc["stages"])
     if "export" in doc:
         e = doc["export"]
         lines += ["", "## Export", "", f"`{e['onnx']}`: opset {e['opset']}, target {e['target']}, "
@@ -329,8 +369,60 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def plot_budget(doc: dict[str, Any], path: Path) -> bool:
+    """For the first stage with an accuracy budget: each unit's recovery alone against its share of the MACs, and
+    the search path (drop against engine latency where timed, else against the share of MACs still INT8).
+    Returns whether there was one to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    budget = next((s["budget"] for s in doc["stages"] if s.get("budget")), None)
+    if budget is None:
+        return False
+    sens, path_steps = budget["sensitivity"], budget["path"]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    rows = sens["layers"]
+    total = max(sens["macs"], 1)
+    xs, ys = [100 * r["macs"] / total for r in rows], [r["recovery_alone"] for r in rows]
+    left.scatter(xs, ys, s=14, color="tab:blue")
+    for r in sorted(rows, key=lambda r: -r["recovery_alone"])[:5]:
+        left.annotate(r["name"], (100 * r["macs"] / total, r["recovery_alone"]), textcoords="offset points",
+                      xytext=(3, 3), fontsize=7)
+    left.set_xlabel("share of the model's MACs (%)")
+    left.set_ylabel(f"{sens['metric']} recovered when alone float (pt)")
+    left.set_title("sensitivity per unit")
+    timed = {t["step"]: t for t in budget.get("latency", [])}
+    if timed:
+        xs = [timed[k]["ms"] for k in range(len(path_steps))]
+        right.set_xlabel(f"engine latency, batch {next(iter(timed.values()))['batch_size']} (ms)")
+        right.axvline(next(iter(timed.values()))["float_ms"], color="gray", ls=":", lw=1, label="float engine")
+    else:
+        xs = [100 * p["int8_macs_share"] for p in path_steps]
+        right.set_xlabel("MACs still INT8 (%)")
+    right.plot(xs, [p["drop"] for p in path_steps], "o-", color="tab:blue", label="fake-quant drop")
+    engine = [(x, p["engine_drop"]) for x, p in zip(xs, path_steps, strict=True) if p.get("engine_drop") is not None]
+    if engine:
+        right.plot(*zip(*engine, strict=True), "s", color="tab:green", label="engine drop")
+    for k, x in enumerate(xs):
+        right.annotate(f"{k}{' kept' if k == budget['kept_step'] else ''}", (x, path_steps[k]["drop"]),
+                       textcoords="offset points", xytext=(3, 3), fontsize=7)
+    right.axhline(budget["max_drop"], color="tab:red", ls="--", lw=1, label=f"budget {budget['max_drop']} pt")
+    right.set_ylabel(f"{budget['metric']} drop vs float (pt)")
+    right.set_title("search path (step: units float)")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return True
+
+
 def write(run_dir: Path, doc: dict[str, Any]) -> None:
-    """Write report.json, report.md and the plot, each atomically."""
+    """Write report.json, report.md and the plots, each atomically."""
     io.write_json(run_dir / "report.json", doc)
     plot(doc, run_dir / PLOT_NAME)
+    plot_budget(doc, run_dir / BUDGET_PLOT)
     io.write_text(run_dir / "report.md", markdown(doc))

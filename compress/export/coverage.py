@@ -23,6 +23,7 @@ from torch import nn
 from compress.export.onnxruntime import FLOAT_WEIGHTED, INT8_WEIGHTED
 from compress.export.qdq import WEIGHTED_OPS, Graph
 from compress.quant.insert import Skip, plan_of, target_of
+from compress.quant.keep_float import float_units
 from compress.quant.layers import QUANT_LAYERS, QuantLayer
 from compress.quant.spec import Target
 
@@ -38,6 +39,7 @@ class FloatReason(str, Enum):
     functional = "functional"  # a functional op with a weight, outside any layer
     not_quantized = "not_quantized"  # a quantizable layer prepare() did not touch (no plan recorded)
     not_fused = "not_fused"  # quantized, but ONNX Runtime found no INT8 kernel for its Q/DQ group
+    kept_float = "kept_float"  # its quantizers disabled on purpose (an accuracy budget, compress.quant.keep_float)
     unmatched = "unmatched"  # no engine node of a known kind came from it (fused into another op, or folded)
 
 
@@ -207,6 +209,8 @@ def _why_float(node: onnx.NodeProto, graph: Graph, model: nn.Module, target: Tar
         why, detail = skipped[layer]
         return layer, _FROM_PLAN[why], detail
     if isinstance(module, QuantLayer):
+        if layer in float_units(model):
+            return layer, FloatReason.kept_float, "kept float (its quantizers disabled by an accuracy budget or keep_float)"
         if not _from_dq(graph, node.input[1]):
             return layer, FloatReason.never_called, "its weight quantizer never ran: forward uses the weight outside the layer"
         if not fuses:
@@ -257,6 +261,7 @@ def coverage(source: str | os.PathLike[str], engine: str | os.PathLike[str], mod
     float_ops: list[FloatOp] = []
     unplanned: list[str] = []
     skipped = plan_of(model).skipped
+    kept_float = set(float_units(model))
     int8 = 0
     seen: set[str] = set()
     for enode in onnx.load(str(engine), load_external_data=False).graph.node:
@@ -267,7 +272,7 @@ def coverage(source: str | os.PathLike[str], engine: str | os.PathLike[str], mod
             seen.add(origin)
             int8 += macs[origin]
             layer, _ = locate(nodes[origin], graph, model)
-            if layer in skipped and skipped[layer][0] in (Skip.excluded, Skip.not_included):
+            if layer in kept_float or (layer in skipped and skipped[layer][0] in (Skip.excluded, Skip.not_included)):
                 unplanned.append(layer)
         elif enode.op_type in FLOAT_WEIGHTED:
             seen.add(origin)

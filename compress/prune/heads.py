@@ -156,12 +156,12 @@ def attention_of(tp_group: object, names: dict[nn.Module, str], model: nn.Module
         return attn, (f"attention '{inside[0]}' ({type(attn.modules[0]).__name__}) names no head size "
                       f"({' / '.join(_HEAD_DIMS)})")
     width = attn.embed_dim
-    if len(outputs) >= 2 and channels == width and all(m.out_features == width for m in outputs):
-        pass
-    elif len(outputs) == 1 and channels == 3 * width:
+    if len(outputs) == 1 and channels == 3 * width:
         attn.layout = Layout.packed
-    else:
-        return None, None  # the attention's output projection: an embedding channel, not a head
+    elif not (len(outputs) >= 2 and channels == width and all(m.out_features == width for m in outputs)):
+        # safe by default: pruning these channel by channel could move channels between heads
+        return attn, (f"attention '{inside[0]}' ({type(attn.modules[0]).__name__}) splits these channels into heads "
+                      "in a layout compress does not know (separate q/k/v or one packed qkv): the heads stay")
     attn.per_head_norm = next((f"{inside[0]}.{n}" for n, c in attn.modules[0].named_children()
                                if getattr(c, "weight", None) is not None and c.weight.dim() == 1
                                and c.weight.numel() == attn.head_dim), None)

@@ -7,104 +7,18 @@ ONNX Runtime's NCHWc-blocked convolutions at level ``all`` (a MobileNetV2 pruned
 
 from __future__ import annotations
 
-import statistics
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import torch
+from compress.errors import first_line
+from compress.export.latency import LEVEL, EngineLatency, engine_latency, export_for_timing, measure
 
-from compress.errors import CompressError, first_line
-from compress.export.bench import round_robin_ms
-from compress.export.onnx import export_onnx
-from compress.export.onnxruntime import Optimization, session_feeds
-from compress.inputs import Inputs, repeat_first, take
+__all__ = ["LEVEL", "EngineLatency", "engine_latency", "export_for_timing", "measure", "run_advisory",
+           "slowdown_warnings"]
 
 T = TypeVar("T")
-LEVEL = Optimization.all  # ONNX Runtime's own default, what users deploy with
 SLOWDOWN = 0.95  # median paired speedup below this ...
 SLOWER_ROUNDS = 0.7  # ... with the pruned engine slower in at least this share of the paired rounds
-
-
-@dataclass(frozen=True)
-class EngineLatency:
-    """Median ms per batch of the unpruned (``before``) and pruned (``after``) engines at one batch size."""
-
-    batch_size: int
-    before: float
-    after: float
-    iters: int
-    threads: int | None = None
-    level: Optimization = LEVEL
-    paired_speedup: float | None = None  # median over rounds of before/after, each pair timed back to back
-    slower_share: float | None = None  # share of rounds in which the pruned engine was the slower one
-
-    @property
-    def speedup(self) -> float:
-        if self.paired_speedup is not None:  # robust to load that drifts during the measurement
-            return self.paired_speedup
-        return self.before / self.after if self.after > 0 else float("inf")
-
-    def to_report(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "before": round(self.before, 4), "after": round(self.after, 4),
-                "speedup": round(self.speedup, 3), "slower_share": self.slower_share, "level": self.level.value,
-                "threads": self.threads, "iters": self.iters}
-
-
-def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # LEVEL
-    so.log_severity_level = 3
-    # two sessions take turns: a spinning idle pool would steal the cores of the one being timed
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types
-        raise CompressError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
-
-
-def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path) -> Path:
-    """``model`` as a dynamic-batch FP32 ONNX file at ``path`` (the model is left as it was)."""
-    export_onnx(model, take(example, slice(0, 1)), path, opset=13)
-    return path
-
-
-def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[int], *,
-            threads: int | None = None, seconds: float = 1.0) -> list[EngineLatency]:
-    """Median latency of the ``before`` and ``after`` ONNX files, interleaved, at each batch size.
-
-    ``seconds`` of timing in all, split evenly across the batch sizes.
-    """
-    sessions = [_session(before, threads), _session(after, threads)]
-    figures = []
-    for bs in batch_sizes:
-        # the example's first sample repeated: its dtype (token ids stay int64) and a value range the model accepts
-        feeds = [session_feeds(s, repeat_first(example, bs), path.name) for s, path in zip(sessions, (before, after),
-                                                                                           strict=True)]
-        runs = [lambda s=s, feed=feed: s.run(None, feed) for s, feed in zip(sessions, feeds, strict=True)]
-        ms = round_robin_ms(runs, warmup=3, seconds=seconds / len(batch_sizes))
-        ratios = [b / a for b, a in zip(ms[0], ms[1], strict=True) if a > 0]
-        slower = round(sum(a > b for b, a in zip(ms[0], ms[1], strict=True)) / len(ms[0]), 3)
-        figures.append(EngineLatency(bs, statistics.median(ms[0]), statistics.median(ms[1]), len(ms[0]), threads,
-                                     paired_speedup=statistics.median(ratios), slower_share=slower))
-    return figures
-
-
-def engine_latency(before: torch.nn.Module, after: torch.nn.Module, example: Inputs,
-                   batch_sizes: Sequence[int], workdir: Path, *, threads: int | None = None,
-                   seconds: float = 1.0) -> list[EngineLatency]:
-    """Export ``before`` and ``after`` into a temporary folder inside ``workdir`` (removed afterwards) and time both."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="latency-") as tmp:
-        paths = [export_for_timing(m, example, Path(tmp) / f"{name}.onnx")
-                 for name, m in (("before", before), ("after", after))]
-        return measure(*paths, example, batch_sizes, threads=threads, seconds=seconds)
 
 
 def run_advisory(fn: Callable[[], T]) -> tuple[T | None, str | None]:

@@ -22,10 +22,12 @@ from compress.quant.insert import (
     to_target,
     uncalibrated,
 )
+from compress.quant.keep_float import float_units, keep_float
 from compress.quant.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.sdpa import AttentionQuantizers
 from compress.quant.spec import QuantSpec, Target
+from compress.quant.units import Unit, UnitKind, quantizing, units
 
 __all__ = [
     "Attention",
@@ -41,17 +43,23 @@ __all__ = [
     "QuantSpec",
     "Target",
     "TensorQuantizer",
+    "Unit",
+    "UnitKind",
     "attention_mode",
+    "float_units",
     "fold_batchnorm",
     "is_quantized",
+    "keep_float",
     "plan_of",
     "prepare",
     "quant_layers",
     "quantizable_layers",
     "quantizers",
+    "quantizing",
     "refresh_weight_amax",
     "select_layers",
     "target_of",
     "to_target",
     "uncalibrated",
+    "units",
 ]

@@ -197,8 +197,8 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input
     sites = _quantize_sdpa(work, chosen, config, plan, sites, where)
     if traced:  # the trace holds only modules forward reaches; a layer it never calls stays as it is
         plan.skipped.update((n, (Skip.never_called, _why_not_called(work, n))) for n in chosen
-                            if not _called(work, model, n))
-        chosen = [n for n in chosen if _called(work, model, n)]
+                            if not _called(work, n))
+        chosen = [n for n in chosen if _called(work, n)]
     # ONNX Runtime: quantize each tensor once at its producer (graph pass), not per consumer layer.
     layer_input = None if traced and config.target is Target.onnxruntime else activation_spec(config.target)
     for name in chosen:
@@ -319,10 +319,11 @@ def _has_module(root: nn.Module, name: str) -> bool:
     return True
 
 
-def _called(traced: fx.GraphModule, model: nn.Module, name: str) -> bool:
+def _called(traced: fx.GraphModule, name: str) -> bool:
     """Whether the fx trace calls layer ``name`` as a module. A layer whose forward reads only its weight (e.g.
-    torchvision Swin's ``F.linear(x, self.qkv.weight)``) survives in the trace as a bare ``nn.Module`` holding it."""
-    return _has_module(traced, name) and type(traced.get_submodule(name)) is type(model.get_submodule(name))
+    torchvision Swin's ``F.linear(x, self.qkv.weight)``) survives in the trace as a bare ``nn.Module`` holding it
+    (fx's placeholder for attributes it copied)."""
+    return _has_module(traced, name) and type(traced.get_submodule(name)) is not nn.Module
 
 
 def _why_not_called(traced: fx.GraphModule, name: str) -> str:

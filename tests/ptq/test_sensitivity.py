@@ -1,0 +1,168 @@
+"""compress.ptq.sensitivity and compress.ptq.fallback on a trained digits CNN with one layer made sensitive.
+
+Digits test split (360 samples): one sample is 0.28 points of top-1. The planted outlier channel
+(tests/helpers_budget.py) costs ~85 points alone; every other unit alone moves top-1 by a few samples at most.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_budget import SENSITIVE, sensitive_model
+from helpers_quant import digits, top1
+
+from compress import ptq, quant
+from compress.errors import CompressError, DataError
+
+SAMPLE = 100 / 360  # one sample of the digits test split, in points
+
+
+@pytest.fixture(scope="module")
+def model(digits_cnn_checkpoint):
+    return sensitive_model(digits_cnn_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def val():
+    return digits("test", 360)
+
+
+def test_sensitivity_ranks_the_planted_layer_first_and_states_its_cost(model, val):
+    lines: list[str] = []
+    units = quant.units(model)
+    table = ptq.sensitivity(model, val, "top1", announce=lines.append)
+    assert ptq.planned_passes(model) == 2 * len(units) + 2 == table.passes == 20  # 7 layers, 2 residual adds
+    assert lines == ["sensitivity: 9 quantized units, 20 forward passes over the data (2 per unit, 1 float, 1 all-INT8)"]
+    assert [r.name for r in table.rows] == [u.name for u in units]
+    top = table.ranked()[0]
+    assert top.name == SENSITIVE
+    assert top.drop_alone > 50 and top.recovery_alone > 50  # the fault: ~85 points either way
+    assert top.fidelity_alone < 0.5 < 0.999 < top.fidelity_float  # cosine with the float outputs
+    for row in table.rows:
+        if row.name != SENSITIVE:
+            assert abs(row.drop_alone) <= 3 * SAMPLE + 1e-6  # 3 samples at most (per-layer rounding flips a few)
+    assert table.drop == pytest.approx(100 * (table.float_score - table.int8_score), abs=1e-3)
+    assert table.macs > 0 and {r.name: r.macs for r in table.rows}[SENSITIVE] == 32 * 32 * 9 * 8 * 8
+    assert all(q.quant_enabled for _, q in quant.quantizers(model))  # every switch restored
+    row = table.to_dict()["layers"][0]
+    assert set(row) == {"name", "kind", "macs", "drop_alone", "recovery_alone", "fidelity_alone", "fidelity_float"}
+
+
+def test_sensitivity_on_unlabeled_data_with_a_label_free_metric(model, val):
+    unlabeled = [x for x, _ in val]
+    table = ptq.sensitivity(model, unlabeled, "agreement")
+    assert table.float_score == 1.0 and table.ranked()[0].name == SENSITIVE
+    with pytest.raises(DataError, match="metric top1 needs labels and the data has none; use metric: agreement"):
+        ptq.sensitivity(model, unlabeled, "top1")
+    assert all(q.quant_enabled for _, q in quant.quantizers(model))
+
+
+def test_sensitivity_refuses_what_it_cannot_measure(model, val, digits_cnn_checkpoint):
+    import compress
+
+    with pytest.raises(CompressError, match="one-shot iterator"):
+        ptq.sensitivity(model, iter(val))
+    with pytest.raises(CompressError, match="has no quantizers"):
+        ptq.sensitivity(compress.load(digits_cnn_checkpoint), val)
+
+
+def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    saved: list[ptq.Fallback] = []
+    result = ptq.fallback(qmodel, val, max_drop=0.3, on_step=saved.append)
+    assert result.met and result.gap == 0
+    assert result.step.float_units == [SENSITIVE] and quant.float_units(qmodel) == [SENSITIVE]
+    assert [s.float_units for s in result.steps] == [[], [SENSITIVE]]
+    assert [s.step for s in saved] == result.steps and saved[-1].steps == result.steps  # the search so far, each step
+    assert result.steps[0].drop > 50 and result.step.drop <= 0.3
+    assert result.passes == 20 + 1  # the table, then one step
+    macs = {r.name: r.macs for r in result.sensitivity.rows}
+    assert result.step.int8_macs_share == pytest.approx(1 - macs[SENSITIVE] / result.sensitivity.macs, abs=1e-4)
+    assert 100 * (result.sensitivity.float_score - top1(qmodel, val)) <= 0.3  # the model is left as measured
+    assert "budget 0.3 pt met" in result.summary()
+
+
+def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers (input range x300): one float unit cannot fix three
+        (unit,) = [u for u in quant.units(qmodel) if u.name == name]
+        qmodel.get_submodule(unit.quantizers[0]).amax *= 300
+    result = ptq.fallback(qmodel, val, max_drop=0.0, max_units=1)
+    assert not result.met and result.gap == result.step.drop > 1
+    assert len(result.steps) == 2 and result.kept == 1  # one unit in float is closer than none
+    assert quant.float_units(qmodel) == result.step.float_units
+    assert "not met (closest:" in result.summary()
+
+
+def test_fallback_with_no_drop_changes_nothing(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint, outlier=1.0)
+    result = ptq.fallback(qmodel, val, max_drop=5.0)
+    assert result.met and result.steps[0].float_units == [] and len(result.steps) == 1
+    assert quant.float_units(qmodel) == [] and all(q.quant_enabled for _, q in quant.quantizers(qmodel))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_drop": -0.1}, "max_drop must be at least 0"),
+                                             ({"max_drop": float("nan")}, "max_drop must be at least 0"),
+                                             ({"max_drop": 1, "max_units": -1}, "max_units must be at least 0")])
+def test_fallback_refuses_bad_budgets(model, val, kwargs, message):
+    with pytest.raises(CompressError, match=message):
+        ptq.fallback(model, val, **kwargs)
+
+
+
+def test_fallback_confirms_the_budget_on_an_onnx_runtime_engine(digits_cnn_checkpoint, val, tmp_path):
+    from compress.export.onnx import export_onnx
+    from compress.export.onnxruntime import OrtEngine
+
+    qmodel = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
+    example = next(iter(val))[0][:1]
+    built: list[int] = []
+
+    def engine(model):
+        path = tmp_path / f"step{len(built)}.onnx"
+        built.append(sum(q.quant_enabled for _, q in quant.quantizers(model)))  # the step's state, as exported
+        export_onnx(model, example, path)
+        return OrtEngine(path)
+
+    result = ptq.fallback(qmodel, val, max_drop=0.3, engine=engine)
+    assert result.met and result.step.float_units == [SENSITIVE]
+    assert built == [sum(q.quant_enabled for _, q in quant.quantizers(qmodel))]  # one engine: the step that met it
+    assert result.steps[0].engine_drop is None and result.step.engine_drop <= 0.3
+    # INT8 kernels round differently from the fake-quant model: within 2 samples of it
+    assert abs(result.step.engine_score - result.step.score) <= 2 / 360 + 1e-6
+
+
+def test_an_interrupted_fallback_resumes_from_its_saved_search(digits_cnn_checkpoint, val):
+    saved: list[dict] = []
+    first = ptq.fallback(sensitive_model(digits_cnn_checkpoint), val, max_drop=0.3,
+                         on_step=lambda search: saved.append(search.to_dict()))
+    interrupted = ptq.Fallback.from_dict(saved[0])  # saved after the table and step 0, before step 1
+    assert [s.float_units for s in interrupted.steps] == [[]]
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    resumed = ptq.fallback(qmodel, val, max_drop=0.3, resume=interrupted)
+    assert resumed.resumed and resumed.passes == 2  # the float outputs once, then step 1; no table passes
+    assert resumed.steps == first.steps and quant.float_units(qmodel) == [SENSITIVE]
+    # a search of another model (other units) is not reused
+    other = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
+    fresh = ptq.fallback(other, val, max_drop=0.3, resume=interrupted)
+    assert not fresh.resumed and fresh.passes == 2 * len(fresh.sensitivity.rows) + 2 + 1
+
+
+def test_an_attentions_matmul_quantizers_are_one_unit_and_rank_first_when_they_break_it():
+    from compress.zoo import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny()
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every output 0
+    x = torch.randn(64, 3, 32, 32)
+    qmodel = quant.prepare(model, "tensorrt", example_input=x[:1])
+    ptq.calibrate(qmodel, [x], "max")
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    # softmax probabilities (0..1) behind a range 1000x too wide: they all round to 0, the attention outputs nothing
+    qmodel.get_submodule(f"{attention}.probs_quantizer").amax *= 1000
+    table = ptq.sensitivity(qmodel, [x[:32], x[32:]], "agreement")  # unlabeled: agreement with the float model
+    rows = {r.name: r for r in table.rows}
+    assert table.passes == 2 * 21 + 2 and rows[attention].kind == "attention"  # 16 layers, 2 attentions, 3 adds
+    assert rows[attention].macs == 2 * 17 * 17 * 64  # Q.K^T and A.V for 17 tokens of width 64
+    assert table.ranked()[0].name == attention and rows[attention].recovery_alone > 30  # > 20 of 64 samples
+    assert min(table.rows, key=lambda r: r.fidelity_alone).name == attention

@@ -71,8 +71,8 @@ def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 
 def test_every_flag_of_every_command_has_help() -> None:
     parsers = _parsers()
-    assert [name for name, _ in parsers] == ["compress", "compress run", "compress validate", "compress check",
-                                             "compress bench"]
+    assert [name for name, _ in parsers] == ["compress", "compress run", "compress validate",
+                                             "compress sensitivity", "compress check", "compress bench"]
     missing = [f"{name} {action.option_strings or action.dest}" for name, parser in parsers
                for action in parser._actions if not action.help or action.help == argparse.SUPPRESS]
     assert missing == []

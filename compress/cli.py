@@ -1,6 +1,10 @@
 """The ``compress`` command: run, validate, sensitivity, check, bench.
 
-Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message on stderr).
+Exit codes: 0 success; 1 an accuracy check failed; 2 bad input (one-line message on stderr); 141 stdout
+closed early (``compress ... --json | head``), as a command killed by SIGPIPE reports in a shell.
+
+Only the standard library and torch-free modules load before a command runs, so ``--help`` and
+``--version`` answer at once; each command imports what it needs.
 """
 
 from __future__ import annotations
@@ -8,16 +12,16 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from compress import io
 from compress.data_arg import FORMS as DATA_FORMS
 from compress.errors import CompressError, one_line
-from compress.export.onnxruntime import Optimization
+from compress.optimization_level import Optimization
 
 if TYPE_CHECKING:
     import torch
@@ -37,26 +41,62 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
+_LOGGER = "compress"  # stage lines go to this logger; the CLI shows them on stderr
+_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
+
+
+def _version() -> str:
+    """The installed package's version, else the source tree's ``compress.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("compress")
+    except metadata.PackageNotFoundError:
+        import compress
+
+        return getattr(compress, "__version__", "unknown")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch-sizes`` value: ``8`` or ``1,8,32`` (several values may follow the flag)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()] or [int(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a batch size or a list like 1,8,32") from None
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--quiet/-v/--json, accepted before the command and after it (SUPPRESS: one given before is kept)."""
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only: no progress bars or stage lines")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also debug lines (what was read, what is timed)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="compress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
+    _add_output_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="run, validate, check or bench ('compress COMMAND --help' for its options)")
 
     common = _Parser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    _add_output_flags(common)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (only the JSON)")
 
     run = sub.add_parser("run", parents=[common], help="run a recipe's stages")
-    run.add_argument("recipe", type=Path)
+    run.add_argument("recipe", type=Path, help="the recipe (YAML)")
     run.add_argument("--out", type=Path, help="run directory (default runs/<recipe name>)")
     existing = run.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue after the last finished stage")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     val = sub.add_parser("validate", parents=[common], help="dry run: check the recipe, model and data, print the plan")
-    val.add_argument("recipe", type=Path)
+    val.add_argument("recipe", type=Path, help="the recipe (YAML)")
     sens = sub.add_parser("sensitivity", parents=[common],
                           help="per-layer INT8 sensitivity of a recipe's model on data.val (changes nothing)")
-    sens.add_argument("recipe", type=Path)
+    sens.add_argument("recipe", type=Path, help="the recipe (YAML)")
     for p in (run, val, sens):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. stages.0.train.finetune.epochs=5")
@@ -86,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                                                     "--max-drop-samples is given)")
     chk.add_argument("--max-drop-samples", type=int, metavar="N",
                      help="largest allowed drop in samples, lost minus gained (top1 or agreement)")
-    chk.add_argument("--min-agreement", type=float)
-    chk.add_argument("--min-cosine", type=float)
+    chk.add_argument("--min-agreement", type=float, metavar="F",
+                     help="smallest allowed share of samples where MODEL and REF agree on the arg-max (0..1)")
+    chk.add_argument("--min-cosine", type=float, metavar="F",
+                     help="smallest allowed mean cosine similarity of MODEL's and REF's outputs (-1..1)")
     chk.add_argument("--max-rel-error", type=float, metavar="F",
                      help="largest max|MODEL - REF| / RMS(REF); default 1e-4 when both run in float32, and against "
                           "a saved reference the drift bound calibrated for MODEL's own saved outputs")
@@ -103,16 +145,25 @@ def _parser() -> argparse.ArgumentParser:
                                                  "checkpoints (PyTorch eager, the baseline)")
     bench.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="what runs the .onnx files (tensorrt builds an engine for the run first)")
-    shape = bench.add_mutually_exclusive_group(required=True)
-    shape.add_argument("--data", help="take the input shape from data: digits[:SPLIT], npz:FILE, ...")
-    shape.add_argument("--input-shape", help="one sample's shape, e.g. 1,8,8 (batch left out)")
+    shape = bench.add_mutually_exclusive_group()
+    shape.add_argument("--data", help="take the input from data: digits[:SPLIT], npz:FILE, ... (default: the inputs "
+                                      "the first .onnx file declares)")
+    shape.add_argument("--input-shape", action="append", metavar="[NAME=]D1,D2,...",
+                       help="one sample's shape, batch left out, e.g. 1,8,8; for an .onnx file it sizes the dynamic "
+                            "dimensions (NAME=... per input of a model with several; repeat the flag)")
     bench.add_argument("--data-kwargs", metavar="MAPPING", help="options for --data as JSON/YAML, e.g. '{\"split\": \"test\"}'")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    bench.add_argument("--batch-sizes", type=_batch_sizes, nargs="+", metavar="N[,N...]",
+                       help="batch sizes to time: 1,8,32 or 1 8 32 (default 1,8,32)")
     bench.add_argument("--threads", type=int, help="intra-op threads (ONNX Runtime and torch)")
     bench.add_argument("--optimization", choices=[o.value for o in Optimization], default=Optimization.all.value,
                        help="ONNX Runtime graph optimisation level (default all, as a deployed session)")
-    bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--iters", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=5, help="untimed runs per model and batch size first (default 5)")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, default=2.0, metavar="S",
+                        help="time each batch size for about S seconds (default 2), at least --min-iters runs")
+    budget.add_argument("--iters", type=int, help="time exactly N runs per batch size instead of --seconds")
+    bench.add_argument("--min-iters", type=int, default=50, metavar="N",
+                       help="fewest timed runs per batch size under --seconds (default 50)")
     bench.add_argument("--report", type=Path, help="also write the results as JSON here")
     bench.add_argument("--trust", action="append", default=[], metavar="MODULE",
                        help="a module whose factories .pt checkpoints may name (beside compress.zoo and torchvision.models)")
@@ -120,20 +171,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+    import math
 
+    from compress import io
     from compress.export import bench
     from compress.export.stage import MAX_BATCH
 
+    batch_sizes = [b for group in (args.batch_sizes or [[1, 8, 32]]) for b in group]
     # the recipe's engine bounds: a batch of 10^9 inputs needs terabytes, a million threads stalls the machine
-    if (any(not 0 < b <= MAX_BATCH for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0
-            or (args.threads is not None and not 0 < args.threads <= 1024)):
+    if (any(not 0 < b <= MAX_BATCH for b in batch_sizes) or (args.iters is not None and args.iters <= 0)
+            or args.warmup < 0 or (args.threads is not None and not 0 < args.threads <= 1024)):
         raise CompressError(f"bench: --batch-sizes, --iters and --threads must be positive (batch sizes at most "
                             f"{MAX_BATCH}, threads at most 1024), --warmup >= 0")
+    if not (math.isfinite(args.seconds) and 0 < args.seconds <= 3600) or not 0 < args.min_iters <= 100_000:
+        raise CompressError(f"bench: --seconds must be in (0, 3600] and --min-iters in [1, 100000], not "
+                            f"{args.seconds:g} and {args.min_iters}")
     _check_writable("--report", args.report)
     _check_outputs_spare_inputs([("--report", args.report)], args.models)
     if args.data is None and args.data_kwargs is not None:
         raise CompressError("--data-kwargs: needs --data")
+    sample = _bench_sample(args, batch_sizes)
+    iters = args.iters
+    logging.getLogger(_LOGGER).debug("bench: %s per batch size %s", f"{iters} runs" if iters is not None else
+                                     f"about {args.seconds:g} s (at least {args.min_iters} runs)", batch_sizes)
+    results = bench.compare(args.models, sample, batch_sizes, threads=args.threads, backend=args.backend,
+                            trust=_trust(args), warmup=args.warmup, iters=iters,
+                            seconds=None if iters is not None else args.seconds, min_iters=args.min_iters,
+                            optimization=Optimization(args.optimization))
+    if args.report is not None:
+        io.write_json(args.report, results)
+    print(json.dumps(results, indent=2) if args.json else "\n".join(bench.table(results)))
+    return 0
+
+
+def _bench_sample(args: argparse.Namespace, batch_sizes: list[int]) -> Any:
+    """One sample to time: from --data, from the first .onnx file's declared inputs (sized by --input-shape
+    where dynamic), or of --input-shape for models that declare none."""
+    import torch
+
+    from compress.export.declared_inputs import parse_shape_args, sample_from_declared
+
     if args.data is not None:
         from compress.data import build_loader, example_input, parse_data_arg
 
@@ -141,21 +218,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if not isinstance(sample, torch.Tensor):
             raise CompressError(f"--data {args.data}: bench times models of one input tensor; this data has several "
                                 "(token ids, masks): time the engine with a recipe's export stage instead")
-    else:
-        try:
-            dims = [int(d) for d in args.input_shape.split(",")]
-        except ValueError:
-            raise CompressError(f"bench --input-shape: '{args.input_shape}' is not a list of integers like 1,8,8") from None
-        if not dims or any(d <= 0 for d in dims):
-            raise CompressError(f"bench --input-shape: '{args.input_shape}' has a dimension <= 0")
-        sample = torch.randn(1, *dims, generator=torch.Generator().manual_seed(0))
-    results = bench.compare(args.models, sample, args.batch_sizes, threads=args.threads, backend=args.backend,
-                            trust=_trust(args),
-                            warmup=args.warmup, iters=args.iters, optimization=Optimization(args.optimization))
-    if args.report is not None:
-        io.write_json(args.report, results)
-    print(json.dumps(results, indent=2) if args.json else "\n".join(bench.table(results)))
-    return 0
+        return sample
+    shapes = parse_shape_args(args.input_shape or [])
+    onnx_file = next((m for m in args.models if Path(m).suffix == ".onnx"), None)
+    if onnx_file is not None:
+        return sample_from_declared(onnx_file, shapes, batch_sizes)
+    if not shapes:
+        raise CompressError("bench: give --data or --input-shape: no .onnx file among the models to read the "
+                            "input shape from")
+    if None not in shapes or len(shapes) > 1:
+        raise CompressError("bench --input-shape: NAME=... needs an .onnx file among the models; give one "
+                            "sample's shape, e.g. 1,8,8")
+    return torch.randn(1, *shapes[None], generator=torch.Generator().manual_seed(0))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -166,9 +240,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None and (not str(args.out).strip() or Path.cwd().resolve().is_relative_to(args.out.resolve())):
         raise CompressError(f"--out '{args.out}': is the current directory or a folder above it; the run would write "
                             "over your files there; name a new folder, e.g. --out runs/NAME")
+    log = logging.getLogger(_LOGGER)
     outcome = pipeline.run(
         recipe, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-        log=None if args.quiet else pipeline.log_stderr,
+        log=log.info, warn=log.warning,
     )
     from compress.train import is_main_process
 
@@ -196,7 +271,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    table, what = pipeline.sensitivity(recipe, progress=not args.quiet, log=None if args.quiet else pipeline.log_stderr)
+    log = logging.getLogger(_LOGGER)
+    table, what = pipeline.sensitivity(recipe, progress=not args.quiet, log=log.info)
     if args.json:
         print(json.dumps({"what": what, **table.to_dict()}, indent=2))
     else:
@@ -220,6 +296,7 @@ def _sensitivity_text(table: Any, what: str) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from compress import io
     from compress.export.check import as_runner, compare
 
     recipe, saved_ref, spec = _check_setup(args)
@@ -379,6 +456,8 @@ def _print_check(args: argparse.Namespace, doc: dict[str, Any], result: Any) -> 
 
 def _check_writable(flag: str, path: Path | None) -> None:
     """Refuse an output path that cannot be written before any work is done."""
+    from compress import io
+
     problem = None if path is None else io.why_unwritable(path)
     if problem is not None:
         raise CompressError(f"{flag} {path}: cannot be written ({problem})")
@@ -499,13 +578,51 @@ def _check_markdown(doc: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``compress`` command; returns its exit code.
+
+    A closed stdout (``compress ... --json | head -c 10``) ends quietly with exit 141, the way the Python
+    docs advise (signal module, "Note on SIGPIPE"): stdout is pointed at devnull, so the interpreter's last
+    flush does not fail again with a traceback.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return _BROKEN_PIPE
+
+
+def _log_handler(args: argparse.Namespace) -> logging.Handler:
+    """A stderr handler on the ``compress`` logger at the level -v/--quiet ask (info by default: the lines
+    a user sees, as plain text)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    logger = logging.getLogger(_LOGGER)
+    logger.setLevel(handler.level)
+    logger.addHandler(handler)
+    return handler
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except _UsageError as exc:
         print(f"compress: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if args.quiet and args.verbose:
+        print("compress: error: --quiet and --verbose: pick one", file=sys.stderr)
+        return 2
+    import compress
+
+    compress.load_all()  # every stage type and checkpoint rebuild registered, as a library user's compress.X has it
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "sensitivity": _cmd_sensitivity, "check": _cmd_check,
                 "bench": _cmd_bench}
+    handler = _log_handler(args)
     try:
         return handlers[args.command](args)
     except CompressError as exc:
@@ -526,10 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compress: interrupted", file=sys.stderr)
         return 130
     finally:
-        import torch.distributed as dist
+        logging.getLogger(_LOGGER).removeHandler(handler)
+        logging.getLogger(_LOGGER).setLevel(logging.NOTSET)
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

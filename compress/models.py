@@ -28,6 +28,10 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+# the structure kinds a checkpoint may carry register their rebuild on import: the loader loads them
+import compress.prune.plan  # noqa: F401
+import compress.quant.insert  # noqa: F401
+import compress.sparsity.masks  # noqa: F401
 from compress import io, structure
 from compress.checkpoint import (
     FORMAT,

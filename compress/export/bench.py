@@ -14,7 +14,10 @@ import torch
 
 from compress.export.model_file import ModelKind, model_kind
 from compress.export.onnxruntime import Optimization, OrtEngine
-from compress.inputs import Inputs, repeat_first
+from compress.inputs import Inputs, call_model, repeat_first
+
+# a p99 over fewer runs than this is the slowest run or next to it, not a percentile
+P99_RUNS = 100
 
 
 def _stats(times: list[float], bs: int) -> dict[str, float]:
@@ -24,6 +27,7 @@ def _stats(times: list[float], bs: int) -> dict[str, float]:
         "p90_ms": round(float(p90), 4),
         "p99_ms": round(float(p99), 4),
         "throughput": round(bs / (float(p50) / 1000.0), 1),
+        "runs": len(times),
     }
 
 
@@ -59,14 +63,19 @@ def latency_interleaved(
     batch_sizes: Sequence[int] = (1, 8, 32),
     *,
     warmup: int = 5,
-    iters: int = 20,
+    iters: int | None = 20,
+    seconds: float | None = None,
+    min_iters: int = 10,
+    max_iters: int = 100_000,
 ) -> list[dict[str, dict[str, float]]]:
-    """Per run, ``{batch: {p50_ms, p90_ms, p99_ms, throughput}}`` for a batch made by repeating ``sample``,
-    the runs timed round-robin (:func:`round_robin_ms`)."""
+    """Per run, ``{batch: {p50_ms, p90_ms, p99_ms, throughput, runs}}`` for a batch made by repeating
+    ``sample``, the runs timed round-robin (:func:`round_robin_ms`): ``iters`` rounds per batch size, or
+    with ``iters=None`` about ``seconds`` per batch size (``min_iters`` to ``max_iters`` rounds)."""
     results: list[dict[str, dict[str, float]]] = [{} for _ in runs]
     for bs in batch_sizes:
         x = repeat_first(sample, bs)
-        times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters)
+        times = round_robin_ms([functools.partial(run, x) for run in runs], warmup=warmup, iters=iters,
+                               seconds=seconds, min_iters=min_iters, max_iters=max_iters)
         for j in range(len(runs)):
             results[j][str(bs)] = _stats(times[j], bs)
     return results
@@ -127,7 +136,7 @@ def runner_for(
             torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                return model(x)
+                return call_model(model, x)
         finally:
             torch.set_num_threads(before)
 
@@ -136,17 +145,22 @@ def runner_for(
 
 def compare(
     paths: Sequence[str | os.PathLike[str]],
-    sample: torch.Tensor,
+    sample: Inputs,
     batch_sizes: Sequence[int],
     *,
     threads: int | None = None,
     backend: str = "onnxruntime",
     warmup: int = 5,
-    iters: int = 20,
+    iters: int | None = 20,
+    seconds: float | None = None,
+    min_iters: int = 10,
     optimization: Optimization = Optimization.all,
     trust: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Latency of each model at each batch size, and the batch size with the best throughput per model.
+
+    ``sample`` is one sample (a tensor, or a tuple/dict of them for several inputs); ``iters`` rounds are
+    timed per batch size, or with ``iters=None`` about ``seconds`` (at least ``min_iters`` rounds).
 
     The models are timed round-robin (:func:`latency_interleaved`). With more than one model, ONNX
     Runtime sessions run with thread spinning off: a session's threads spin on after its run and would
@@ -168,13 +182,14 @@ def compare(
         runners = [runner_for(p, threads, backend, batch_sizes, workdir, optimization, spinning, trust) for p in paths]
         for path, (_, run) in zip(paths, runners, strict=True):
             try:  # one call each first, so a failure names its model
-                run(sample[:1])
+                run(repeat_first(sample, 1))
             except CompressError:
                 raise
             except Exception as exc:  # the model cannot take this input
-                raise CompressError(f"{path}: fails on an input of shape {list(sample.shape[1:])}: "
+                raise CompressError(f"{path}: fails on an input of shape {_shapes(sample)}: "
                                     f"{first_line(exc)}") from None
-        timings = latency_interleaved([run for _, run in runners], sample, batch_sizes, warmup=warmup, iters=iters)
+        timings = latency_interleaved([run for _, run in runners], sample, batch_sizes, warmup=warmup, iters=iters,
+                                      seconds=seconds, min_iters=min_iters)
     models: list[dict[str, Any]] = []
     for path, (used, _), timing in zip(paths, runners, timings, strict=True):
         best = max(timing, key=lambda bs: timing[bs]["throughput"])
@@ -183,19 +198,37 @@ def compare(
                        "optimization": optimization.value if ort else None, "spinning": spinning if ort else None,
                        "latency": timing, "best_batch_size": int(best)})
     return {"batch_sizes": list(batch_sizes), "interleaved": True, "optimization": optimization.value,
-            "spinning": spinning, "models": models}
+            "spinning": spinning, "iters": iters, "seconds": seconds if iters is None else None,
+            "min_iters": min_iters if iters is None else None, "models": models}
+
+
+def _shapes(sample: Inputs) -> str:
+    """One sample's shape(s) without the batch: ``[1, 8, 8]``, or ``{name: [...], ...}`` for several inputs."""
+    if isinstance(sample, torch.Tensor):
+        return str(list(sample.shape[1:]))
+    items = sample.items() if isinstance(sample, dict) else enumerate(sample)
+    return "{" + ", ".join(f"{k}: {list(t.shape[1:])}" for k, t in items) + "}"
 
 
 def table(results: dict[str, Any]) -> list[str]:
-    """The printed form of :func:`compare`'s results: a row per model and batch size, then how they were timed."""
-    lines = [f"{'model':<40} {'backend':<12} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>10}"]
+    """The printed form of :func:`compare`'s results: each model's whole path on a line of its own, a row per
+    batch size under it (with the number of timed runs), then how they were timed."""
+    lines = [f"{'batch':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>10} {'runs':>7}"]
     for entry in results["models"]:
+        lines.append(f"{entry['path']} ({entry['backend']})")
         for bs, t in entry["latency"].items():
             mark = "  <- best" if int(bs) == entry["best_batch_size"] else ""
-            lines.append(f"{entry['path'][-40:]:<40} {entry['backend']:<12} {bs:>5} {t['p50_ms']:>9.3f} "
-                         f"{t['p90_ms']:>9.3f} {t['p99_ms']:>9.3f} {t['throughput']:>10.1f}{mark}")
+            lines.append(f"{bs:>7} {t['p50_ms']:>9.3f} {t['p90_ms']:>9.3f} {t['p99_ms']:>9.3f} "
+                         f"{t['throughput']:>10.1f} {t['runs']:>7}{mark}")
     how = ["models timed round-robin"] if len(results["models"]) > 1 else []
     if any(e["backend"] == "onnxruntime" for e in results["models"]):
         how.append(f"onnxruntime optimization {results['optimization']}, thread spinning "
                    f"{'on' if results['spinning'] else 'off'}")
+    if results.get("iters") is not None:
+        how.append(f"{results['iters']} runs per batch size")
+    elif results.get("seconds") is not None:
+        how.append(f"about {results['seconds']:g} s per batch size, at least {results['min_iters']} runs")
+    fewest = min((t["runs"] for e in results["models"] for t in e["latency"].values()), default=P99_RUNS)
+    if fewest < P99_RUNS:
+        how.append(f"p99 over fewer than {P99_RUNS} runs is about the slowest run")
     return lines + ([f"({'; '.join(how)})"] if how else [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,8 @@ import torch
 
 from compress import io
 from compress.errors import CompressError, first_line
+from compress.optimization_level import Optimization
 from compress.outputs import SINGLE
-
-
-class Optimization(str, Enum):
-    """ONNX Runtime's graph optimisation levels, lowest first."""
-
-    disabled = "disabled"  # the ONNX file as written (Q/DQ run as float ops)
-    basic = "basic"
-    # 'extended' is the highest level whose saved model stays portable across CPUs; 'all' adds
-    # layout transforms tied to this machine's instruction set.
-    extended = "extended"
-    all = "all"  # ONNX Runtime's own default: what a user's InferenceSession runs at
-
 
 _ORDER = list(Optimization)
 

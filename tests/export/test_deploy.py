@@ -30,10 +30,12 @@ def test_bench_times_every_batch_size_for_onnxruntime_and_eager(write_recipe, cl
                  "--threads", "1", "--iters", "5", "--report", tmp_path / "bench.json")
     assert result.code == 0, result.err
     *table, footer = result.out.splitlines()
-    assert footer == "(models timed round-robin; onnxruntime optimization all, thread spinning off)"
-    rows = [line.split() for line in table[1:]]
-    assert [(r[1], r[2]) for r in rows] == [("onnxruntime", "1"), ("onnxruntime", "8"), ("onnxruntime", "32"),
-                                           ("torch", "1"), ("torch", "8"), ("torch", "32")]
+    assert footer == ("(models timed round-robin; onnxruntime optimization all, thread spinning off; 5 runs per batch "
+                      "size; p99 over fewer than 100 runs is about the slowest run)")
+    # each model's whole path on its own line, then a row per batch size ending in its count of timed runs
+    assert table[1] == f"{onnx_file} (onnxruntime)" and table[5] == f"{checkpoint} (torch)"
+    rows = [line.split() for line in table[2:5] + table[6:9]]
+    assert [(r[0], r[5]) for r in rows] == [(bs, "5") for bs in ("1", "8", "32")] * 2
     report = json.loads((tmp_path / "bench.json").read_text())
     for entry in report["models"]:
         timings = entry["latency"]
@@ -54,7 +56,7 @@ def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, digits_cnn_checkpoint
         (("bench", digits_cnn_checkpoint, "--input-shape", "3,8,8"), r"fails on an input of shape \[3, 8, 8\]"),
         (("bench", digits_cnn_checkpoint, "--input-shape", "1,x"), r"'1,x' is not a list of integers"),
         (("bench", digits_cnn_checkpoint, "--input-shape", "1,8,8", "--batch-sizes", "0"), r"must be positive"),
-        (("bench", digits_cnn_checkpoint), r"one of the arguments --data --input-shape is required"),
+        (("bench", digits_cnn_checkpoint), r"give --data or --input-shape: no .onnx file among the models"),
     ]
     for args, expected in cases:
         result = cli(*args)
@@ -128,7 +130,7 @@ def test_bench_and_check_run_onnx_at_the_optimization_level_asked(cli, digits_cn
     assert [(m["optimization"], m["spinning"]) for m in report["models"]] == [("basic", False)] * 2
     assert all(m["latency"]["1"]["p50_ms"] > 0 for m in report["models"])
     single = cli("bench", paths[0], "--input-shape", "1,8,8", "--batch-sizes", "1", "--iters", "3")
-    assert single.out.splitlines()[-1] == "(onnxruntime optimization all, thread spinning on)"  # one model: as deployed
+    assert single.out.splitlines()[-1].startswith("(onnxruntime optimization all, thread spinning on;")  # as deployed
     for level in ("all", "disabled"):
         checked = cli("check", paths[0], "--reference", digits_cnn_checkpoint, "--data", "digits:test",
                       "--optimization", level, "--report", tmp_path / f"check_{level}.json")

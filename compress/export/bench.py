@@ -97,7 +97,7 @@ def runner_for(
     path: str | os.PathLike[str], threads: int | None = None, backend: str = "onnxruntime",
     batch_sizes: Sequence[int] = (1,), workdir: str | os.PathLike[str] | None = None,
     optimization: Optimization = Optimization.all, spinning: bool = True, trust: Sequence[str] = (),
-) -> tuple[str, Callable[[torch.Tensor], object]]:
+) -> tuple[str, Callable[[Inputs], object]]:
     """``(backend, run)`` for a model file.
 
     ``.onnx`` runs in ONNX Runtime (``threads`` intra-op, graph ``optimization``, thread ``spinning``), or with ``backend="tensorrt"`` is first built
@@ -117,20 +117,20 @@ def runner_for(
         raise CompressError(f"{file}: {problem}")
     kind = model_kind(file)
     if kind is ModelKind.engine:
-        return "tensorrt", tensorrt.TrtEngine(file)
+        return "tensorrt", _one_tensor(tensorrt.TrtEngine(file), file)
     if kind is ModelKind.onnx and backend == "tensorrt":
         if workdir is None:
             raise CompressError(f"{file}: building a TensorRT engine needs a work directory")
         top = max(batch_sizes)
         built, _ = tensorrt.build_engine(file, Path(workdir) / f"{file.stem}.plan", profile=tensorrt.Profile(1, top, top))
-        return "tensorrt", built
+        return "tensorrt", _one_tensor(built, file)
     if kind is ModelKind.onnx:
         return "onnxruntime", OrtEngine(file, threads, optimization, spinning)
     from compress.models import load_model  # a checkpoint: model_kind raised for anything else
 
     model = load_model(file, trust=trust).eval()
 
-    def eager(x: torch.Tensor) -> object:
+    def eager(x: Inputs) -> object:
         before = torch.get_num_threads()
         if threads:  # for this call only: the caller's process keeps its own setting
             torch.set_num_threads(threads)
@@ -141,6 +141,20 @@ def runner_for(
             torch.set_num_threads(before)
 
     return "torch", eager
+
+
+def _one_tensor(engine: Callable[[torch.Tensor], object], file: Path) -> Callable[[Inputs], object]:
+    """A TensorRT engine as a bench runner: our TensorRT path takes one input tensor (models of several inputs,
+    token ids and masks, are refused in one line rather than fed wrongly)."""
+    from compress.errors import CompressError
+
+    def run(x: Inputs) -> object:
+        if not isinstance(x, torch.Tensor):
+            raise CompressError(f"{file}: the TensorRT backend here runs models of one input tensor; this one has "
+                                "several: time it with --backend onnxruntime")
+        return engine(x)
+
+    return run
 
 
 def compare(

@@ -161,11 +161,13 @@ def test_batchnorm_folding_is_exact_in_fake_quant_terms(digits_cnn_checkpoint) -
     assert set(acts_ref) == set(acts_out) and len(acts_ref) >= 8
     # Folding changes the float rounding of each conv output, so a value on a rounding tie may land one
     # quantization step away (how many do depends on torch's summation order); never more than one
-    # step, and ties are rare (seen: 1 value in 260,000; allowed: 1 in 1,000).
+    # step, and ties are rare. A flipped tie upstream moves downstream values by a fraction of a step,
+    # so deeper quantizers see more: seen 1 in 260,000 at the first conv, 0.24 % at fc's input on
+    # torch 2.14.1; allowed 1 %. A wrong fold moves most values, by many steps.
     for name, (a, quantizer) in acts_ref.items():
         steps = (a - acts_out[name][0]).abs() / quantizer.qparams()[0]
         assert float(steps.max()) <= 1.001, name
-        assert float((steps > 0.5).float().mean()) <= 1e-3, name
+        assert float((steps > 0.5).float().mean()) <= 1e-2, name
     # The head is not folded: its logits differ exactly by W @ (its input's difference), float error aside.
     fc_in = (acts_out["fc.input_quantizer"][0] - acts_ref["fc.input_quantizer"][0]).abs()
     with torch.no_grad():

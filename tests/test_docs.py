@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import compress
@@ -171,3 +172,28 @@ def test_every_public_name_has_a_runnable_example() -> None:
     code = setup + "".join(c for _, c in blocks)
     missing = [name for name in compress.__all__ if not re.search(rf"\bcompress\.{name}\b", code)]
     assert not missing, f"docs/python-api.md has no runnable example using {missing}"
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_recipe_validates_on_a_users_image_folders(tmp_path, monkeypatch, cli) -> None:
+    """The README's recipe, as a user would save it, next to their own ImageFolder data and a plain resnet18
+    state_dict: `compress validate` accepts it (model, checkpoint, data, prune dry run, trial export)."""
+    import torch
+    import torchvision
+    from PIL import Image
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    recipe = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 10), ("test", 3)):
+        for c in range(10):
+            folder = tmp_path / "data" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "my_resnet18.pt")
+    (tmp_path / "my.yaml").write_text(recipe)
+    monkeypatch.chdir(tmp_path)
+    result = cli("validate", "my.yaml")
+    assert result.code == 0, result.err
+    assert "valid" in result.out and "dry run: MACs / 2.0" in result.out

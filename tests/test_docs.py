@@ -197,3 +197,13 @@ def test_the_readme_quickstart_recipe_validates_on_a_users_image_folders(tmp_pat
     result = cli("validate", "my.yaml")
     assert result.code == 0, result.err
     assert "valid" in result.out and "dry run: MACs / 2.0" in result.out
+
+
+def test_the_readme_test_command_is_what_ci_runs() -> None:
+    """README's two commands are `make demo` and `make test`; .ci/run runs exactly `make test`, and `make setup`
+    installs the dev extra, so a fresh machine has everything the suite imports."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"^make test\b", readme, re.M) and re.search(r"^make demo\b", readme, re.M)
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1].strip() == "make test"
+    assert "-e '.[dev]'" in (ROOT / "Makefile").read_text()

@@ -9,7 +9,7 @@ DEMO_RECIPE ?= recipes/digits_demo.yaml
 $(BIN)/compress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/compress

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     _add_output_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="run, validate, check or bench ('compress COMMAND --help' for its options)")
+                                help="run, validate, sensitivity, check or bench ('compress COMMAND --help' for its options)")
 
     common = _Parser(add_help=False)
     _add_output_flags(common)

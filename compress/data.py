@@ -126,8 +126,17 @@ class _CheckedCollate:
         return batch
 
 
+def _sklearn(name: str = "digits") -> None:
+    """scikit-learn is an extra (it ships the digits images): say which one when it is missing."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise DataError(f"{name}: the digits source needs scikit-learn: pip install 'compress[digits]'") from None
+
+
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    _sklearn()
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -135,6 +144,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _digits(spec: DigitsData, name: str) -> Dataset:
+    _sklearn(name)
     from sklearn.model_selection import train_test_split
 
     images, labels = _digits_arrays()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -420,9 +421,27 @@ def plot_budget(doc: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'compress[plots]')"
+
+
 def write(run_dir: Path, doc: dict[str, Any]) -> None:
-    """Write report.json, report.md and the plots, each atomically."""
+    """Write report.json, report.md and the plots, each atomically. matplotlib is an extra: without it the
+    report is written all the same, with a note in place of each picture."""
     io.write_json(run_dir / "report.json", doc)
-    plot(doc, run_dir / PLOT_NAME)
-    plot_budget(doc, run_dir / BUDGET_PLOT)
-    io.write_text(run_dir / "report.md", markdown(doc))
+    text = markdown(doc)
+    if _have_matplotlib():
+        plot(doc, run_dir / PLOT_NAME)
+        plot_budget(doc, run_dir / BUDGET_PLOT)
+    else:
+        logging.getLogger("compress").warning("report: %s", PLOTS_MISSING)
+        text = "\n".join(f"_{PLOTS_MISSING}._" if line.startswith("![") and line.endswith((f"({PLOT_NAME})",
+                          f"({BUDGET_PLOT})")) else line for line in text.split("\n"))
+    io.write_text(run_dir / "report.md", text)

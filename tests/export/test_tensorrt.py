@@ -308,7 +308,7 @@ def test_engine_files_need_tensorrt_in_bench_and_check(cli, digits_cnn_checkpoin
 
 
 def test_backend_modules_type_check():
-    pytest.importorskip("mypy", reason="mypy is in the test extra: pip install -e '.[test]'")
+    pytest.importorskip("mypy", reason="mypy is in the dev extra: pip install -e '.[dev]'")
     root = Path(__file__).resolve().parents[2]
     files = [root / "compress" / "export" / f for f in ("tensorrt.py", "fp16.py", "bench.py", "triton.py", "check.py")]
     result = subprocess.run(

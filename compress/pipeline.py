@@ -6,7 +6,7 @@ Run directory (DESIGN.md)::
     DIR/stages/NN-TYPE/checkpoint.pt compress checkpoint (stages that change the model)
     DIR/stages/NN-TYPE/metrics.json  written last: its presence marks the stage finished
     DIR/model.pt                     the final model;  DIR/model.onnx, DIR/engine.onnx from export
-    DIR/report.json, DIR/report.md   (+ report_accuracy_vs_size.png)
+    DIR/report.json, DIR/report.md   (+ report_tradeoff.png)
     DIR/.compress-run.json           the marker: compress made DIR; the files its runs wrote (rundir.py)
     DIR/.compress-run.lock           exists while a run holds DIR (runlock.py)
 

@@ -10,7 +10,7 @@ from typing import Any
 from compress import io
 from compress.recipe import Recipe
 
-PLOT_NAME = "report_accuracy_vs_size.png"
+PLOT_NAME = "report_tradeoff.png"  # accuracy vs engine latency and size
 BUDGET_PLOT = "report_budget.png"  # written when a stage searched an accuracy budget
 
 
@@ -241,6 +241,21 @@ def engine_summary(sections: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _vs_baseline(g: dict[str, Any]) -> list[str]:
+    """The engine against the baseline's FP32 engine (``engine.vs_baseline``), one line."""
+    t = g.get("vs_baseline")
+    if not t:
+        return []
+    if "ms" not in t:
+        return ["", f"Against the baseline: {t['not_timed']}."]
+    ms, speed = t["ms"], t["speedup"]
+    structure = (f"; the compressed structure in FP32 runs {ms['float']:.3f} ms ({speed['float']:.2f}x), so INT8 "
+                 f"adds {ms['float'] / ms['engine']:.2f}x" if "float" in ms and ms["engine"] > 0 else "")
+    return ["", f"Against the baseline's FP32 engine at batch {t['batch_size']} (round-robin, {t['iters']} rounds, "
+            f"level {t['level']}): {ms['engine']:.3f} ms vs {ms['baseline']:.3f} ms, **{speed['engine']:.2f}x**"
+            f"{structure}; file {t['bytes']['engine'] / 1e6:.2f} MB vs {t['bytes']['baseline'] / 1e6:.2f} MB."]
+
+
 def unplanned_note(layers: list[str]) -> str:
     """Layers kept in float by the recipe that ONNX Runtime quantized anyway."""
     return (f"{', '.join(f'`{n}`' for n in layers)} kept out of quantization by the recipe, but ONNX Runtime runs "
@@ -296,6 +311,7 @@ def markdown(doc: dict[str, Any]) -> str:
             o = g["optimization"]
             lines += ["", f"ONNX Runtime optimization: file saved at `{o['file']}` (portable); accuracy checked at "
                       f"`{o['checked']}`" + (f", latency timed at `{o['timed']}`" if o["timed"] else "")]
+        lines += _vs_baseline(g)
         if g.get("int8_ops"):
             ops = ", ".join(f"{k} x{v}" for k, v in g["int8_ops"].items())
             lines += ["", f"INT8 kernels: {ops}; {g['int8_weighted_fraction']:.0%} of weighted ops run in INT8"]
@@ -338,33 +354,106 @@ def markdown(doc: dict[str, Any]) -> str:
             if key in c:
                 f = c[key]
                 lines.append(f"- {label}: agreement {f['agreement']:.4f}, cosine {f['cosine']:.6f}, max abs {f['max_abs']:.3g}")
-    lines += ["", f"![{metric} vs size]({PLOT_NAME})", ""]
+    lines += ["", f"![{metric} vs engine latency and size]({PLOT_NAME})", ""]
     return "\n".join(lines)
 
 
+_QUANT_STAGES = ("ptq", "qat")
+SHARES = ("top1", "agreement", "cosine", "miou", "pixel_accuracy")  # metrics at most 1
+
+
+def _padded(ax: Any, values: list[float], bounded: bool) -> None:
+    """A y range a person can read: the points' span plus 15 % each side, and at least 1 % of the top value
+    (a 0.994-1.0 axis makes one sample look like a cliff)."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    pad = max(0.15 * (high - low), 0.01 * max(abs(high), 1e-9) / 2)
+    top = high + pad
+    if bounded and high <= 1.0:  # a share: nothing lies above 1
+        top = min(top, 1.0 + 0.1 * pad)
+    ax.set_ylim(low - pad, top)
+
+
+def _weight_bytes(step: dict[str, Any], quantized: bool) -> float:
+    """A step's weights at the precision it deploys in: 4 bytes a parameter in float, 1 once INT8."""
+    return step["params"] * (1 if quantized else 4)
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
-    """Accuracy vs nonzero parameters, one labelled point per step."""
+    """The trade-off a user decides on, two panels sharing the metric axis.
+
+    Left: metric against engine latency at one batch size (``engine.vs_baseline``, timed round-robin in the
+    deployed session): the baseline's FP32 engine and the deployed engine (its INT8 share of MACs and speedup
+    written beside it); a dotted line marks the compressed structure in FP32, i.e. what pruning alone bought.
+    Right: metric against weight size at deployed precision for the baseline, every stage and the engine file,
+    numbered (the legend names the steps), float and INT8 steps in different markers.
+    """
     # A bare Figure with the Agg canvas: no pyplot, so the caller's matplotlib backend is untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     metric = doc["metric"]
-    points = [("baseline", doc["baseline"])] + [(f"{i + 1}. {s['type']}", s) for i, s in enumerate(doc["stages"])]
-    fig = Figure(figsize=(6, 4), dpi=100)
+    score = lambda step: step.get("metrics", {}).get(metric, float("nan"))  # noqa: E731
+    fig = Figure(figsize=(11, 4.2), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs = [p.get("nonzero_params", p["params"]) for _, p in points]
-    ys = [p["metrics"].get(metric, float("nan")) for _, p in points]
-    ax.plot(xs, ys, "o-", color="tab:blue")
-    for (label, _), x, y in zip(points, xs, ys, strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if "engine" in doc and metric in doc["engine"]["metrics"]:
-        ax.axhline(doc["engine"]["metrics"][metric], color="tab:green", ls="--", lw=1, label="engine")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("nonzero parameters")
-    ax.set_ylabel(metric)
-    ax.set_title(doc["recipe"])
-    ax.grid(alpha=0.3)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2, sharey=None)
+    engine = doc.get("engine") or {}
+    ys: list[float] = [score(doc["baseline"])]
+
+    timed = engine.get("vs_baseline") or {}
+    if "ms" in timed:
+        ms, base_y, eng_y = timed["ms"], score(doc["baseline"]), score(engine)
+        ys.append(eng_y)
+        left.plot([ms["baseline"]], [base_y], "o", color="tab:gray", ms=8, label="baseline, FP32 engine")
+        share = engine.get("int8_macs_fraction")
+        label = "deployed engine" + (f" (INT8 on {share:.0%} of MACs)" if share is not None else "")
+        left.plot([ms["engine"]], [eng_y], "*", color="tab:green", ms=14, label=label)
+        left.annotate(f"{timed['speedup']['engine']:.2f}x faster", (ms["engine"], eng_y), textcoords="offset points",
+                      xytext=(8, -4), fontsize=8)
+        if "float" in ms:
+            left.axvline(ms["float"], color="tab:blue", ls=":", lw=1.2,
+                         label=f"compressed structure in FP32 ({timed['speedup']['float']:.2f}x)")
+        left.set_xlim(0, 1.15 * max(ms.values()))
+        left.set_xlabel(f"engine latency, batch {timed['batch_size']} ({engine.get('backend', 'onnxruntime')}, "
+                        f"level {timed['level']}) [ms]")
+        left.legend(fontsize=7, loc="lower left")
+    else:
+        why = timed.get("not_timed") or ("no engine was built" if not engine else "the engine was not timed "
+                                         "(bench_iters: 0, or a TensorRT engine)")
+        left.text(0.5, 0.5, f"latency not measured:\n{why}", ha="center", va="center", fontsize=8, wrap=True,
+                  transform=left.transAxes)
+        left.set_xlabel("engine latency [ms]")
+    left.set_ylabel(metric)
+    left.set_title("accuracy vs engine latency", fontsize=10)
+
+    steps = [("baseline", doc["baseline"], False)]
+    quantized = False
+    for s in doc["stages"]:
+        quantized = quantized or s["type"] in _QUANT_STAGES
+        if "metrics" in s and "params" in s:
+            steps.append((s["type"], s, quantized))
+    xs = [_weight_bytes(st, q) / 1e6 for _, st, q in steps]
+    step_ys = [score(st) for _, st, _ in steps]
+    ys += step_ys
+    right.plot(xs, step_ys, "-", color="tab:blue", lw=1, alpha=0.5)
+    for k, ((_, _, q), x, y) in enumerate(zip(steps, xs, step_ys, strict=True)):
+        right.plot([x], [y], "s" if q else "o", color="tab:orange" if q else "tab:blue", ms=7)
+        right.annotate(str(k), (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 else -11), fontsize=8)
+    if "bytes" in timed:
+        size = timed["bytes"]["engine"] / 1e6
+        right.plot([size], [score(engine)], "*", color="tab:green", ms=14)
+        xs.append(size)
+    names = ", ".join(f"{k} {name}" for k, (name, _, _) in enumerate(steps))
+    star = "; star: engine file" if "bytes" in timed else ""
+    right.set_title(f"accuracy vs size ({names}{star})", fontsize=8, wrap=True)
+    right.set_xlabel("weights at deployed precision [MB] (float 4 B, INT8 1 B a parameter)")
+    right.set_xlim(0, 1.1 * max(xs))
+    for ax in (left, right):
+        _padded(ax, ys, bounded=metric in SHARES)
+        ax.grid(alpha=0.3)
+    fig.suptitle(doc["recipe"], fontsize=10)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

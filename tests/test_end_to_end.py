@@ -54,7 +54,8 @@ def test_demo_export_recipe_meets_the_done_criteria(baseline, tmp_path, capsys):
     assert (out / "engine.onnx").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "| baseline | 1.0000 |" in md or "| baseline | 0.9" in md
-    assert (out / "report_accuracy_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report["engine"]["vs_baseline"]["ms"]) == {"baseline", "engine"}  # float export: no INT8 point
 
     # `compress check`: the engine against the PyTorch checkpoint on the digits test split
     capsys.readouterr()
@@ -129,6 +130,13 @@ def test_int8_demo_recipe_runs_int8_kernels_within_four_samples(baseline, tmp_pa
     assert report["export"]["quantized"] and report["export"]["qdq_pairs"] > 0
     assert report["engine"]["int8_weighted_fraction"] == 1.0
     assert report["check"]["passed"] and report["check"]["engine_vs_onnx"]["agreement"] >= 0.99
+    # the plot's latency axis: the engine, the baseline's FP32 engine and the compressed structure in FP32, timed
+    # together at batch 8; int8 weights of half the channels: the engine file is a fraction of the FP32 baseline's
+    timed = report["engine"]["vs_baseline"]
+    assert timed["batch_size"] == 8 and set(timed["ms"]) == {"baseline", "float", "engine"}
+    assert all(v > 0 for v in timed["ms"].values()) and timed["iters"] == 20
+    assert timed["bytes"]["engine"] < 0.25 * timed["bytes"]["baseline"]
+    assert "Against the baseline's FP32 engine at batch 8" in text
     proto = onnx.load(str(out / "model.onnx"))
     assert proto.opset_import[0].version == 13
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}

@@ -112,7 +112,7 @@ def test_overwrite_keeps_the_users_files_and_removes_the_old_runs(cli, finished_
     assert (run_dir / "my-notes.txt").read_text() == "mine"
     assert (run_dir / "stages" / "01-train" / "plot.png").read_bytes() == b"my plot"
     assert sorted(p.name for p in (run_dir / "stages" / "01-train").iterdir()) == ["plot.png"]  # the run's files gone
-    assert _listed(run_dir) == {"recipe.yaml", "model.pt", "report.json", "report.md", "report_accuracy_vs_size.png"}
+    assert _listed(run_dir) == {"recipe.yaml", "model.pt", "report.json", "report.md", "report_tradeoff.png"}
     assert "my-notes.txt" not in _listed(run_dir)
 
 

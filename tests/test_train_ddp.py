@@ -98,6 +98,6 @@ def test_whole_recipe_under_torchrun_rank0_writes_a_complete_run(tmp_path):
     assert len(report["stages"][0]["finetune"]["history"]) == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [".compress-run.json", "engine.onnx", "model.onnx", "model.pt", "recipe.yaml", "report.json", "report.md",
-         "report_accuracy_vs_size.png", "stages"]  # rank 0 marked the folder; no lock file is left
+         "report_tradeoff.png", "stages"]  # rank 0 marked the folder; no lock file is left
     )
     assert not list(out.rglob(".*.tmp"))

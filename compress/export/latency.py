@@ -8,6 +8,7 @@ stage must say what its change did to the deployed engine: pruning (before/after
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -103,3 +104,55 @@ def engine_latency(before: torch.nn.Module, after: torch.nn.Module, example: Inp
         paths = [export_for_timing(m, example, Path(tmp) / f"{name}.onnx")
                  for name, m in (("before", before), ("after", after))]
         return measure(*paths, example, batch_sizes, threads=threads, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class DeployedComparison:
+    """The deployed engine against the input model's FP32 engine (and, for a quantized model, the same compressed
+    structure in FP32), timed round-robin at one batch size in ONNX Runtime at level ``all``: what the report's
+    plot puts on its latency axis. ``ms`` and ``bytes`` are keyed ``baseline``, ``float`` (quantized models
+    only) and ``engine``."""
+
+    batch_size: int
+    ms: dict[str, float]
+    bytes: dict[str, int]
+    iters: int
+    threads: int | None = None
+
+    def to_report(self) -> dict[str, Any]:
+        base = self.ms["baseline"]
+        return {"batch_size": self.batch_size, "level": LEVEL.value, "threads": self.threads, "iters": self.iters,
+                "ms": {k: round(v, 4) for k, v in self.ms.items()}, "bytes": self.bytes,
+                "speedup": {k: round(base / v, 3) for k, v in self.ms.items() if k != "baseline" and v > 0}}
+
+
+def float_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a quantized model with every quantizer off: its compressed structure, in float."""
+    from compress.quant.quantizer import TensorQuantizer
+
+    copy_ = copy.deepcopy(model)
+    for m in copy_.modules():
+        if isinstance(m, TensorQuantizer):
+            m.quant_enabled = False
+    return copy_
+
+
+def compare_deployed(baseline: torch.nn.Module, model: torch.nn.Module, engine: Path, example: Inputs,
+                     batch_size: int, workdir: Path, *, quantized: bool, iters: int, threads: int | None = None
+                     ) -> DeployedComparison:
+    """Export the baseline (and, when ``quantized``, :func:`float_copy` of ``model``) as FP32 ONNX into a temporary
+    folder inside ``workdir`` and time them round-robin with the ``engine`` file, every session at level
+    ``all`` with the engine's threads, for ``iters`` rounds (the engine's own ``bench_iters``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="latency-") as tmp:
+        paths = {"baseline": export_for_timing(baseline, example, Path(tmp) / "baseline.onnx")}
+        if quantized:
+            paths["float"] = export_for_timing(float_copy(model), example, Path(tmp) / "float.onnx")
+        paths["engine"] = engine
+        sessions = {k: _session(p, threads) for k, p in paths.items()}
+        feeds = {k: session_feeds(s, repeat_first(example, batch_size), paths[k].name) for k, s in sessions.items()}
+        runs = [lambda s=s, feed=feeds[k]: s.run(None, feed) for k, s in sessions.items()]
+        ms = round_robin_ms(runs, warmup=3, iters=iters)
+        sizes = {k: p.stat().st_size for k, p in paths.items()}
+    return DeployedComparison(batch_size, {k: statistics.median(t) for k, t in zip(paths, ms, strict=True)}, sizes,
+                              len(ms[0]), threads)

@@ -30,6 +30,7 @@ class EngineRecord:
     metrics: dict[str, float]
     bench: BenchResult
     coverage: dict[str, Any] | None = None
+    compared: dict[str, Any] | None = None  # steps.compare_deployed: vs the baseline's FP32 engine, or why not timed
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -44,6 +45,8 @@ class EngineRecord:
         }
         if self.coverage is not None:
             out.update(self.coverage)
+        if self.compared is not None:
+            out["vs_baseline"] = self.compared
         return out
 
 

@@ -34,6 +34,7 @@ from compress.export.trial import trial_export
 from compress.stages.context import StageContext, StageResult
 from compress.stages.order import quantized_before, shaped
 from compress.stages.registry import register
+from compress.train import is_main_process
 
 
 class ExportConfig(Strict):
@@ -123,11 +124,16 @@ def _engine_record(model: nn.Module, config: ExportConfig, engine: EngineOptions
     threads = engine.threads if isinstance(engine, OnnxRuntimeEngine) else None
     evaluation = steps.evaluate(built, exported, threads, ctx.splits.loader("eval"), output=ctx.metric_output)
     timed = steps.bench_engine(built, ctx.example_input, engine.batch_sizes, engine.bench_iters)
-    covered = None
+    covered = compared = None
     if exported.quantized and isinstance(engine, OnnxRuntimeEngine):
         covered = steps.int8_coverage(model, source, built.path, engine.optimization, config.onnx.target)
+    if isinstance(engine, OnnxRuntimeEngine) and engine.bench_iters and is_main_process():
+        compared = steps.compare_deployed(ctx.baseline, model, built.path, ctx.example_input, engine.batch_sizes,
+                                          ctx.stage_dir, quantized=exported.quantized, iters=engine.bench_iters,
+                                          threads=threads)
     record = EngineRecord(options=engine, built=built, source=source, bench=timed, coverage=covered,
-                          metrics=metrics.score(ctx.metric, evaluation.engine, ctx.baseline_outputs))
+                          metrics=metrics.score(ctx.metric, evaluation.engine, ctx.baseline_outputs),
+                          compared=compared)
     return record, evaluation
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from compress import io, metrics
-from compress.export import bench, tensorrt
+from compress.errors import first_line
+from compress.export import bench, latency, tensorrt
 from compress.export.check import CheckResult, Runner, compare
 from compress.export.coverage import coverage
 from compress.export.fp16 import Fp16Info, to_fp16
@@ -201,6 +202,20 @@ class BenchResult:
 def bench_engine(built: BuiltEngine, example_input: torch.Tensor, batch_sizes: list[int], iters: int) -> BenchResult:
     """Time the engine at each batch size after warm-up (nothing when ``iters`` is 0)."""
     return BenchResult(bench.latency(built.runner, example_input, batch_sizes, iters=iters) if iters else {})
+
+
+def compare_deployed(baseline: nn.Module, model: nn.Module, engine: Path, example: Any, batch_sizes: list[int],
+                     workdir: Path, *, quantized: bool, iters: int, threads: int | None) -> dict[str, Any]:
+    """The engine timed against the baseline's FP32 engine (and the compressed structure in FP32) at the middle
+    batch size (8 in the default 1, 8, 32): report.json's ``engine.vs_baseline`` and the plot's latency axis.
+    Advice, like pruning's latency check: a failure to export or time the baseline is said, not raised."""
+    batch_size = sorted(batch_sizes)[len(batch_sizes) // 2]
+    try:
+        return latency.compare_deployed(baseline, model, engine, example, batch_size, workdir, quantized=quantized,
+                                        iters=iters, threads=threads).to_report()
+    except Exception as exc:  # export and ORT raise many types; none of them should fail the export
+        return {"batch_size": batch_size, "not_timed": f"the baseline's FP32 engine could not be timed "
+                                                       f"({first_line(exc)})"}
 
 
 SIMULATED_INT8 = ("the Q/DQ graph runs in ONNX Runtime, which simulates INT8 in float: its accuracy is valid, "

@@ -199,6 +199,21 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return profile_macs(model, example).modules
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters at the precision they deploy in: one a weight whose (enabled) weight quantizer makes
+    it INT8, the tensor's own element size for the rest (biases, norms, layers kept float)."""
+    from compress.quant.quantizer import TensorQuantizer
+
+    total = 0
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        int8 = isinstance(quantizer, TensorQuantizer) and quantizer.quant_enabled
+        for name, p in module.named_parameters(recurse=False):
+            total += p.numel() * (1 if int8 and name == "weight" else p.element_size())
+    return total
+
+
 def size_stats(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """``params``, ``nonzero_params`` and ``macs`` of a model, as report.json lists them."""
-    return {"params": count_params(model), "nonzero_params": count_nonzero_params(model), "macs": count_macs(model, example)}
+    """``params``, ``nonzero_params``, ``weight_bytes`` and ``macs`` of a model, as report.json lists them."""
+    return {"params": count_params(model), "nonzero_params": count_nonzero_params(model),
+            "weight_bytes": weight_bytes(model), "macs": count_macs(model, example)}

@@ -377,8 +377,9 @@ def _padded(ax: Any, values: list[float], bounded: bool) -> None:
 
 
 def _weight_bytes(step: dict[str, Any], quantized: bool) -> float:
-    """A step's weights at the precision it deploys in: 4 bytes a parameter in float, 1 once INT8."""
-    return step["params"] * (1 if quantized else 4)
+    """A step's weights at the precision they deploy in (``weight_bytes``; reports written before it existed:
+    4 bytes a parameter in float, 1 once INT8)."""
+    return step.get("weight_bytes", step["params"] * (1 if quantized else 4))
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -410,8 +411,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         share = engine.get("int8_macs_fraction")
         label = "deployed engine" + (f" (INT8 on {share:.0%} of MACs)" if share is not None else "")
         left.plot([ms["engine"]], [eng_y], "*", color="tab:green", ms=14, label=label)
-        left.annotate(f"{timed['speedup']['engine']:.2f}x faster", (ms["engine"], eng_y), textcoords="offset points",
-                      xytext=(8, -4), fontsize=8)
+        speedup = timed["speedup"]["engine"]
+        left.annotate(f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x SLOWER", (ms["engine"], eng_y),
+                      textcoords="offset points", xytext=(8, -4), fontsize=8)
         if "float" in ms:
             left.axvline(ms["float"], color="tab:blue", ls=":", lw=1.2,
                          label=f"compressed structure in FP32 ({timed['speedup']['float']:.2f}x)")
@@ -448,7 +450,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     names = ", ".join(f"{k} {name}" for k, (name, _, _) in enumerate(steps))
     star = "; star: engine file" if "bytes" in timed else ""
     right.set_title(f"accuracy vs size ({names}{star})", fontsize=8, wrap=True)
-    right.set_xlabel("weights at deployed precision [MB] (float 4 B, INT8 1 B a parameter)")
+    right.set_xlabel("weights at deployed precision [MB] (INT8 weights 1 B, the rest their float size)")
     right.set_xlim(0, 1.1 * max(xs))
     for ax in (left, right):
         _padded(ax, ys, bounded=metric in SHARES)
@@ -477,7 +479,10 @@ def plot_budget(doc: dict[str, Any], path: Path) -> bool:
     total = max(sens["macs"], 1)
     xs, ys = [100 * r["macs"] / total for r in rows], [r["recovery_alone"] for r in rows]
     left.scatter(xs, ys, s=14, color="tab:blue")
-    for r in sorted(rows, key=lambda r: -r["recovery_alone"])[:5]:
+    top = max((r["recovery_alone"] for r in rows), default=0.0)
+    # names only for the units that matter (a quarter of the largest recovery or more): labels of the many units
+    # near zero would print over each other
+    for r in [r for r in sorted(rows, key=lambda r: -r["recovery_alone"]) if top > 0 and r["recovery_alone"] >= top / 4][:5]:
         left.annotate(r["name"], (100 * r["macs"] / total, r["recovery_alone"]), textcoords="offset points",
                       xytext=(3, 3), fontsize=7)
     left.set_xlabel("share of the model's MACs (%)")

@@ -117,3 +117,16 @@ def test_sdpa_counts_on_cpu_too() -> None:
             return F.scaled_dot_product_attention(x, x, x)
 
     assert count_macs(Attn(), q) == 2 * (2 * 7 * 7 * 16)
+
+
+def test_weight_bytes_count_int8_weights_as_one_byte_and_float_ones_at_their_size() -> None:
+    model = digits_cnn(num_classes=10)
+    weights = {n: p.numel() for n, p in model.named_parameters()}
+    assert compress.profile.weight_bytes(model) == 4 * sum(weights.values())  # float32 throughout
+    qmodel = compress.quant.prepare(copy.deepcopy(model), target="onnxruntime")
+    layers = [n for n, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")]
+    assert layers  # every conv and the classifier got a weight quantizer
+    int8 = sum(weights[f"{n}.weight"] for n in layers)
+    assert compress.profile.weight_bytes(qmodel) == 4 * sum(weights.values()) - 3 * int8
+    kept = compress.quant.keep_float(qmodel, [layers[0]])[0].name  # one unit back to float: its weight 4 bytes again
+    assert compress.profile.weight_bytes(qmodel) == 4 * sum(weights.values()) - 3 * (int8 - weights[f"{kept}.weight"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from torch import nn
+from torch import fx, nn
 
 from compress.callbacks import Callback
 from compress.errors import CheckpointError, first_line, one_line
@@ -52,6 +52,7 @@ _VERIFIERS: dict[str, Callable[[nn.Module, str], None]] = {}
 _CALLBACKS: dict[str, Callable[[nn.Module], Sequence[Callback]]] = {}
 _ENFORCERS: dict[str, Callable[[nn.Module], None]] = {}
 _ATTR = "_compress_origin"
+PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ sets meta[this] as attributes of the copy
 
 
 @dataclass
@@ -154,6 +155,8 @@ def origin_of(model: nn.Module) -> Origin | None:
 
 def set_origin(model: nn.Module, origin: Origin) -> None:
     model.__dict__[_ATTR] = origin
+    if isinstance(model, fx.GraphModule):  # its __deepcopy__ rebuilds it from the graph, keeping only these
+        model.meta.setdefault(PRESERVED, {})[_ATTR] = origin
 
 
 def record(model: nn.Module, kind: str, payload: dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ def test_masks_survive_deepcopy_prepare_and_a_users_loop_with_a_new_optimizer_an
     assert all(not torch.equal(qmodel.get_submodule(n).weight, before[n]) for n in layers)  # it trained
     # AdamW on a deep copy of the quantized model: the copy's layers keep their masks too
     qcopy = copy.deepcopy(qmodel)
+    assert sparsity.sparse_layers(qcopy) == layers  # the record travels with the copy (a checkpoint of it keeps it)
     _train(qcopy, torch.optim.AdamW(qcopy.parameters(), lr=0.01, weight_decay=0.1), x, y, steps=3)
     assert sparsity.verify_model(qcopy).sparse_layers == layers
     # weight ranges followed the weights without a callback: exactly max |w| per output channel

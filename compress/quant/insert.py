@@ -21,7 +21,7 @@ from compress.quant.spec import Target, activation_spec
 from compress.select import matches, select_names
 
 _TARGET_ATTR = "_compress_quant_target"
-_PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ sets meta[this] as attributes of the copy
+_PRESERVED = structure.PRESERVED
 
 
 class Attention(str, Enum):

@@ -170,3 +170,16 @@ def test_finetune_uses_the_users_loader_as_given_and_restores_the_mode():
         assert model.training is training
     with pytest.raises(compress.CompressError, match="batch_size is 8 but the DataLoader's is 4"):
         compress.finetune(zoo.DigitsCNN(width=8), loader, compress.FinetuneConfig(batch_size=8), progress=False)
+
+
+def test_under_ddp_only_the_sampler_of_the_users_loader_is_wrapped():
+    from compress.train import _as_given
+
+    x, y = torch.arange(10.0).reshape(10, 1), torch.zeros(10, dtype=torch.long)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    assert _as_given(loader, compress.FinetuneConfig(), seed=0, rank=0, world_size=1, distributed=False) is loader
+    shares = [_as_given(loader, compress.FinetuneConfig(), seed=0, rank=r, world_size=2, distributed=True)
+              for r in range(2)]
+    seen = [sorted(int(v) for b, _ in share for v in b.flatten()) for share in shares]
+    assert all(share.batch_size == 4 for share in shares)  # the user's per-process batch size
+    assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == list(range(10))  # nothing dropped

@@ -3,8 +3,10 @@
 ``finetune(model, data, FinetuneConfig(...))`` trains in place with SGD or AdamW, a cosine/step/
 constant schedule, optional AMP, evaluation each epoch and best-weights restore. Stages plug in
 through :class:`Callback` (before/after each step, an extra loss term). Under
-``torchrun --nproc_per_node=N`` it runs as DDP (gloo on CPU, nccl on GPU): the batch size is the
-global batch, split evenly across processes, so N processes see exactly the batches one would.
+``torchrun --nproc_per_node=N`` it runs as DDP (gloo on CPU, nccl on GPU). A user's DataLoader is
+iterated as given (under DDP its sampler is wrapped so each process takes its share); the recipe runner
+asks for ``reshard``: the batch size is then the global batch, split evenly across processes, so N
+processes see exactly the batches one would.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ checks, save without a factory, restore onto a model the user builds, finetune r
 from __future__ import annotations
 
 import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +188,19 @@ def test_under_ddp_only_the_sampler_of_the_users_loader_is_wrapped():
     seen = [sorted(int(v) for b, _ in share for v in b.flatten()) for share in shares]
     assert all(share.batch_size == 4 for share in shares)  # the user's per-process batch size
     assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == list(range(10))  # nothing dropped
+
+
+@pytest.mark.slow
+def test_qat_sparse_example_trains_in_a_plain_loop_and_restores_onto_a_fresh_torchvision_model(tmp_path):
+    """examples/qat_sparse_own_loop.py runs as its docstring shows (kept here, next to the API it shows)."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "examples/qat_sparse_own_loop.py"), "--steps", "6",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [float(v) for v in re.findall(r"step \d+ loss ([0-9.]+)", proc.stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it trained
+    assert "sparse layers 19/19 after training" in proc.stdout  # resnet18: every eligible conv kept 2:4
+    assert "identical outputs True" in proc.stdout
+    assert re.search(r"tensorrt rules pass, 19 2:4 layers", proc.stdout), proc.stdout
+    assert (tmp_path / "qat_sparse.pt").is_file() and (tmp_path / "qat_sparse.onnx").is_file()

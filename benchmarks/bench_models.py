@@ -33,7 +33,7 @@ def _train(factory: str, kwargs: dict, size: int, channels: int, epochs: int, lr
     train = build_loader(spec, "digits:train", train=shuffle)
     score = lambda m: compress.metrics.score("top1", compress.metrics.collect(m, digits("test", size, channels)))["top1"]  # noqa: E731
     config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0, **options)
-    compress.finetune(model, train, config, evaluate=score if config.keep_best else None, progress=False)
+    compress.finetune(model, train, config, evaluate=score if config.keep_best else None, progress=False, reshard=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     compress.save(model, path)
     return model.eval()
@@ -85,7 +85,7 @@ def bert_tiny(epochs: int = 10, samples: int = 2048) -> nn.Module:
     torch.manual_seed(0)
     model = compress.build("compress.zoo:bert_tiny", {})
     config = compress.FinetuneConfig(epochs=epochs, lr=5e-3, optimizer="adamw", seed=0, keep_best=False)
-    compress.finetune(model, topic_tokens("train", samples, shuffle=True), config, progress=False, output="logits")
+    compress.finetune(model, topic_tokens("train", samples, shuffle=True), config, progress=False, output="logits", reshard=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     compress.save(model, path)
     return model.eval()

@@ -69,7 +69,7 @@ class Bench:
                            example_input=self.example)
             callbacks.append(kd.callback())
         try:
-            compress.finetune(model, self.train, config, callbacks=callbacks, progress=False)
+            compress.finetune(model, self.train, config, callbacks=callbacks, progress=False, reshard=True)
         finally:
             if kd is not None:
                 kd.close()

@@ -54,7 +54,7 @@ def measure(name: str, args: argparse.Namespace) -> None:
     callbacks = {"plain": [], "KD live": [live.callback()], "KD cached": [cached.callback()]}
     steps = len(train.dataset) // 64  # type: ignore[arg-type]
     runners = {flow: (lambda f=flow: compress.finetune(models[f], train, config, callbacks=callbacks[f],
-                                                       progress=False))
+                                                       progress=False, reshard=True))
                for flow in models}
     times = interleaved_ms(runners, args.repeats, warmup=2)
     per_step = {flow: statistics.median(t) / steps for flow, t in times.items()}

@@ -43,7 +43,7 @@ def main():
 
     def ours():
         torch.manual_seed(0)
-        finetune(compress.build("compress.zoo:digits_cnn"), ours_loader, config, progress=False)
+        finetune(compress.build("compress.zoo:digits_cnn"), ours_loader, config, progress=False, reshard=True)
 
     def plain():
         torch.manual_seed(0)

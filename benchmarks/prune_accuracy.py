@@ -92,7 +92,7 @@ class Bench:
 
     def finetune(self, model: nn.Module, epochs: int, callbacks: tuple = ()) -> compress.FinetuneResult:
         config = compress.FinetuneConfig(epochs=epochs, lr=self.lr, seed=0)
-        return compress.finetune(model, self.train, config, evaluate=self.score, callbacks=callbacks, progress=False)
+        return compress.finetune(model, self.train, config, evaluate=self.score, callbacks=callbacks, progress=False, reshard=True)
 
     def row(self, method: str, model: nn.Module, macs0: int, start: float, sparsity: float | None = None,
             note: str = "") -> Row:

@@ -91,7 +91,7 @@ def train_engine_model(name: str, epochs: int, lr: float = 0.05, seed: int = 0, 
         model.load_state_dict(torch.load(saved))
         return model.eval()
     config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=seed, keep_best=False)
-    compress.finetune(model, shuffled_train(32, 3, seed), config, progress=False)
+    compress.finetune(model, shuffled_train(32, 3, seed), config, progress=False, reshard=True)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), saved)
@@ -143,7 +143,7 @@ def run_qat(qmodel: nn.Module, train: DataLoader, epochs: int, lr: float) -> tup
     work = copy.deepcopy(qmodel)
     config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=0)
     start = time.perf_counter()
-    compress.finetune(work, train, config, callbacks=[compress.qat.QatCallback()], progress=False)
+    compress.finetune(work, train, config, callbacks=[compress.qat.QatCallback()], progress=False, reshard=True)
     return work.eval(), time.perf_counter() - start
 
 

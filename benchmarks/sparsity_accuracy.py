@@ -83,7 +83,7 @@ class Bench:
 
     def fit(self, model: nn.Module, epochs: int, lr: float, seed: int, callbacks: list | None = None) -> None:
         config = compress.FinetuneConfig(epochs=epochs, lr=lr, seed=seed, keep_best=False)
-        compress.finetune(model, self.train, config, callbacks=callbacks or [], progress=False)
+        compress.finetune(model, self.train, config, callbacks=callbacks or [], progress=False, reshard=True)
 
 
 class Results:

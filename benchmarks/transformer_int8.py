@@ -145,7 +145,7 @@ def qat(task: Task, qmodel: nn.Module, epochs: int, distill: float | None) -> nn
         kd = compress.distill.Distiller(qmodel, task.model, alpha=distill, example_input=task.example,
                                         output=task.output)
         callbacks.append(compress.distill.DistillCallback(kd))
-    compress.finetune(qmodel, task.train, config, callbacks=callbacks, progress=False, output=task.output)
+    compress.finetune(qmodel, task.train, config, callbacks=callbacks, progress=False, output=task.output, reshard=True)
     return qmodel.eval()
 
 

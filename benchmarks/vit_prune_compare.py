@@ -98,7 +98,7 @@ def main() -> None:
             if args.distill:
                 callbacks = [compress.distill.Distiller(model, copy.deepcopy(base), temperature=4.0, alpha=0.7,
                                                         example_input=example).callback()]
-            compress.finetune(model, train, config, callbacks=callbacks, progress=False)
+            compress.finetune(model, train, config, callbacks=callbacks, progress=False, reshard=True)
         speed = ""
         if args.latency:
             import tempfile

@@ -7,12 +7,13 @@ The recipe runner (``compress run``) and users' own training scripts use the sam
     compress.finetune(model, train_loader, compress.FinetuneConfig(epochs=3, lr=0.01))
     model = compress.prune.channels(model, example_input, ratio=0.3)  # physically fewer channels
     kd = compress.distill.Distiller(model, teacher, temperature=4.0, alpha=0.7)  # kd.loss(x, model(x), y)
-    compress.sparsity.apply_2to4(model, optimizer, example_input=x, permute=True)  # 2:4, kept while training
+    compress.sparsity.apply_2to4(model, example_input=x, permute=True)  # 2:4, kept by the model in any loop
     qmodel = compress.quant.prepare(model, target="onnxruntime")   # fake quantizers, no global patching
-    compress.ptq.calibrate(qmodel, calib_loader, method="percentile")  # then fine-tune qmodel for QAT
-    compress.export.onnx(qmodel, example_input, "model.onnx")     # Q/DQ ONNX, int8 weights
+    compress.ptq.calibrate(qmodel, calib_loader, method="percentile")  # then train qmodel in any loop for QAT
+    compress.export.onnx(qmodel, example_input, "model.onnx", target="tensorrt")  # Q/DQ ONNX, either target
     result = compress.check("model.onnx", reference=model, data=eval_loader, max_drop=0.5)
     compress.save(model, "model.pt")
+    model = compress.restore(build_my_model(), "model.pt")        # structure + weights onto your own model
 
 The public names load on first use (PEP 562 module ``__getattr__``): ``import compress`` and
 ``compress --help`` do not import torch; the first ``compress.X`` imports the whole API at once.
@@ -34,6 +35,7 @@ _HOMES = {
     "RecipeError": "compress.errors",
     "CheckResult": "compress.export.check", "check": "compress.export.check",
     "build": "compress.models", "load": "compress.models", "load_model": "compress.models", "save": "compress.models",
+    "restore": "compress.models",
     "Recipe": "compress.recipe", "load_recipe": "compress.recipe",
     "Callback": "compress.train", "FinetuneConfig": "compress.train", "finetune": "compress.train",
 }
@@ -42,7 +44,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as they were imp
     from compress import distill, export, prune, ptq, qat, quant, sparsity
     from compress.errors import CheckpointError, CompressError, DataError, RecipeError
     from compress.export.check import CheckResult, check
-    from compress.models import build, load, load_model, save
+    from compress.models import build, load, load_model, restore, save
     from compress.recipe import Recipe, load_recipe
     from compress.train import Callback, FinetuneConfig, finetune
 
@@ -90,5 +92,6 @@ __all__ = [
     "load",
     "load_model",
     "load_recipe",
+    "restore",
     "save",
 ]

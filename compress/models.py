@@ -256,6 +256,9 @@ def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: di
                    trust: Sequence[str], allow: Collection[str]) -> nn.Module:
     """Rebuild a parsed compress checkpoint's model: weights verified, factory trusted, structure replayed."""
     verify_digest(ckpt, str(path))
+    if not ckpt.factory:
+        raise CheckpointError(f"checkpoint {path}: records no factory (it was saved from a model compress did not "
+                              "build); build the model as you did then and call compress.restore(model, path)")
     check_factory(ckpt.factory, str(path), trust=trust, named={*allow, *([factory] if factory else [])})
     own_kwargs = safe_kwargs(ckpt.kwargs)  # the file's weights replace pretrained ones: never fetch those
     if factory is not None and factory != ckpt.factory:
@@ -269,14 +272,59 @@ def _load_compress(ckpt: Checkpoint, path: Path, factory: str | None, kwargs: di
         raise
     except CompressError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild its model: {exc}") from None
-    model = structure.replay(model, ckpt.changes, str(path))
-    check_finite(ckpt.state_dict, str(path), unset=_unset_buffers(model))
-    load_state_dict(model, ckpt.state_dict, str(path))
+    return _apply_checkpoint(model, ckpt, str(path))
+
+
+def _apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> nn.Module:
+    """Replay ``ckpt``'s structure onto ``model`` (as its factory builds it), load its weights, check them, and let
+    the model keep its structure from now on."""
+    model = structure.replay(model, ckpt.changes, source)
+    check_finite(ckpt.state_dict, source, unset=_unset_buffers(model))
+    load_state_dict(model, ckpt.state_dict, source)
     origin = structure.origin_of(model)
     if origin is not None:
         origin.structure = copy.deepcopy(ckpt.structure)
-    structure.verify(model, str(path))  # each kind's own check of the loaded weights (2:4 masks hold)
+    structure.verify(model, source)  # each kind's own check of the loaded weights (2:4 masks hold)
+    structure.enforce(model)  # then the model keeps its structure itself (2:4 masks in any training loop)
     return model
+
+
+def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Apply a compress checkpoint's recorded structure and weights to ``model``, a model you built yourself.
+
+    The counterpart of ModelOpt's ``mto.restore``: build the model exactly as before the checkpoint's
+    compression (same architecture, float, unpruned), and the checkpoint's pruning plan, quantizers and
+    2:4 masks are replayed onto it, then its weights loaded strictly and checked as :func:`load` checks them.
+    Nothing the file names is imported or called (its factory is only remembered, for a later :func:`save`).
+
+    Args:
+        model: the freshly built float model (not wrapped in DDP; not already pruned, sparse or quantized).
+        path: a file written by :func:`save`.
+
+    Returns:
+        The restored model: use the returned object (quantization may return a new ``fx.GraphModule``);
+        ``model`` itself may have been changed in place (pruned layers): on an error, build it again.
+
+    Raises:
+        CheckpointError: not a compress checkpoint, an edited file, a structure or state_dict that does not
+            fit ``model``, weights that break the recorded 2:4 masks (one line naming the file).
+        CompressError: ``model`` already carries compress structure, or is wrapped in DDP.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise CompressError("compress.restore: pass the model itself, then wrap the restored model in DDP")
+    origin = structure.origin_of(model)
+    if origin is not None and origin.structure:
+        raise CompressError("compress.restore: the model already carries compressed structure; restore onto a "
+                            "freshly built model")
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if not is_compress_checkpoint(obj):
+        raise CheckpointError(f"checkpoint {path}: is a raw state_dict, not a compress checkpoint; use "
+                              "model.load_state_dict(torch.load(path, weights_only=True))")
+    ckpt = parse(obj, str(path))
+    verify_digest(ckpt, str(path))
+    structure.set_origin(model, structure.Origin(ckpt.factory, dict(ckpt.kwargs)))
+    return _apply_checkpoint(model, ckpt, str(path))
 
 
 def save(
@@ -289,27 +337,33 @@ def save(
 ) -> None:
     """Write a compress checkpoint atomically (never a half-written file at ``path``).
 
+    The model is checked as :func:`load` checks it, with the same message, so a file that ``load`` would
+    refuse is never written (e.g. weights that break the model's 2:4 masks).
+
     Args:
-        model: a model built by compress, or any model when ``factory`` is given.
-        factory/kwargs: how to rebuild it; defaults to what :func:`build` recorded.
+        model: any model (a DDP wrapper is unwrapped).
+        factory/kwargs: how :func:`load` rebuilds it; default: what :func:`build` (or ``load``) recorded, else
+            none: a model's class alone does not say how it was built (``resnet18(num_classes=4)``), so the
+            file is then applied with :func:`restore` onto a model you build.
         metadata: JSON-serialisable extras (metrics, recipe name).
 
     Raises:
-        CompressError: the model's factory is unknown.
+        CheckpointError: the model fails a check :func:`load` makes (one line naming ``path``).
     """
-    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
     origin = structure.origin_of(model)
-    if factory is None and (origin is None or not origin.factory):
-        raise CompressError("compress.save: this model was not built by compress; pass factory='module:callable'")
+    structure.verify(model, str(path))
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "factory": factory or origin.factory,  # type: ignore[union-attr]
+        "factory": factory or (origin.factory if origin else ""),
         "kwargs": safe_kwargs(dict(kwargs if kwargs is not None else origin.kwargs if origin else {})),
         "structure": copy.deepcopy(origin.structure) if origin else [],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": json.loads(json.dumps(metadata or {})),
     }
+    check_finite(payload["state_dict"], str(path), unset=_unset_buffers(model))
     payload["weights_sha256"] = weights_digest(payload["state_dict"])
     io.torch_save(payload, path)
 

@@ -12,7 +12,9 @@ changes or allocates anything.
 
 A kind may also register hooks that the core calls without knowing the kind: :func:`register_verify`
 (run by :func:`verify` after a checkpoint's weights are loaded) and :func:`register_callbacks`
-(training callbacks that keep the structure, asked by :func:`callbacks` at every fine-tune). Kinds
+(training callbacks that keep the structure, asked by :func:`callbacks` at every fine-tune) and
+:func:`register_enforce` (puts the hooks by which the model keeps the structure itself back on its
+modules, asked by :func:`enforce` after a change replaced modules, e.g. ``quant.prepare``). Kinds
 register when their module is imported; ``compress/__init__`` imports every kind's package, so a
 kind is registered before any checkpoint can be loaded.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from torch import nn
+from torch import fx, nn
 
 from compress.callbacks import Callback
 from compress.errors import CheckpointError, first_line, one_line
@@ -48,7 +50,9 @@ class _Rebuilder(Generic[P]):
 _REBUILDERS: dict[str, _Rebuilder[Any]] = {}
 _VERIFIERS: dict[str, Callable[[nn.Module, str], None]] = {}
 _CALLBACKS: dict[str, Callable[[nn.Module], Sequence[Callback]]] = {}
+_ENFORCERS: dict[str, Callable[[nn.Module], None]] = {}
 _ATTR = "_compress_origin"
+PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ sets meta[this] as attributes of the copy
 
 
 @dataclass
@@ -111,6 +115,11 @@ def register_callbacks(kind: str) -> Callable[[Callable[[nn.Module], Sequence[Ca
     return _hook_registrar(_CALLBACKS, kind, "callbacks")
 
 
+def register_enforce(kind: str) -> Callable[[Callable[[nn.Module], None]], Callable[[nn.Module], None]]:
+    """Decorator: ``fn(model)`` (re)installs the hooks by which ``model`` keeps its ``kind`` structure in any loop."""
+    return _hook_registrar(_ENFORCERS, kind, "enforce")
+
+
 def has(model: nn.Module, kind: str) -> bool:
     """Whether ``model``'s recorded structure holds a change of ``kind``."""
     origin = origin_of(model)
@@ -128,6 +137,13 @@ def verify(model: nn.Module, source: str) -> None:
             fn(model, source)
 
 
+def enforce(model: nn.Module) -> None:
+    """Reinstall the in-model hooks of every kind ``model`` carries (after its modules were replaced or rewritten)."""
+    for kind, fn in _ENFORCERS.items():
+        if has(model, kind):
+            fn(model)
+
+
 def callbacks(model: nn.Module) -> list[Callback]:
     """The training callbacks that keep ``model``'s recorded structure (in kind registration order)."""
     return [cb for kind, fn in _CALLBACKS.items() if has(model, kind) for cb in fn(model)]
@@ -139,11 +155,13 @@ def origin_of(model: nn.Module) -> Origin | None:
 
 def set_origin(model: nn.Module, origin: Origin) -> None:
     model.__dict__[_ATTR] = origin
+    if isinstance(model, fx.GraphModule):  # its __deepcopy__ rebuilds it from the graph, keeping only these
+        model.meta.setdefault(PRESERVED, {})[_ATTR] = origin
 
 
 def record(model: nn.Module, kind: str, payload: dict[str, Any]) -> None:
     """Append a structural change to the model's origin. A model compress did not build gets an origin
-    with no factory, so ``compress.save(model, path, factory=...)`` still stores the change."""
+    with no factory (``compress.restore`` applies its checkpoint onto a model the user builds)."""
     origin = origin_of(model)
     if origin is None:
         origin = Origin(factory="")

@@ -3,8 +3,10 @@
 ``finetune(model, data, FinetuneConfig(...))`` trains in place with SGD or AdamW, a cosine/step/
 constant schedule, optional AMP, evaluation each epoch and best-weights restore. Stages plug in
 through :class:`Callback` (before/after each step, an extra loss term). Under
-``torchrun --nproc_per_node=N`` it runs as DDP (gloo on CPU, nccl on GPU): the batch size is the
-global batch, split evenly across processes, so N processes see exactly the batches one would.
+``torchrun --nproc_per_node=N`` it runs as DDP (gloo on CPU, nccl on GPU). A user's DataLoader is
+iterated as given (under DDP its sampler is wrapped so each process takes its share); the recipe runner
+asks for ``reshard``: the batch size is then the global batch, split evenly across processes, so N
+processes see exactly the batches one would.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from compress import metrics, positions, structure
 from compress.callbacks import Callback, TrainState
@@ -198,6 +200,30 @@ def _optimizer(model: nn.Module, config: FinetuneConfig, extra: list[nn.Paramete
     return makers[config.optimizer]()
 
 
+def _as_given(data: DataLoader, config: FinetuneConfig, seed: int, rank: int, world_size: int,
+              distributed: bool) -> DataLoader:
+    """The user's loader itself; under DDP the same loader with its sampler wrapped per process."""
+    if config.batch_size is not None and config.batch_size != data.batch_size:
+        raise CompressError(f"finetune: batch_size is {config.batch_size} but the DataLoader's is {data.batch_size}; "
+                            "a DataLoader is used as given: build it with that batch size, or pass its dataset")
+    if not distributed:
+        return data
+    if data.batch_size is None:
+        raise CompressError("finetune: under DDP the DataLoader needs a batch_size (its sampler is split across "
+                            "processes); a custom batch_sampler cannot be split")
+    sampler = DistributedSampler(data.dataset, num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
+                                 shuffle=isinstance(data.sampler, RandomSampler), seed=seed, drop_last=False)
+    return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler, collate_fn=data.collate_fn,
+                      num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last)
+
+
+def _num_samples(loader: DataLoader) -> int:
+    try:
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+
+
 def _as_loader(
     data: DataLoader | Dataset, config: FinetuneConfig, seed: int, rank: int, world_size: int
 ) -> DataLoader:
@@ -227,16 +253,25 @@ def finetune(
     progress: bool = True,
     desc: str = "finetune",
     output: str | None = None,
+    reshard: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; with ``evaluate`` and ``keep_best``, restore the best epoch.
 
-    A model carrying structure that training must keep (2:4 masks from ``compress.sparsity``) gets that
-    structure's callbacks first (:func:`compress.structure.callbacks`): the masks are re-applied after every step.
+    What it changes: ``model``'s parameters and BatchNorm statistics (the best epoch's, with ``evaluate``
+    and ``keep_best``), and its device (moved to ``device``). What it leaves: the model's train/eval mode
+    (restored at the end, also on error), the caller's global RNG (a seeded private copy is used), and a
+    DataLoader passed as ``data``, which is iterated as given: its batch size, sampler, collate and last
+    partial batch. Only under DDP is its sampler wrapped (a ``DistributedSampler`` keeping its shuffle,
+    dropping nothing), so each process takes its share.
+
+    A model carrying structure that training must keep (2:4 masks from ``compress.sparsity``) keeps it
+    itself in any loop; its structure's callbacks (:func:`compress.structure.callbacks`) run first too.
 
     Args:
         model: trained in place (moved to ``device``).
-        data: a DataLoader (its dataset, collate and shuffle are reused) or a Dataset.
-        config: optimizer, schedule, epochs, batch size, AMP.
+        data: a DataLoader (used as given), or a Dataset (batched by ``config.batch_size``, shuffled).
+        config: optimizer, schedule, epochs, batch size, AMP. ``batch_size`` must be unset (or equal the
+            loader's) for a DataLoader.
         evaluate: ``model -> score`` (higher is better), called after each epoch.
         callbacks: hooks run around every step; ``extra_loss`` terms are added to the loss.
         loss_fn: ``(outputs, labels) -> loss``; default cross-entropy.
@@ -244,12 +279,16 @@ def finetune(
         progress: show a progress bar (rank 0 only).
         output: for a model with several outputs, the one the loss (and callbacks' ``state.outputs``)
             takes (default: the rule of :mod:`compress.outputs`).
+        reshard: batch the loader's dataset anew as seeded global batches of ``config.batch_size`` split
+            across DDP processes, so N processes see exactly one process's batches and callbacks get each
+            batch's dataset indices (the recipe runner's mode; the last partial batch is dropped).
 
     Returns:
         Per-epoch history and the best epoch/score.
 
     Raises:
-        DataError: no labels and no callback providing a loss.
+        DataError: no labels and no callback providing a loss, or empty data.
+        CompressError: ``config.batch_size`` differs from the DataLoader's, or the loader has no length.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # The model's recorded structure keeps itself (a 2:4 model stays 2:4): its callbacks first, before e.g. QAT
@@ -259,7 +298,12 @@ def finetune(
     # Seed a private copy of the RNG state: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _finetune(model, data, config, seed, evaluate, callbacks, loss_fn, device, progress, desc, output)
+        was_training = model.training
+        try:
+            return _finetune(model, data, config, seed, evaluate, callbacks, loss_fn, device, progress, desc, output,
+                             reshard)
+        finally:
+            model.train(was_training)
 
 
 def _finetune(
@@ -274,17 +318,28 @@ def _finetune(
     progress: bool,
     desc: str,
     output: str | None = None,
+    reshard: bool = False,
 ) -> FinetuneResult:
     from tqdm.auto import tqdm
 
     model.to(device)
     distributed = init_distributed(device)
     rank, world_size = world()
-    loader = _as_loader(data, config, seed, rank, world_size)
-    sampler: ShardedBatchSampler = loader.batch_sampler  # type: ignore[assignment]
+    if isinstance(data, DataLoader) and not reshard:
+        loader = _as_given(data, config, seed, rank, world_size, distributed)
+    else:
+        loader = _as_loader(data, config, seed, rank, world_size)
+    sharded = loader.batch_sampler if isinstance(loader.batch_sampler, ShardedBatchSampler) else None
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:
+        raise CompressError("finetune: the DataLoader has no length (an IterableDataset?); the schedule needs the "
+                            "number of steps per epoch: give the dataset a __len__") from None
+    if steps_per_epoch == 0:
+        raise DataError("finetune: the training data is empty")
     extra = [p for cb in callbacks for p in getattr(cb, "parameters", lambda: ())()]
     optimizer = _optimizer(model, config, extra)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     use_amp = config.amp and device.type in ("cuda", "cpu")
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
@@ -295,8 +350,8 @@ def _finetune(
             dist.broadcast(p.data, src=0)
     else:
         net = model
-    state = TrainState(model=model, optimizer=optimizer, total_steps=config.epochs * len(loader),
-                       num_samples=sampler.n)
+    state = TrainState(model=model, optimizer=optimizer, total_steps=config.epochs * steps_per_epoch,
+                       num_samples=_num_samples(loader))
     criterion = loss_fn or nn.functional.cross_entropy
     result = FinetuneResult()
     best_state: dict[str, torch.Tensor] | None = None
@@ -305,7 +360,9 @@ def _finetune(
             cb.on_train_start(state)
         for epoch in range(config.epochs):
             state.epoch = epoch
-            sampler.set_epoch(epoch)
+            for sampler in (sharded, loader.sampler):  # new shuffles per epoch (sharded, distributed)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)  # type: ignore[union-attr]
             net.train()
             total, count = 0.0, 0
             # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable)
@@ -313,11 +370,13 @@ def _finetune(
                 loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
                 disable=True if (not progress or rank != 0) else None,
             )
-            for batch, indices in zip(bar, iter(sampler), strict=True):  # the sampler repeats its seeded order
+            # a sharded sampler repeats its seeded order, so each batch's dataset indices are known
+            for batch, indices in zip(bar, iter(sharded), strict=True) if sharded else ((b, None) for b in bar):
                 x, y = split_batch(batch)
                 x = move_inputs(x, device)
                 y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else None
-                state.inputs, state.labels, state.indices = x, y, torch.as_tensor(indices)
+                state.inputs, state.labels = x, y
+                state.indices = torch.as_tensor(indices) if indices is not None else None
                 for cb in callbacks:
                     cb.before_step(state)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -374,7 +433,6 @@ def _finetune(
             getattr(cb, "on_train_end", lambda _s: None)(state)
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
     return result
 
 

@@ -32,10 +32,14 @@ def test_compress_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) 
     assert raw["factory"] == CNN and raw["kwargs"] == {"width": 4} and raw["metadata"] == {"note": "x"}
 
 
-def test_save_of_a_foreign_model_needs_a_factory(tmp_path: Path) -> None:
-    message = one_line_error(CompressError, compress.save, torch.nn.Linear(2, 2), tmp_path / "m.pt")
-    assert "not built by compress" in message and "factory=" in message
-    assert not (tmp_path / "m.pt").exists()
+def test_a_foreign_model_saves_without_a_factory_and_restores_onto_one_the_user_builds(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    compress.save(model, tmp_path / "m.pt")
+    message = one_line_error(CheckpointError, compress.load, tmp_path / "m.pt")
+    assert "records no factory" in message and "compress.restore(model, path)" in message
+    restored = compress.restore(torch.nn.Linear(2, 2), tmp_path / "m.pt")
+    assert torch.equal(restored.weight, model.weight) and torch.equal(restored.bias, model.bias)
 
 
 def test_raw_state_dict_loads_with_a_factory(tmp_path: Path) -> None:

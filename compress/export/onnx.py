@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -97,6 +99,7 @@ def export_onnx(
     opset: int = 13,
     dynamic_batch: bool = True,
     target: Target | str | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> OnnxInfo:
     """Export ``model`` (in eval mode, on the CPU) to ``path`` atomically and run ``onnx.checker``.
 
@@ -107,11 +110,15 @@ def export_onnx(
     with a dynamic batch axis when ``dynamic_batch``.
 
     Args:
-        target: must match the target the model was quantized for (default: that target).
+        target: ``tensorrt`` or ``onnxruntime`` (default: the target the model was quantized for). Another target
+            than that exports a copy whose quantizers are placed and typed for it, with the ranges the model
+            calibrated or trained (:func:`compress.quant.retarget`); the model itself is left as it is.
+        calibration: batches for the tensors only the other target quantizes (e.g. a Conv+BN branch feeding a
+            residual add, which TensorRT fuses and ONNX Runtime quantizes); asked for by name when needed.
 
     Raises:
-        CompressError: the model cannot be traced/exported, is quantized but never calibrated or for
-            another target, or the result fails the checker.
+        CompressError: the model cannot be traced/exported, is quantized but never calibrated, cannot be
+            re-placed for ``target`` (quantized attention), or the result fails the checker.
     """
     path = Path(path)
     quantized = quant.is_quantized(model)
@@ -119,11 +126,8 @@ def export_onnx(
     if quantized:
         own = quant.target_of(model) or Target.tensorrt
         if wanted is not None and wanted is not own:
-            raise CompressError(
-                f"export: the model was quantized for target {own.value}, not {wanted.value}; "
-                f"export with target {own.value} or quantize for {wanted.value}"
-            )
-        wanted = own
+            model = quant.retarget(model, wanted, calibration)  # a copy placed for the target asked for; the model stays as it is
+        wanted = wanted or own
         missing = quant.uncalibrated(model)
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""

@@ -1,4 +1,4 @@
-"""What QAT adds to a fine-tune: weight ranges that follow the weights, and optional BN freezing."""
+"""What QAT adds to a fine-tune: optional BN freezing (weight ranges follow the weights by themselves)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from compress.quant.layers import BATCHNORMS
 
 
 class QatCallback(Callback):
-    """Keeps each weight quantizer's per-channel range at the current max |w| after every step, and
-    from epoch ``freeze_bn_after`` (0-based) on runs BatchNorm on its running statistics and stops
-    updating them, so the statistics folded into the exported convolutions stop moving."""
+    """From epoch ``freeze_bn_after`` (0-based) on, runs BatchNorm on its running statistics and stops
+    updating them, so the statistics folded into the exported convolutions stop moving.
+
+    Weight quantizer ranges need no callback: each quantized layer keeps its range at max |w| of its
+    current weight itself (:mod:`compress.quant.layers`), in this loop or a user's own. The callback
+    still sets them at the start, which names a weight that holds NaN or Inf before any step runs."""
 
     def __init__(self, freeze_bn_after: int | None = None) -> None:
         self.freeze_bn_after = freeze_bn_after
@@ -23,6 +26,3 @@ class QatCallback(Callback):
             for m in state.model.modules():
                 if isinstance(m, BATCHNORMS) and m.training:
                     m.eval()
-
-    def after_step(self, state: TrainState) -> None:
-        refresh_weight_amax(state.model)

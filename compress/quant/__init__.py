@@ -2,6 +2,7 @@
 
     qmodel = compress.quant.prepare(model, target="tensorrt")   # insert quantizers (no global patching)
     compress.ptq.calibrate(qmodel, calib_loader, method="entropy")
+    compress.export.onnx(qmodel, x[:1], "ort.onnx", target="onnxruntime")   # or either target at export time
 """
 
 from compress.quant.attention import QuantMultiheadAttention
@@ -25,6 +26,7 @@ from compress.quant.insert import (
 from compress.quant.keep_float import float_units, keep_float
 from compress.quant.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLayer, QuantLinear
 from compress.quant.quantizer import TensorQuantizer
+from compress.quant.retarget import retarget
 from compress.quant.sdpa import AttentionQuantizers
 from compress.quant.spec import QuantSpec, Target
 from compress.quant.units import Unit, UnitKind, quantizing, units
@@ -57,6 +59,7 @@ __all__ = [
     "quantizers",
     "quantizing",
     "refresh_weight_amax",
+    "retarget",
     "select_layers",
     "target_of",
     "to_target",

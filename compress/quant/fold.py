@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from compress.quant import graph
-from compress.quant.layers import BATCHNORMS, QuantLayer
+from compress.quant.layers import BATCHNORMS, QuantLayer, follow_weight
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -33,8 +33,7 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
     else:
         conv.bias.copy_(new_bias)
     if isinstance(conv, QuantLayer) and conv.weight_quantizer.calibrated:
-        q = conv.weight_quantizer
-        q.set_amax(q.amax * factor.abs(), bool(q.nonneg))
+        follow_weight(conv)  # the range of the folded weight (also when the weight moved since its range was set)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

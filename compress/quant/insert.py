@@ -15,13 +15,13 @@ from torch import fx, nn
 from compress import structure
 from compress.errors import CompressError, DataError, first_line, parse_enum
 from compress.quant import attention, graph, sdpa
-from compress.quant.layers import QUANT_LAYERS, QuantLayer
+from compress.quant.layers import QUANT_LAYERS, QuantLayer, range_is_current
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import Target, activation_spec
 from compress.select import matches, select_names
 
 _TARGET_ATTR = "_compress_quant_target"
-_PRESERVED = "_user_preserved_attributes"  # GraphModule.__deepcopy__ sets meta[this] as attributes of the copy
+_PRESERVED = structure.PRESERVED
 
 
 class Attention(str, Enum):
@@ -223,10 +223,12 @@ def _apply(model: nn.Module, config: QuantConfig, where: str = "", example_input
     work.__dict__.update(settings)
     if isinstance(work, fx.GraphModule):  # copy.deepcopy rebuilds a GraphModule from its graph: keep them across it
         work.meta.setdefault(_PRESERVED, {}).update(settings)
-    if origin is not None:
-        if traced:  # a new model: its record must not leak into the float model's origin
-            structure.set_origin(work, copy.deepcopy(origin))
-        structure.record(work, "quant", QuantConfig(**{**config.__dict__, "sites": sites}).to_payload())
+    if origin is None:  # a model compress did not build: recorded all the same, so compress.save can rebuild it
+        structure.set_origin(work, structure.Origin(factory=""))
+    elif traced:  # a new model: its record must not leak into the float model's origin
+        structure.set_origin(work, copy.deepcopy(origin))
+    structure.record(work, "quant", QuantConfig(**{**config.__dict__, "sites": sites}).to_payload())
+    structure.enforce(work)  # layers the rewrite made (split attention projections) keep e.g. their 2:4 masks
     return work
 
 
@@ -418,7 +420,12 @@ def uncalibrated(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def refresh_weight_amax(model: nn.Module) -> None:
-    """Per-output-channel max of |weight| into every weight quantizer (weights change during QAT)."""
+    """Per-output-channel max of |weight| into every weight quantizer, now (each layer also does it itself at its
+    next forward once its weight changed: see :mod:`compress.quant.layers`).
+
+    Raises:
+        DataError: a weight holds NaN or Inf.
+    """
     for name, layer in quant_layers(model):
         q = layer.weight_quantizer
         w = layer.weight.detach()
@@ -427,3 +434,4 @@ def refresh_weight_amax(model: nn.Module) -> None:
         if not bool(torch.isfinite(amax).all()):
             raise DataError(f"{name}.weight contains NaN or Inf (did training diverge? try a lower lr)")
         q.set_amax(amax)
+        range_is_current(layer)

@@ -4,6 +4,16 @@ They keep the float layer's parameters (state_dicts load, ``isinstance(m, nn.Con
 add ``input_quantizer`` / ``weight_quantizer`` submodules. ``input_quantizer`` is an
 ``nn.Identity`` when the target quantizes the input elsewhere (once per tensor, see
 :mod:`compress.quant.graph`).
+
+A weight quantizer's range is always max |w| per output channel of the weight as it is now (calibration
+sets exactly that): :meth:`QuantLayer.quantized_weight` recomputes it whenever the weight changed since
+the range was set (an optimizer step, ``load_state_dict``, a deep copy). QAT in a user's own loop, with
+any optimizer, therefore needs no callback and no per-step call. Why automatic rather than a documented
+``compress.qat.step(model)`` after each step: the range is a pure function of the weights, so computing
+it where it is used cannot disagree with any loop (gradient accumulation, DDP, a step skipped by AMP's
+scaler), while a per-step call is one more line every loop must get right and silently drifts when
+forgotten. The check costs one version-counter compare per layer and forward; the recompute (one
+``amax`` over the weight, no host sync) runs once per step.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.eager import changed_since, outside_trace, stamp
 from compress.quant.quantizer import TensorQuantizer
 from compress.quant.spec import QuantSpec
 
@@ -41,20 +52,45 @@ class QuantLayer:
         )
         return new
 
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight, its range first brought up to date if the weight changed (see the module doc)."""
+        if changed_since(self.weight, self.__dict__.get(_RANGE_OF)):
+            follow_weight(self)
+        return self.weight_quantizer(self.weight)
+
+
+_RANGE_OF = "_compress_weight_range_of"  # the (id, version) stamp of the weight the range was computed from
+
+
+def range_is_current(layer: QuantLayer) -> None:
+    """Record that ``layer``'s weight range was just set from its weight as it is now."""
+    layer.__dict__[_RANGE_OF] = stamp(layer.weight)
+
+
+def follow_weight(layer: QuantLayer) -> None:
+    """Set the weight quantizer's per-channel range to max |w| (an all-zero channel gets 1, as ``set_amax``
+    gives it), without a host sync; outside any ONNX trace."""
+    q = layer.weight_quantizer
+    with outside_trace():
+        w = layer.weight.detach()
+        amax = w.abs().amax(dim=[d for d in range(w.ndim) if d != q.spec.axis]).float()
+        q.amax.copy_(torch.where(amax > 0, amax, torch.ones_like(amax)).reshape(q.amax.shape))
+    range_is_current(layer)
+
 
 class QuantConv1d(nn.Conv1d, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 class QuantConv3d(nn.Conv3d, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 class QuantConvTranspose2d(nn.ConvTranspose2d, QuantLayer):
@@ -65,14 +101,14 @@ class QuantConvTranspose2d(nn.ConvTranspose2d, QuantLayer):
             x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2, list(self.dilation)
         )
         return F.conv_transpose2d(
-            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias, self.stride, self.padding,
+            self.input_quantizer(x), self.quantized_weight(), self.bias, self.stride, self.padding,
             output_padding, self.groups, self.dilation,
         )
 
 
 class QuantLinear(nn.Linear, QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

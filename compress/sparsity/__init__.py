@@ -1,11 +1,11 @@
 """2:4 structured sparsity: magnitude masks along the input dimension, channel permutation, verification.
 
-    sparse = compress.sparsity.apply_2to4(model, optimizer, example_input=x[:1], permute=True)
-    ...train as usual: the masks are re-applied after every optimizer.step()...
+    sparse = compress.sparsity.apply_2to4(model, example_input=x[:1], permute=True)
+    ...train as usual, with any optimizer: the model's sparse layers keep their masks themselves...
     compress.sparsity.verify_onnx("model.onnx").sparse_layers   # 2:4 after dequantization
 
-The ``sparsity`` recipe stage does the same, fine-tunes, and every later fine-tune (QAT, distill)
-keeps the masks; they are stored in compress checkpoints.
+The masks survive ``copy.deepcopy``, ``quant.prepare``, DDP and compress checkpoints (see
+:mod:`compress.sparsity.enforce`); ``compress.save``/``load`` refuse weights that break them.
 """
 
 from compress.sparsity.eligible import LayerSurvey, estimate, survey, why_ineligible

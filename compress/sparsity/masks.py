@@ -1,9 +1,10 @@
-"""2:4 masks that stay with the model: recorded in its origin, re-applied after every optimizer step.
+"""2:4 masks that stay with the model: recorded in its origin, enforced by the model's own layers.
 
 The masks live in the model's structure record (one uint8 code per group of 4 weights), so they
-follow the model through deep copies, quantizer insertion and compress checkpoints. Any later
-``compress.finetune`` of the model re-applies them after each step (see :func:`mask_callback`), and
-:func:`apply_2to4` hooks a user's own optimizer the same way.
+follow the model through deep copies, quantizer insertion and compress checkpoints. Each sparse layer
+carries a forward pre-hook that keeps its mask (:mod:`compress.sparsity.enforce`), so any optimizer and
+any training loop keep the 2:4 pattern; ``compress.save`` and ``compress.load`` both refuse weights that
+break it (:func:`check_weights`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from compress import structure
 from compress.callbacks import Callback, TrainState
 from compress.errors import CheckpointError, CompressError
 from compress.inputs import move_inputs
-from compress.sparsity import eligible, targets
+from compress.sparsity import eligible, enforce, targets
 from compress.sparsity.pattern import PATTERN, decode, encode, mask_2to4, retained
 
 KIND = "sparsity"
@@ -49,6 +50,7 @@ class SparseMasks:
     def __init__(self, model: nn.Module) -> None:
         self.weights: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
+        self.bindings: dict[str, targets.Binding] = {}
         origin = structure.origin_of(model)
         for entry in origin.structure if origin else []:
             if entry.get("kind") != KIND:
@@ -62,7 +64,7 @@ class SparseMasks:
                     raise CompressError(f"sparsity: the 2:4 mask of layer '{name}' no longer fits it ({exc}); "
                                         "was the model pruned or resized after sparsity?") from None
                 for b in bindings:
-                    self.masks[b.name], self.weights[b.name] = mask[b.rows], b.weight
+                    self.masks[b.name], self.weights[b.name], self.bindings[b.name] = mask[b.rows], b.weight, b
 
     def __bool__(self) -> bool:
         return bool(self.masks)
@@ -115,15 +117,30 @@ def _rebuild(model: nn.Module, payload: MaskRecord) -> nn.Module:
     return model
 
 
+@structure.register_enforce(KIND)
+def keep_masks(model: nn.Module) -> None:
+    """Put a mask-keeping forward pre-hook on every sparse layer of ``model`` (see :mod:`compress.sparsity.enforce`).
+
+    Raises:
+        CompressError: a recorded layer is gone or its weight changed shape.
+    """
+    masks = SparseMasks(model)
+    enforce.install(model, {name: (masks.bindings[name], mask) for name, mask in masks.masks.items()})
+
+
 @structure.register_verify(KIND)
 @torch.no_grad()
 def check_weights(model: nn.Module, source: str) -> None:
-    """After loading a checkpoint: every weight its masks zero must be zero.
+    """Before saving and after loading a checkpoint: every weight its masks zero must be zero.
 
     Raises:
-        CheckpointError: the weights and masks disagree (a checkpoint edited or written by other code).
+        CheckpointError: the weights and masks disagree (weights written past the model's mask hooks, e.g.
+            through ``.data``, or a checkpoint edited or written by other code).
     """
-    masks = SparseMasks(model)
+    try:
+        masks = SparseMasks(model)
+    except CompressError as exc:  # a mask that no longer fits its layer
+        raise CheckpointError(f"checkpoint {source}: {exc}") from None
     for name, weight in masks.weights.items():
         if bool((weight[~masks.masks[name].to(weight.device)] != 0).any()):
             raise CheckpointError(f"checkpoint {source}: layer '{name}' has nonzero weights where its 2:4 mask is "
@@ -218,13 +235,15 @@ def apply_2to4(
     """Make ``model``'s eligible Conv/Linear weights 2:4 sparse in place and keep them so.
 
     Keeps the 2 largest |w| of every 4 consecutive input-channel weights (per output channel and
-    kernel position for convs). The masks are recorded on the model, so ``compress.finetune``, later
-    stages and ``compress.save``/``load`` keep them; with ``optimizer`` they are also re-applied after
-    each of its steps in a plain training loop.
+    kernel position for convs). The masks are recorded on the model and each sparse layer keeps its own
+    (:mod:`compress.sparsity.enforce`), so any optimizer, training loop, ``copy.deepcopy``,
+    ``quant.prepare``, DDP, later stages and ``compress.save``/``load``/``restore`` keep them.
 
     Args:
         model: a float model (sparsify before quantizing).
-        optimizer: hooked so every ``optimizer.step()`` re-applies the masks.
+        optimizer: only for an optimizer that already holds state from dense training (momentum, Adam
+            moments, which would move masked weights): hooked so every ``optimizer.step()`` re-applies the
+            masks, and its state is reordered with ``permute``. A new optimizer needs nothing.
         example_input: a batch the model accepts: needed for ``permute`` and for the MACs estimate.
         permute: reorder channels first (through their producers) so the masks keep more magnitude.
         include/exclude: layer-name patterns.
@@ -235,8 +254,9 @@ def apply_2to4(
 
     Example::
 
-        sparse = compress.sparsity.apply_2to4(model, optimizer, example_input=x[:1], permute=True)
-        for x, y in loader:                        # masks are re-applied after each optimizer.step()
+        sparse = compress.sparsity.apply_2to4(model, example_input=x[:1], permute=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)   # any optimizer: the layers keep their masks
+        for x, y in loader:
             loss = F.cross_entropy(model(x), y); optimizer.zero_grad(); loss.backward(); optimizer.step()
     """
     from compress import quant
@@ -276,6 +296,7 @@ def apply_2to4(
         with torch.no_grad():
             weight.mul_(mask.to(weight.device))
     record(model, masks)
+    keep_masks(model)
     if optimizer is not None:
         result._hooks.append(optimizer.register_step_post_hook(lambda *_args: result.apply()))
     return result

@@ -88,6 +88,7 @@ def stage_finetune(
             device=ctx.device,
             progress=ctx.progress,
             desc=ctx.spec.dirname,
+            reshard=True,  # seeded global batches: DDP equals one process, distillation caches key on indices
             output=ctx.metric_output,
         )
     finally:

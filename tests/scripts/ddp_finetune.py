@@ -32,7 +32,8 @@ if distill:
 train = build_loader(DigitsData(source="digits", split="train", batch_size=64), "train", train=True)
 test = build_loader(DigitsData(source="digits", split="test", batch_size=256), "eval")
 config = FinetuneConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=0.0, seed=0, keep_best=False)
-result = finetune(model, train, config, callbacks=callbacks, progress=False)
+# reshard: seeded global batches split across processes, so 2 processes see exactly the 1-process batches
+result = finetune(model, train, config, callbacks=callbacks, progress=False, reshard=True)
 if distill:
     extra = {f"projection.{k}": v for k, v in kd.projections.state_dict().items()}
     extra["kd_loss"] = torch.tensor(result.history[-1]["kd_loss"])

@@ -69,10 +69,16 @@ def test_masks_are_reapplied_to_the_split_projections_after_a_step() -> None:
 def test_a_packed_mask_that_does_not_fit_the_attention_is_refused_in_one_line(tmp_path) -> None:
     model = _vit()
     sparsity.apply_2to4(model, example_input=torch.randn(1, 3, 32, 32), include=["*in_proj_weight"])
-    entry = structure.origin_of(model).structure[-1]
-    layers = entry["payload"]["layers"]
-    layers[f"{ATTN.format(0)}.in_proj_weight"] = layers.pop(f"{ATTN.format(0)}.in_proj_weight")[:-1]
     compress.save(model, tmp_path / "bad.pt", factory=FACTORY, kwargs=KWARGS)
+    saved = torch.load(tmp_path / "bad.pt", weights_only=True)
+    layers = saved["structure"][-1]["payload"]["layers"]
+    layers[f"{ATTN.format(0)}.in_proj_weight"] = layers.pop(f"{ATTN.format(0)}.in_proj_weight")[:-1]
+    torch.save(saved, tmp_path / "bad.pt")  # a file edited by other code (structure is not in the weights' digest)
+    layers = structure.origin_of(model).structure[-1]["payload"]["layers"]
+    layers[f"{ATTN.format(0)}.in_proj_weight"] = layers.pop(f"{ATTN.format(0)}.in_proj_weight")[:-1]
+    with pytest.raises(CheckpointError, match="no longer fits") as err:  # save never writes what load refuses
+        compress.save(model, tmp_path / "bad2.pt", factory=FACTORY, kwargs=KWARGS)
+    assert "\n" not in str(err.value) and not (tmp_path / "bad2.pt").exists()
     with pytest.raises(CheckpointError) as err:
         compress.load(tmp_path / "bad.pt")
     message = str(err.value)

@@ -8,6 +8,7 @@ from typing import Any
 
 from compress import io
 from compress.recipe import Recipe
+from compress.report_latency import LATENCY_PLOT, latency_section, plot_latency
 
 PLOT_NAME = "report_accuracy_vs_size.png"
 BUDGET_PLOT = "report_budget.png"  # written when a stage searched an accuracy budget
@@ -268,6 +269,7 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += _warnings(doc["stages"])
     lines += _pruning(doc["stages"])
+    lines += latency_section(doc["stages"])
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
     lines += _calibration(doc["stages"])
@@ -425,4 +427,5 @@ def write(run_dir: Path, doc: dict[str, Any]) -> None:
     io.write_json(run_dir / "report.json", doc)
     plot(doc, run_dir / PLOT_NAME)
     plot_budget(doc, run_dir / BUDGET_PLOT)
+    plot_latency(doc, run_dir / LATENCY_PLOT)
     io.write_text(run_dir / "report.md", markdown(doc))

@@ -113,6 +113,7 @@ def test_channel_multiples_follow_the_engine() -> None:
     assert engine_multiple(Backend.onnxruntime, int8=True) == ort_block_size()
 
 
+@pytest.mark.slow
 def test_the_api_prunes_to_a_measured_latency_on_onnx_runtime(tmp_path) -> None:
     model, x = _resnet(), torch.randn(2, 3, 32, 32)
     macs0 = count_macs(model, x)
@@ -130,8 +131,9 @@ def test_the_api_prunes_to_a_measured_latency_on_onnx_runtime(tmp_path) -> None:
     assert count_macs(model, x) == chosen.macs  # the model is the chosen candidate
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c % ort_block_size() == 0 for c in convs)
-    # met is the stated rule, whatever the load: the median within half the runs' IQR of the target
-    assert found.met == (chosen.timing.ratio <= 0.6 + chosen.timing.noise)
+    # reachable (resnet18 at half its channels runs in about a third of the time), and met by the stated rule:
+    # the median within half the runs' IQR of the target, however loaded the machine
+    assert found.met and chosen.timing.ratio <= 0.6 + chosen.timing.noise
     assert not list(tmp_path.iterdir())  # the candidates' files are gone
 
 
@@ -217,9 +219,11 @@ stages:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ptq", [False, True], ids=["fp32", "int8"])
-def test_a_recipe_prunes_resnet18_to_a_latency_target_and_reports_the_search(ptq, write_recipe, cli, tmp_path) -> None:
-    recipe = write_recipe(RESNET_RECIPE.format(ptq="  - ptq: {limit: 64}\n" if ptq else ""))
+def test_a_recipe_prunes_resnet18_to_a_latency_target_on_int8_engines_and_reports_the_search(write_recipe, cli,
+                                                                                           tmp_path) -> None:
+    """A ptq stage follows: candidates are timed as INT8 engines (the FP32 path: the API test above)."""
+    ptq = True
+    recipe = write_recipe(RESNET_RECIPE.format(ptq="  - ptq: {limit: 64}\n"))
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "--quiet").code == 0
     report = read_report(out)

@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,8 @@ from compress.profile import count_macs
 from compress.prune import graph, heads, plan
 from compress.prune.engine_timer import Engine
 from compress.prune.latency_search import LatencySearch  # noqa: F401  (the record channels() returns)
-from compress.prune.latency_target import LatencyTarget, engine_multiple, latency_target, unavailable
-from compress.prune.to_latency import resolve_engine, search_latency
+from compress.prune.latency_target import LatencyTarget, engine_multiple, latency_target
+from compress.prune.to_latency import api_engine, search_latency
 from compress.prune.unstructured import Scope, check_ratio, weighted_layers
 from compress.select import select_names
 
@@ -472,7 +472,7 @@ def channels(
     if head_pruning_ratio is not None:
         check_ratio(head_pruning_ratio, where, "head_pruning_ratio")
     target = latency_target(latency, f"{where}.latency") if latency is not None else None
-    timed = _api_engine(target, engine, where) if target is not None else None
+    timed = api_engine(target, engine, where) if target is not None else None
     if round_to is None:
         round_to = DEFAULT_ROUND_TO if timed is None else engine_multiple(timed.backend, timed.int8 is not None)
     options = ChannelOptions(parse_enum(Importance, importance, f"{where}.importance"),
@@ -496,21 +496,6 @@ def channels(
         pruner.prune(float(ratio))  # type: ignore[arg-type]
     pruner.finish()
     return model
-
-
-def _api_engine(latency: LatencyTarget, engine: Engine | OnnxRuntimeEngine | TensorRTEngine | None,
-                where: str) -> Engine:
-    """The engine the API times on: an :class:`Engine` as given (with ``latency``'s backend and threads
-    checked against it), or one resolved from the export engine options."""
-    if not isinstance(engine, Engine):
-        return resolve_engine(latency, engine, None, where, "engine")
-    if latency.backend is not None and latency.backend is not engine.backend:
-        raise CompressError(f"{where}.latency.backend: is {latency.backend.value} but engine.backend is "
-                            f"{engine.backend.value}")
-    why = unavailable(engine.backend)
-    if why is not None:
-        raise CompressError(f"{where}.engine.backend: {engine.backend.value} cannot run here: {why}")
-    return replace(engine, threads=latency.threads) if latency.threads is not None else engine
 
 
 def has_attention(model: nn.Module) -> bool:

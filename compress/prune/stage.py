@@ -120,7 +120,7 @@ def _round_to(config: PruneConfig, ctx: StageContext) -> int:
     if config.round_to is not None:
         return config.round_to
     if config.latency is not None:
-        return default_round_to(config.latency, _deployed(ctx)[0], _quantized_later(ctx))
+        return default_round_to(config.latency, _deployed(ctx)[0], _quantized_later(ctx) is not False)
     return DEFAULT_ROUND_TO
 
 

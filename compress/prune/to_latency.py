@@ -7,6 +7,7 @@ Shared by the ``prune`` stage and ``compress.prune.channels(..., latency=...)``;
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +65,21 @@ def resolve_engine(latency: LatencyTarget, deployed: OnnxRuntimeEngine | TensorR
     if deployed is not None and deployed.backend == backend.value:
         settings |= {"precision": deployed.precision, "keep_fp32": tuple(deployed.keep_fp32)}
     return Engine(**settings)
+
+
+def api_engine(latency: LatencyTarget, engine: Engine | OnnxRuntimeEngine | TensorRTEngine | None,
+                where: str) -> Engine:
+    """The engine the API times on: an :class:`Engine` as given (with ``latency``'s backend and threads
+    checked against it), or one resolved from the export engine options."""
+    if not isinstance(engine, Engine):
+        return resolve_engine(latency, engine, None, where, "engine")
+    if latency.backend is not None and latency.backend is not engine.backend:
+        raise CompressError(f"{where}.latency.backend: is {latency.backend.value} but engine.backend is "
+                            f"{engine.backend.value}")
+    why = unavailable(engine.backend)
+    if why is not None:
+        raise CompressError(f"{where}.engine.backend: {engine.backend.value} cannot run here: {why}")
+    return replace(engine, threads=latency.threads) if latency.threads is not None else engine
 
 
 def search_latency(pruner: Pruner, latency: LatencyTarget, engine: Engine, workdir: Path,

@@ -23,7 +23,9 @@ from torch import nn
 
 MAX_RATIO = 0.99  # the pruners' bound: a ratio must be < 1
 _MACS_EXPONENT = 2.0  # MACs ~ (1 - ratio)^2: a layer's input and output channels both shrink
-_RETRIES = 8  # ratios that cannot be built (a layer would lose every channel) tried before giving up
+# ratios tried for one candidate before giving up: ones that cannot be built (a layer would lose every channel) or
+# that repeat a timed candidate's channel counts (cheap: a pruned copy and a MACs count each, nothing timed)
+_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -184,35 +186,39 @@ def _propose(lo: _Point, hi: _Point | None, target: float, u_max: float) -> floa
 
 def search(build: Callable[[float], Probe | None], time: Callable[[nn.Module], Timing], target: float,
            candidates: int, macs_before: int, params_before: int, *, max_ratio: float = MAX_RATIO) -> LatencySearch:
-    """Time exactly ``candidates`` pruned copies (fewer only when the search cannot place a new one) and keep
-    the least pruned that meets ``target`` within its measured noise, else the fastest.
+    """Time exactly ``candidates`` pruned copies, each with channel counts of its own (fewer only when no ratio
+    left in the bracket gives new counts, or the most pruning possible is still too slow), and keep the least
+    pruned at or below ``target``, else the fastest (:attr:`LatencySearch.chosen`).
 
     ``build(ratio)`` returns a pruned copy, or None when that ratio cannot be built (too far).
     """
     result = LatencySearch(target, candidates, macs_before, params_before)
     lo, hi = _Point(0.0, 1.0), None
     u_max = _u(max_ratio)
-    timed_macs: dict[int, int] = {}  # MACs -> candidate index: equal MACs, equal channel counts
+    timed: dict[int, tuple[int, float]] = {}  # MACs -> (candidate, u): equal MACs, equal channel counts
     while len(result.candidates) < candidates:
         if hi is None and lo.u >= u_max:
             result.stopped = f"the most pruning possible (ratio {_ratio(u_max):.3f}) is slower than the target"
             break
-        u, probe = _propose(lo, hi, target, u_max), None
+        u, probe, why = _propose(lo, hi, target, u_max), None, ""
         for _ in range(_RETRIES):
             probe = build(_ratio(u))
-            if probe is not None:
+            if probe is None:  # too far: every channel of a layer would go; halve the step
+                u_max = u = lo.u + (u - lo.u) / 2
+                why = f"no ratio above {_ratio(lo.u):.3f} can be pruned to"
+            elif probe.macs in timed:  # a timed candidate's channel counts: halfway to the other end of the bracket
+                index, seen = timed[probe.macs]
+                why = (f"the next ratio ({_ratio(u):.3f}) prunes to the same channel counts as candidate {index}: "
+                       "the search has converged at this rounding")
+                u, probe = ((lo.u + u) / 2 if seen >= u else (u + (hi.u if hi is not None else u_max)) / 2), None
+            else:
                 break
-            u_max = u = lo.u + (u - lo.u) / 2  # too far: every channel of a layer would go; halve the step
         if probe is None:
-            result.stopped = f"no ratio above {_ratio(lo.u):.3f} can be pruned to"
-            break
-        if probe.macs in timed_macs:
-            result.stopped = (f"the next ratio ({_ratio(u):.3f}) prunes to the same channel counts as candidate "
-                              f"{timed_macs[probe.macs]}: the search has converged at this rounding")
+            result.stopped = why
             break
         timing = time(probe.model)
         index = len(result.candidates)
-        timed_macs[probe.macs] = index
+        timed[probe.macs] = (index, u)
         result.candidates.append(Candidate(index, _ratio(u), probe.macs, probe.params,
                                            macs_before / max(probe.macs, 1), timing,
                                            met=timing.ratio <= target + timing.noise))

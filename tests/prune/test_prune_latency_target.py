@@ -63,6 +63,7 @@ def test_the_search_times_exactly_the_candidates_it_is_given_and_meets_a_reachab
     found = search(_build(pruner), _timer(pruner, floor=0.1), 0.5, candidates, pruner.macs_before,
                    count_params(pruner.model))
     assert len(found.candidates) == candidates and found.stopped is None
+    assert len({c.macs for c in found.candidates}) == candidates  # each with channel counts of its own
     assert found.candidates[0].ratio == pytest.approx(first_ratio(0.5)) == pytest.approx(1 - math.sqrt(0.5))
     assert pruner.macs_before == count_macs(pruner.model, pruner.example)  # candidates are copies
     if candidates > 1:  # latency ~ MACs overestimates the gain of the first guess at a 10% floor: then bracketed
@@ -105,6 +106,7 @@ def test_an_unreachable_target_stops_at_the_most_pruning_and_keeps_the_closest()
     assert not found.met and 1 <= len(found.candidates) <= 8
     assert found.stopped is not None  # the most pruning possible timed, or the same channel counts proposed again
     assert found.chosen.timing.ratio == min(c.timing.ratio for c in found.candidates) > 0.5
+    assert len({c.macs for c in found.candidates}) == len(found.candidates)  # never the same channel counts twice
 
 
 def test_channel_multiples_follow_the_engine() -> None:

@@ -68,6 +68,8 @@ class LatencyCheck(Strict):
     seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
 
 
+# A met latency target reached below this share of the target is worth saying (coarse channel steps).
+OVERSHOOT_LATENCY = 0.8
 _CHANNEL_ONLY = ("macs_reduction", "latency", "importance", "round_to", "steps", "latency_check", "prune_num_heads",
                  "prune_head_dims", "head_pruning_ratio")
 _L1_ONLY = ("schedule",)
@@ -257,11 +259,25 @@ def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.E
     found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"], attention="attention" in info) \
         if config.macs_reduction is not None else None
     search = info.get("latency")
-    missed = [] if search is None or search["met"] else [
-        f"latency target {search['target']:g} not met: the closest candidate ({search['chosen']}) runs at "
-        f"x{search['latency_ratio']:.3f} of the unpruned engine (runs {search['spread'][0]:.3f}-"
-        f"{search['spread'][1]:.3f}, {search['gap']:+.3f}); kept it. {search['stopped'] or ''}".rstrip()]
-    return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"]) + missed
+    return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"]) + \
+        (_latency_warnings(search, config) if search is not None else [])
+
+
+def _latency_warnings(search: dict[str, Any], config: PruneConfig) -> list[str]:
+    """A target not met (how close it came), or met far past the target because channel steps are coarse."""
+    if not search["met"]:
+        return [f"latency target {search['target']:g} not met: the closest candidate ({search['chosen']}) runs at "
+                f"x{search['latency_ratio']:.3f} of the unpruned engine (runs {search['spread'][0]:.3f}-"
+                f"{search['spread'][1]:.3f}, {search['gap']:+.3f}); kept it. {search['stopped'] or ''}".rstrip()]
+    slower = [c for c in search["path"] if c["latency_ratio"] > search["target"]]
+    if search["latency_ratio"] >= search["target"] * OVERSHOOT_LATENCY or not slower:
+        return []
+    step = min(slower, key=lambda c: c["latency_ratio"])
+    finer = "scope: global" if config.scope is Scope.local else "a smaller round_to"
+    return [f"latency target {search['target']:g}: the chosen candidate runs at x{search['latency_ratio']:.3f}, well "
+            f"past the target (MACs / {search['macs_reduction']:.2f}); the closest less pruned one ran "
+            f"x{step['latency_ratio']:.3f} (MACs / {step['macs_reduction']:.2f}): channel steps are coarse here "
+            f"(round_to: {search['engine']['round_to']}); {finer} gives finer ones"]
 
 
 def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:

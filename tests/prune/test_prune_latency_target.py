@@ -100,6 +100,20 @@ def test_a_result_within_the_measured_noise_counts_as_met_and_one_beyond_it_does
                                f"x{report['latency_ratio']:.3f} of the unpruned engine")
 
 
+def test_a_target_met_far_past_through_a_coarse_step_says_so() -> None:
+    path = [{"candidate": 0, "latency_ratio": 0.675, "macs_reduction": 1.73},
+            {"candidate": 1, "latency_ratio": 0.332, "macs_reduction": 3.83}]
+    search = {"target": 0.5, "met": True, "chosen": 1, "latency_ratio": 0.332, "macs_reduction": 3.83,
+              "engine": {"round_to": 16}, "path": path}
+    config = compress.prune.stage.PruneConfig(method="channel", latency={"target": 0.5})
+    (line,) = _warnings({"macs_reduction": 3.83, "round_to": 16, "latency": search}, config, [])
+    assert line == ("latency target 0.5: the chosen candidate runs at x0.332, well past the target (MACs / 3.83); the "
+                    "closest less pruned one ran x0.675 (MACs / 1.73): channel steps are coarse here (round_to: 16); "
+                    "scope: global gives finer ones")
+    near = search | {"chosen": 0, "latency_ratio": 0.45, "path": [path[0], path[1] | {"latency_ratio": 0.45}]}
+    assert _warnings({"macs_reduction": 3.83, "round_to": 16, "latency": near}, config, []) == []  # within 0.8x
+
+
 def test_an_unreachable_target_stops_at_the_most_pruning_and_keeps_the_closest() -> None:
     pruner = _pruner(round_to=16)
     found = search(_build(pruner), _timer(pruner, floor=0.7), 0.5, 8, pruner.macs_before, 0)

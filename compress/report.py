@@ -9,6 +9,7 @@ from typing import Any
 
 from compress import io
 from compress.recipe import Recipe
+from compress.report_latency import LATENCY_PLOT, latency_section, plot_latency
 
 PLOT_NAME = "report_tradeoff.png"  # accuracy vs engine latency and size
 BUDGET_PLOT = "report_budget.png"  # written when a stage searched an accuracy budget
@@ -284,6 +285,7 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += _warnings(doc["stages"])
     lines += _pruning(doc["stages"])
+    lines += latency_section(doc["stages"])
     lines += _distillation(doc["stages"])
     lines += _sparsity(doc["stages"], metric)
     lines += _calibration(doc["stages"])
@@ -534,8 +536,9 @@ def write(run_dir: Path, doc: dict[str, Any]) -> None:
     if _have_matplotlib():
         plot(doc, run_dir / PLOT_NAME)
         plot_budget(doc, run_dir / BUDGET_PLOT)
+        plot_latency(doc, run_dir / LATENCY_PLOT)
     else:
         logging.getLogger("compress").warning("report: %s", PLOTS_MISSING)
         text = "\n".join(f"_{PLOTS_MISSING}._" if line.startswith("![") and line.endswith((f"({PLOT_NAME})",
-                          f"({BUDGET_PLOT})")) else line for line in text.split("\n"))
+                          f"({BUDGET_PLOT})", f"({LATENCY_PLOT})")) else line for line in text.split("\n"))
     io.write_text(run_dir / "report.md", text)

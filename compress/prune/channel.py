@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +25,15 @@ from torch import nn
 
 from compress import structure
 from compress.errors import CompressError, first_line, parse_enum
+from compress.export.options import OnnxRuntimeEngine, TensorRTEngine
 from compress.inputs import call_model, move_inputs
 from compress.outputs import named
 from compress.profile import count_macs
 from compress.prune import graph, heads, plan
+from compress.prune.engine_timer import Engine
+from compress.prune.latency_search import LatencySearch  # noqa: F401  (the record channels() returns)
+from compress.prune.latency_target import LatencyTarget, engine_multiple, latency_target
+from compress.prune.to_latency import api_engine, search_latency
 from compress.prune.unstructured import Scope, check_ratio, weighted_layers
 from compress.select import select_names
 
@@ -198,6 +206,29 @@ class ChannelPruner:
             if finer is not None and target >= finer > reached:
                 return rest, self.prune(rest, low)
         return high, self.prune(high)
+
+    def pruned_copy(self, ratio: float) -> nn.Module | None:
+        """A copy of the model pruned at ``ratio`` (the model itself unchanged), or None when that ratio would
+        remove every channel of a layer (scope ``global``): a latency search's candidate.
+
+        Raises:
+            CompressError: pruning breaks the forward or a layer cannot be pruned (naming the layer).
+        """
+        check_ratio(ratio, self.where)
+        probe = copy.deepcopy(self.model)
+        try:
+            changed = self._prune(probe, ratio, dict(self.initial), {})
+        except _TooFar:
+            return None
+        except CompressError:
+            raise
+        except Exception:  # raise what prune() would say, naming the layer (the model is restored)
+            self.prune(ratio)
+            raise
+        failure = self._forward_failure(probe)
+        if failure is not None:
+            raise self._localised(ratio, failure, list(changed))
+        return probe
 
     def _has_attention(self) -> bool:
         return has_attention(self.model)
@@ -377,6 +408,9 @@ def channels(
     ratio: float | None = None,
     *,
     macs_reduction: float | None = None,
+    latency: LatencyTarget | Mapping[str, Any] | float | None = None,
+    engine: Engine | OnnxRuntimeEngine | TensorRTEngine | None = None,
+    workdir: str | os.PathLike[str] | None = None,
     importance: Importance | str = Importance.l1,
     scope: Scope | str = Scope.local,
     round_to: int | None = None,
@@ -385,8 +419,9 @@ def channels(
     prune_num_heads: bool = False,
     prune_head_dims: bool = True,
     head_pruning_ratio: float | None = None,
-) -> nn.Module:
-    """Remove output channels of ``model`` in place, with everything that depends on them; returns it.
+) -> Any:
+    """Remove output channels of ``model`` in place, with everything that depends on them; returns it, or
+    with ``latency`` the search's record (:class:`LatencySearch`, the model as its ``model``).
 
     The model gets physically smaller (fewer filters, smaller BatchNorms and next-layer inputs), across
     residual adds, concatenations, depthwise/grouped convs and Linear heads. The layer producing the
@@ -397,10 +432,21 @@ def channels(
         ratio: fraction of each group's output channels to remove, in [0, 1). Removing 50% of the
             channels of a conv net cuts its MACs about 4x (inputs and outputs both halve).
         macs_reduction: instead of ``ratio``: target MACs(before) / MACs(after), e.g. 2.0.
+        latency: instead of ``ratio``: the pruned engine's latency over the unpruned one's, e.g. 0.5, or
+            :class:`LatencyTarget` (``target``, ``batch_size`` 8, ``backend``, ``threads``, ``candidates`` 6,
+            ``repeats`` 5, ``rounds`` 5). Exactly ``candidates`` pruned copies are exported, built into
+            engines and timed interleaved with the unpruned engine (fewer only when the search converges);
+            the least pruned one whose median ratio is at or below the target is kept, else the fastest
+            (met when within half the interquartile range of its runs; else the record says how close).
+        engine: how the deployed engine is built: :class:`Engine` (backend, threads, ONNX Runtime level,
+            precision, ``int8`` to time INT8 engines of calibrated copies) or the export stage's engine
+            options (``OnnxRuntimeEngine``/``TensorRTEngine``). Default: ONNX Runtime CPU, level ``all``.
+        workdir: where the candidates' files go while timed (default: the system's temporary folder).
         importance: ``l1`` (default), ``l2`` or ``bn_scale``.
         scope: ``local`` (each group loses ``ratio``) or ``global`` (one ranking across groups).
         round_to: keep a multiple of this many channels per layer (rounded up, never to 0); default
-            ``DEFAULT_ROUND_TO`` (8, what ONNX Runtime's CPU kernels and tensor cores want); 1: no rounding.
+            ``DEFAULT_ROUND_TO`` (8, what ONNX Runtime's CPU kernels and tensor cores want), with ``latency``
+            the timed engine's multiple (:func:`engine_multiple`); 1: no rounding.
         include/exclude: layer-name patterns of the layers whose output channels may go.
         prune_num_heads: in groups of attention heads (``nn.MultiheadAttention``, whose width is a ViT's
             embedding; Hugging Face and timm q/k/v projections), remove whole heads.
@@ -414,17 +460,32 @@ def channels(
         CompressError: bad ratio, patterns matching no layer, a model the tracer cannot follow, a
             layer that would lose every channel, or a forward that breaks after pruning.
     """
-    if (ratio is None) == (macs_reduction is None):
-        raise CompressError("prune.channels: give either ratio or macs_reduction")
+    where = "prune.channels"
+    given = [k for k, v in (("ratio", ratio), ("macs_reduction", macs_reduction), ("latency", latency)) if v is not None]
+    if len(given) != 1:
+        if "latency" in given:
+            raise CompressError(f"{where}.latency: cannot be combined with {given[0]}; the latency search chooses "
+                                "the ratio")
+        raise CompressError(f"{where}: give one of ratio, macs_reduction or latency")
     if round_to is not None and round_to < 1:
-        raise CompressError(f"prune.channels.round_to: {round_to} must be >= 1")
+        raise CompressError(f"{where}.round_to: {round_to} must be >= 1")
     if head_pruning_ratio is not None:
-        check_ratio(head_pruning_ratio, "prune.channels", "head_pruning_ratio")
-    options = ChannelOptions(parse_enum(Importance, importance, "prune.channels.importance"),
-                             parse_enum(Scope, scope, "prune.channels.scope"),
-                             DEFAULT_ROUND_TO if round_to is None else round_to, tuple(include), tuple(exclude),
+        check_ratio(head_pruning_ratio, where, "head_pruning_ratio")
+    target = latency_target(latency, f"{where}.latency") if latency is not None else None
+    timed = api_engine(target, engine, where) if target is not None else None
+    if round_to is None:
+        round_to = DEFAULT_ROUND_TO if timed is None else engine_multiple(timed.backend, timed.int8 is not None)
+    options = ChannelOptions(parse_enum(Importance, importance, f"{where}.importance"),
+                             parse_enum(Scope, scope, f"{where}.scope"), round_to, tuple(include), tuple(exclude),
                              heads.HeadOptions(prune_num_heads, prune_head_dims, head_pruning_ratio))
-    pruner = ChannelPruner(model, example_input, options, where="prune.channels")
+    pruner = ChannelPruner(model, example_input, options, where=where)
+    if target is not None and timed is not None:
+        folder = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
+        found = search_latency(pruner, target, timed, folder, round_to)
+        pruner.prune(found.chosen.ratio)  # type: ignore[union-attr]  (a search times at least one candidate)
+        pruner.finish()
+        found.model = model
+        return found
     if macs_reduction is not None:
         pruner.prune_to_macs(macs_reduction)
         achieved = pruner.macs_before / max(count_macs(model, pruner.example), 1)

@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.config import Strict
 from compress.errors import CompressError
+from compress.export.options import BACKENDS, OnnxRuntimeEngine, TensorRTEngine
 from compress.inputs import move_inputs
 from compress.models import count_params
 from compress.profile import count_macs
@@ -26,14 +27,20 @@ from compress.prune.channel import (
     has_attention,
     overshoot,
 )
+from compress.prune.engine_timer import Int8
 from compress.prune.heads import HeadOptions
+from compress.prune.latency_search import LatencySearch, first_ratio
+from compress.prune.latency_target import LatencyTarget
 from compress.prune.schedule import Curve, Schedule
+from compress.prune.to_latency import default_round_to, resolve_engine, search_latency
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
+from compress.quant.spec import Target
 from compress.select import select_names
 from compress.stages.context import StageContext, StageResult
 from compress.stages.finetune import StageFinetune, stage_finetune
-from compress.stages.order import quantized_before, refuse_after_sparsity
-from compress.stages.registry import Effect, register
+from compress.stages.order import effects, quantized_before, refuse_after_sparsity
+from compress.stages.quantize import QuantOptions, calibration_split, export_target
+from compress.stages.registry import Effect, register, stage_types
 from compress.train import is_main_process
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]
@@ -61,7 +68,9 @@ class LatencyCheck(Strict):
     seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0  # timing budget over all batch sizes (at least 10 rounds each)
 
 
-_CHANNEL_ONLY = ("macs_reduction", "importance", "round_to", "steps", "latency_check", "prune_num_heads",
+# A met latency target reached below this share of the target is worth saying (coarse channel steps).
+OVERSHOOT_LATENCY = 0.8
+_CHANNEL_ONLY = ("macs_reduction", "latency", "importance", "round_to", "steps", "latency_check", "prune_num_heads",
                  "prune_head_dims", "head_pruning_ratio")
 _L1_ONLY = ("schedule",)
 
@@ -70,10 +79,12 @@ class PruneConfig(Strict):
     method: Method
     ratio: Ratio | None = None  # channel: fraction of each group's channels; l1: of the weights
     macs_reduction: Annotated[float, Field(gt=1)] | None = None  # channel: MACs before / after, instead of ratio
+    latency: LatencyTarget | None = None  # channel: engine latency after / before, instead of ratio (searched)
     schedule: ScheduleConfig | None = None  # l1: gradual pruning across the fine-tune, instead of ratio
     importance: Importance = Importance.l1
     scope: Scope = Scope.local
-    round_to: Annotated[int, Field(ge=1)] | None = None  # channel: None = DEFAULT_ROUND_TO (8); 1 = no rounding
+    # channel: None = DEFAULT_ROUND_TO (8), with latency the timed engine's multiple; 1 = no rounding
+    round_to: Annotated[int, Field(ge=1)] | None = None
     latency_check: bool | LatencyCheck = True  # channel: engine latency before/after (false: skip, faster)
     steps: Annotated[int, Field(ge=1)] = 1  # channel: prune in this many steps, fine-tuning after each
     # channel, attention heads (nn.MultiheadAttention, Hugging Face, timm; Torch-Pruning's names): go head-wise
@@ -90,9 +101,15 @@ class PruneConfig(Strict):
         given = [k for k in wrong if k in self.model_fields_set]
         if given:
             raise ValueError(f"'{given[0]}' does not apply to method {self.method.value}")
-        targets = [k for k in ("ratio", "macs_reduction", "schedule") if getattr(self, k) is not None]
+        targets = [k for k in ("ratio", "macs_reduction", "schedule", "latency") if getattr(self, k) is not None]
+        if self.latency is not None and len(targets) > 1:
+            other = next(k for k in targets if k != "latency")
+            raise ValueError(f"latency cannot be combined with {other}: the latency search chooses the ratio; "
+                             f"remove {other}")
+        if self.latency is not None and "latency_check" in self.model_fields_set:
+            raise ValueError("latency_check has no effect with latency: the search times the engine already; remove it")
         if len(targets) != 1:
-            allowed = "ratio or macs_reduction" if self.method is Method.channel else "ratio or schedule"
+            allowed = "ratio, macs_reduction or latency" if self.method is Method.channel else "ratio or schedule"
             raise ValueError(f"give exactly one of {allowed} (got {', '.join(targets) or 'none'})")
         if self.schedule is not None and self.finetune.epochs == 0:
             raise ValueError("schedule prunes gradually during the fine-tune, which has epochs: 0")
@@ -101,19 +118,60 @@ class PruneConfig(Strict):
         return self
 
 
-def _round_to(config: PruneConfig) -> int:
-    return DEFAULT_ROUND_TO if config.round_to is None else config.round_to
+def _round_to(config: PruneConfig, ctx: StageContext) -> int:
+    if config.round_to is not None:
+        return config.round_to
+    if config.latency is not None:
+        return default_round_to(config.latency, _deployed(ctx)[0], _quantized_later(ctx) is not False)
+    return DEFAULT_ROUND_TO
 
 
-def _options(config: PruneConfig) -> ChannelOptions:
+def _options(config: PruneConfig, ctx: StageContext) -> ChannelOptions:
     head_options = HeadOptions(config.prune_num_heads, config.prune_head_dims, config.head_pruning_ratio)
-    return ChannelOptions(config.importance, config.scope, _round_to(config), tuple(config.include),
+    return ChannelOptions(config.importance, config.scope, _round_to(config, ctx), tuple(config.include),
                           tuple(config.exclude), head_options)
 
 
 def _latency_check(config: PruneConfig) -> LatencyCheck | None:
+    if config.latency is not None:  # the search timed the chosen model against the unpruned one already
+        return None
     check = config.latency_check
     return (LatencyCheck() if check else None) if isinstance(check, bool) else check
+
+
+def _deployed(ctx: StageContext) -> tuple[OnnxRuntimeEngine | TensorRTEngine | None, str]:
+    """The engine options of the first later stage that deploys (export), and where they are in the recipe."""
+    registry = stage_types()
+    for spec in ctx.recipe.stages[ctx.spec.index + 1:]:
+        engine = getattr(spec.config, "engine", None)
+        if registry[spec.type].deploy_target is not None and isinstance(engine, BACKENDS):
+            return engine, ctx.recipe.locate("stages", spec.index, spec.type, "engine")  # type: ignore[return-value]
+    return None, ""
+
+
+def _quantized_later(ctx: StageContext) -> QuantOptions | bool:
+    """The options of the first later stage that quantizes (True when they are not :class:`QuantOptions`), or False."""
+    for spec in ctx.recipe.stages[ctx.spec.index + 1:]:
+        if Effect.QUANTIZES in effects(spec):
+            return spec.config if isinstance(spec.config, QuantOptions) else True
+    return False
+
+
+def _int8(ctx: StageContext) -> Int8 | None:
+    """How to time INT8 engines when a later stage quantizes: its target and layers, calibration data."""
+    later = _quantized_later(ctx)
+    if later is False:
+        return None
+    options = later if isinstance(later, QuantOptions) else None
+    target = (options.target if options is not None else None) or export_target(ctx)[0] or Target.tensorrt
+    data = ctx.splits.loader(calibration_split(ctx), needed_by=f"{ctx.where}.latency (timing INT8 engines)")
+    if options is None:
+        return Int8(data, target)
+    return Int8(data, target, tuple(options.include), tuple(options.exclude), options.attention)
+
+
+def _engine_where(ctx: StageContext) -> str:
+    return _deployed(ctx)[1] or "the export stage's engine"
 
 
 def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Module:
@@ -122,9 +180,11 @@ def dry_run(model: nn.Module, config: PruneConfig, ctx: StageContext) -> nn.Modu
     Raises:
         CompressError: the pruning cannot be done (tracer, patterns, target out of reach, broken forward).
     """
-    pruner = ChannelPruner(copy.deepcopy(model), ctx.example_input, _options(config), where=ctx.where)
+    pruner = ChannelPruner(copy.deepcopy(model), ctx.example_input, _options(config, ctx), where=ctx.where)
     if config.macs_reduction is not None:
         pruner.prune_to_macs(config.macs_reduction)  # the final target must be reachable
+    elif config.latency is not None:  # the ratio is measured at run time: the search's first candidate
+        pruner.prune(first_ratio(config.latency.target))
     else:
         pruner.prune(config.ratio)  # type: ignore[arg-type]
     return pruner.model
@@ -142,11 +202,13 @@ def _check(model: nn.Module, config: PruneConfig, ctx: StageContext) -> str | No
     else:  # dry run on a copy: tracer, patterns, every-channel-gone and forward checks, nothing trained
         example = move_inputs(ctx.example_input, next(model.parameters(), torch.empty(0)).device)
         achieved = count_macs(model, example) / max(count_macs(dry_run(model, config, ctx), example), 1)
-        rounding = f"round_to {_round_to(config)}" + (" (default)" if config.round_to is None else "")
+        rounding = f"round_to {_round_to(config, ctx)}" + (" (default)" if config.round_to is None else "")
         note = f"dry run: MACs / {achieved:.2f}, {rounding}"
         if config.macs_reduction is not None:
-            found = overshoot(config.macs_reduction, achieved, _round_to(config), attention=has_attention(model))
+            found = overshoot(config.macs_reduction, achieved, _round_to(config, ctx), attention=has_attention(model))
             note += f"; {found or 'on target'}"
+        if config.latency is not None:
+            note = _latency_note(config.latency, ctx, note)
     if config.finetune.epochs:
         ctx.splits.loader("train", needed_by=ctx.where)
     return note
@@ -178,11 +240,44 @@ def run_prune(model: nn.Module, config: PruneConfig, ctx: StageContext) -> Stage
     return StageResult(model, info=info, warnings=warnings + ([unmeasured] if unmeasured else []))
 
 
+def _latency_note(lat: LatencyTarget, ctx: StageContext, note: str) -> str:
+    """The plan's line for a latency target: the engine, the search's cost, and the dry run at its first guess.
+
+    Raises:
+        CompressError: the backend cannot run here or differs from the export stage's; under torchrun.
+    """
+    engine = resolve_engine(lat, _deployed(ctx)[0], None, ctx.where, _engine_where(ctx))
+    int8 = _quantized_later(ctx) is not False
+    precision = "INT8 (calibrated copies: a later stage quantizes)" if int8 else engine.precision.value
+    return (f"latency target {lat.target:g} at batch {lat.batch_size} on {engine.backend.value} ({precision}): "
+            f"{lat.candidates} candidates x {lat.repeats} runs x {lat.rounds} rounds timed at run time; first "
+            f"candidate ratio {first_ratio(lat.target):.3f}, {note}")
+
+
 def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.EngineLatency]) -> list[str]:
-    """Overshoot of a MACs target and measured slowdowns, one line each."""
+    """Overshoot of a MACs target, measured slowdowns and a latency target not met, one line each."""
     found = overshoot(config.macs_reduction, info["macs_reduction"], info["round_to"], attention="attention" in info) \
         if config.macs_reduction is not None else None
-    return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"])
+    search = info.get("latency")
+    return ([found] if found else []) + latency.slowdown_warnings(figures, info["round_to"]) + \
+        (_latency_warnings(search, config) if search is not None else [])
+
+
+def _latency_warnings(search: dict[str, Any], config: PruneConfig) -> list[str]:
+    """A target not met (how close it came), or met far past the target because channel steps are coarse."""
+    if not search["met"]:
+        return [f"latency target {search['target']:g} not met: the closest candidate ({search['chosen']}) runs at "
+                f"x{search['latency_ratio']:.3f} of the unpruned engine (runs {search['spread'][0]:.3f}-"
+                f"{search['spread'][1]:.3f}, {search['gap']:+.3f}); kept it. {search['stopped'] or ''}".rstrip()]
+    slower = [c for c in search["path"] if c["latency_ratio"] > search["target"]]
+    if search["latency_ratio"] >= search["target"] * OVERSHOOT_LATENCY or not slower:
+        return []
+    step = min(slower, key=lambda c: c["latency_ratio"])
+    finer = "scope: global" if config.scope is Scope.local else "a smaller round_to"
+    return [f"latency target {search['target']:g}: the chosen candidate runs at x{search['latency_ratio']:.3f}, well "
+            f"past the target (MACs / {search['macs_reduction']:.2f}); the closest less pruned one ran "
+            f"x{step['latency_ratio']:.3f} (MACs / {step['macs_reduction']:.2f}): channel steps are coarse here "
+            f"(round_to: {search['engine']['round_to']}); {finer} gives finer ones"]
 
 
 def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
@@ -196,15 +291,31 @@ def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[st
     return info
 
 
+def _search(pruner: ChannelPruner, lat: LatencyTarget, ctx: StageContext) -> LatencySearch:
+    """Time candidates of ``pruner``'s model on the deployed engine (the model stays unpruned).
+
+    Raises:
+        CompressError: under torchrun (one process must time), the backend cannot run here, export fails.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise CompressError(f"{ctx.where}.latency: the latency search times engines in one process; run this "
+                            "stage without torchrun (or prune with the ratio it found)")
+    engine = resolve_engine(lat, _deployed(ctx)[0], _int8(ctx), ctx.where, _engine_where(ctx))
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    return search_latency(pruner, lat, engine, ctx.stage_dir, pruner.options.round_to)
+
+
 def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
-    pruner = ChannelPruner(model, ctx.example_input, _options(config), where=ctx.where)
+    pruner = ChannelPruner(model, ctx.example_input, _options(config, ctx), where=ctx.where)
     example = pruner.example  # on the model's device
+    found = _search(pruner, config.latency, ctx) if config.latency is not None else None
+    total = found.chosen.ratio if found is not None and found.chosen is not None else config.ratio
     steps = []
     for k in range(1, config.steps + 1):
         if config.macs_reduction is not None:
             ratio, changed = pruner.prune_to_macs(config.macs_reduction ** (k / config.steps))
         else:
-            ratio = config.ratio * k / config.steps  # type: ignore[operator]
+            ratio = total * k / config.steps  # type: ignore[operator]
             changed = pruner.prune(ratio)
         entry: dict[str, Any] = {"step": k, "ratio": round(ratio, 4), "params": count_params(model),
                                  "macs": count_macs(model, example), "pruned_metric": ctx.score(model),
@@ -215,8 +326,9 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
     resized = pruner.finish()
     return {"prune": {
         "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
-        "round_to": _round_to(config), "round_to_default": config.round_to is None,
+        "round_to": _round_to(config, ctx), "round_to_default": config.round_to is None,
         "macs_reduction_requested": config.macs_reduction,
         "macs_reduction": round(pruner.macs_before / max(steps[-1]["macs"], 1), 4),
         "steps": steps, "skipped": pruner.skipped, "resized_modules": len(resized),
-    } | ({"attention": pruner.heads()} if pruner.heads() else {})}
+    } | ({"attention": pruner.heads()} if pruner.heads() else {})
+      | ({"latency": found.to_report()} if found is not None else {})}

@@ -67,7 +67,7 @@ def test_l1_stage_reports_true_nonzero_counts(write_recipe, cli, digits_cnn_chec
         ("{method: channel, macs_reduction: 1.0e+9}", "stages.0.prune.macs_reduction: 1e+09x is out of reach"),
         ("{method: l1_unstructured, ratio: 0.5, importance: l2}", "'importance' does not apply to method l1_unstructured"),
         ("{method: channel, schedule: {steps: 2, end_ratio: 0.5}}", "'schedule' does not apply to method channel"),
-        ("{method: channel}", "give exactly one of ratio or macs_reduction (got none)"),
+        ("{method: channel}", "give exactly one of ratio, macs_reduction or latency (got none)"),
         ("{method: l1_unstructured, schedule: {steps: 2, end_ratio: 0.5}, finetune: {epochs: 0}}",
          "schedule prunes gradually during the fine-tune, which has epochs: 0"),
     ],

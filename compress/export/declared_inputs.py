@@ -38,31 +38,40 @@ class DeclaredInput:
         return "unknown" if self.dims is None else "[" + ", ".join(map(str, self.dims)) + "]"
 
 
+def graph_inputs(path: Path) -> list:  # list[onnx.ValueInfoProto]; onnx imported on use
+    """The graph inputs of an ONNX file that are not initializers (old exporters list weights as inputs too).
+
+    Raises:
+        CompressError: the file is not a readable ONNX file.
+    """
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise CompressError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
+    weights = {init.name for init in graph.initializer}
+    return [value for value in graph.input if value.name not in weights]
+
+
 def declared_inputs(path: str | os.PathLike[str]) -> list[DeclaredInput]:
     """The graph inputs of the ONNX file ``path`` (initializers listed as inputs left out).
 
     Raises:
         CompressError: the file is missing or not ONNX, or an input is not a tensor of a type bench can fill.
     """
-    import onnx
-
     file = Path(path)
     if (problem := file_problem(file)) is not None:
         raise CompressError(f"{file}: {problem}")
-    try:
-        graph = onnx.load(str(file), load_external_data=False).graph
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise CompressError(f"{file}: not a readable ONNX file ({first_line(exc)})") from None
-    weights = {init.name for init in graph.initializer}
     found = []
-    for value in graph.input:
-        if value.name in weights:
-            continue
+    for value in graph_inputs(file):
         if not value.type.HasField("tensor_type"):
             raise CompressError(f"{file}: input '{value.name}' is not a tensor; bench feeds tensors only")
         tensor = value.type.tensor_type
         dtype = _DTYPES.get(tensor.elem_type)
         if dtype is None:
+            import onnx
+
             kind = onnx.TensorProto.DataType.Name(tensor.elem_type)
             raise CompressError(f"{file}: input '{value.name}' is of type {kind}, which bench cannot generate")
         dims = None

@@ -103,17 +103,10 @@ def profile_shapes(dims: Sequence[int | str | None], profile: Profile | None, na
 
 
 def _onnx_inputs(onnx_path: Path) -> list[tuple[str, list[int | str | None]]]:
-    import onnx
+    from compress.export.declared_inputs import graph_inputs
 
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception as exc:
-        raise CompressError(f"{onnx_path}: not a readable ONNX file: {first_line(exc)}") from None
-    inits = {i.name for i in graph.initializer}
     inputs = []
-    for value in graph.input:
-        if value.name in inits:
-            continue
+    for value in graph_inputs(onnx_path):
         dims: list[int | str | None] = []
         for d in value.type.tensor_type.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))

@@ -436,7 +436,7 @@ def _print_check(args: argparse.Namespace, doc: dict[str, Any], result: Any) -> 
     of = f" of {doc['data_used']}" if "data_used" in doc else ""  # what was read: a default train split shows
     print(
         f"{result.metric}: model {result.model_metric:.4f} reference {result.reference_metric:.4f} "
-        f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} samples)'} "
+        f"drop {result.drop:.3f} pt{'' if result.drop_samples is None else f' ({result.drop_samples} {result.drop_unit})'} "
         f"| agreement {result.agreement:.4f} cosine {result.cosine:.6f} "
         f"max abs {result.max_abs:.3g} | {result.samples} samples{of}"
     )

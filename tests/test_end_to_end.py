@@ -62,7 +62,7 @@ def test_demo_export_recipe_meets_the_done_criteria(baseline, tmp_path, capsys):
     code = main(["check", str(out / "engine.onnx"), "--reference", str(baseline / "model.pt"),
                  "--data", "digits:test", "--min-agreement", "0.99", "--json", "--report", str(tmp_path / "drift.json")])
     result = json.loads(capsys.readouterr().out)
-    assert code == 0 and result["passed"] and result["samples"] == 360
+    assert code == 0 and result["passed"] and result["samples"] == 360 and result["drop_unit"] == "samples"
     assert result["drop"] == pytest.approx(0.0, abs=1e-9)
     written = json.loads((tmp_path / "drift.json").read_text())  # the drift report file
     assert written["model"] == str(out / "engine.onnx") and written["agreement"] == result["agreement"]

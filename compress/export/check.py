@@ -51,6 +51,7 @@ class CheckResult:
     worst: list[dict[str, Any]] = field(default_factory=list)
     output: str | None = None  # the output the task metric applies to
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # every output's fidelity, by name
+    drop_unit: str = "samples"  # what drop_samples counts: tokens, pixels or positions for per-position outputs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +115,13 @@ def _moved_positions(outputs: metrics.Outputs, reference: metrics.Outputs, metri
                                         f"{gained} gained; {changed} of {n} samples changed)")
     return (moved if metric == "agreement" else None), changed, \
         f"{changed} of {n} samples ({moved} of {int(count.sum())} {unit}) changed their arg-max"
+
+
+def _counted(outputs: metrics.Outputs, reference: metrics.Outputs) -> str:
+    """What ``drop_samples`` counts: samples, or the positions of a per-position task output."""
+    name, a, _ = metrics.task_pair(outputs, reference)
+    dim = outputs.layout(name)[0]
+    return _unit(a, dim) if dim is not None and a.ndim > 2 else "samples"
 
 
 def _moved(outputs: metrics.Outputs, reference: metrics.Outputs, metric: str) -> tuple[int | None, int, str]:
@@ -268,6 +276,7 @@ def compare(
         worst=_worst_samples(outputs, reference, worst),
         output=outputs.task,
         outputs=per_output,
+        drop_unit=_counted(outputs, reference),
     )
 
 

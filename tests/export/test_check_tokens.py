@@ -94,6 +94,7 @@ def test_a_fault_in_one_position_is_found_token_by_token(run: Path, padding: str
     assert moved > 100  # of 128 tokens at position 5, all but those already called topic 1
     result = check(_planted(engine, 5), engine, loader, metric="agreement", min_agreement=0.999, max_drop=None)
     assert result.drop_samples == result.changed == moved  # one token per sample, at position 5
+    assert result.drop_unit == "tokens"  # what drop_samples counts, as `compress check` prints it
     assert result.agreement == pytest.approx(1 - moved / tokens, abs=0.5 / tokens)  # half a token
     assert result.failures == [f"agreement {result.agreement:.4f} < min_agreement 0.999"]
     top1 = check(_planted(engine, 5), engine, loader, metric="top1", max_drop=None)

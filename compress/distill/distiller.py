@@ -14,6 +14,7 @@ or hand ``kd.callback()`` to :func:`compress.finetune`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -281,6 +282,7 @@ class DistillCallback(Callback):
 
     def __init__(self, distiller: Distiller) -> None:
         self.kd = distiller
+        self._said_no_indices = False
 
     def parameters(self) -> Iterable[nn.Parameter]:
         # asked after the loop moved the model: the projections follow it (same Parameter objects)
@@ -300,6 +302,11 @@ class DistillCallback(Callback):
         if state.labels is None and self.kd.task_weight > 0:
             raise DataError(f"{self.kd.where}: the training data has no labels; set label_free: true to "
                             "distill from the teacher alone")
+        if self.kd.cache is not None and state.indices is None and not self._said_no_indices:
+            self._said_no_indices = True  # once: the run is right, only slower than asked
+            warnings.warn(f"{self.kd.where}.cache: the batches carry no dataset indices (compress.finetune uses "
+                          "your DataLoader as given), so the teacher runs on every batch; pass reshard=True to "
+                          "compress.finetune, or indices= to kd.loss in your own loop", stacklevel=2)
         return self.kd.distill_loss(state.inputs, state.outputs, indices=state.indices)
 
     def epoch_log(self) -> dict[str, float]:

@@ -116,6 +116,18 @@ class _Counting(torch.nn.Module):
         return self.inner(x)
 
 
+def test_a_cache_without_dataset_indices_says_so_once_and_runs_the_teacher_live(teacher):
+    student = _student(hidden=16)
+    counting = _Counting(teacher)
+    config = compress.FinetuneConfig(epochs=2, lr=0.05, seed=0, keep_best=False)
+    with Distiller(student, counting, cache=True) as kd, \
+            pytest.warns(UserWarning, match=r"cache: the batches carry no dataset indices .* reshard=True") as said:
+        compress.finetune(student, digits("train", shuffle=True), config, callbacks=[kd.callback()], progress=False)
+        assert kd.report("t")["cache"]["samples_from_cache"] == 0
+    assert len([w for w in said if "dataset indices" in str(w.message)]) == 1
+    assert counting.calls >= 2 * 22  # every batch of both epochs through the teacher
+
+
 def test_cached_teacher_trains_exactly_like_the_live_one_with_fewer_teacher_passes(teacher):
     train = digits("train", shuffle=True)
     config = compress.FinetuneConfig(epochs=3, lr=0.05, seed=0, keep_best=False)
@@ -125,7 +137,8 @@ def test_cached_teacher_trains_exactly_like_the_live_one_with_fewer_teacher_pass
         students[cache] = student = _student(hidden=16)
         with Distiller(student, counting, hints={"2": "inner.2"}, cache=cache,
                        example_input=torch.zeros(1, 1, 8, 8)) as kd:
-            compress.finetune(student, train, config, callbacks=[kd.callback()], progress=False)
+            # reshard: batches of dataset indices, which the cache keys on (a loader as given has none)
+            compress.finetune(student, train, config, callbacks=[kd.callback()], progress=False, reshard=True)
             if cache:
                 cached = kd.report("t")["cache"]
                 assert cached["samples_from_cache"] + cached["samples_through_teacher"] == 3 * 22 * 64

@@ -399,7 +399,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     metric = doc["metric"]
     score = lambda step: step.get("metrics", {}).get(metric, float("nan"))  # noqa: E731
-    fig = Figure(figsize=(11, 4.2), dpi=100)
+    fig = Figure(figsize=(11, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2, sharey=None)
     engine = doc.get("engine") or {}
@@ -422,7 +422,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         left.set_xlim(0, 1.15 * max(ms.values()))
         left.set_xlabel(f"engine latency, batch {timed['batch_size']} ({engine.get('backend', 'onnxruntime')}, "
                         f"level {timed['level']}) [ms]")
-        left.legend(fontsize=7, loc="lower left")
+        left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # hides no point
     else:
         why = timed.get("not_timed") or ("no engine was built" if not engine else "the engine was not timed "
                                          "(bench_iters: 0, or a TensorRT engine)")
@@ -452,7 +452,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     names = ", ".join(f"{k} {name}" for k, (name, _, _) in enumerate(steps))
     star = "; star: engine file" if "bytes" in timed else ""
     right.set_title(f"accuracy vs size ({names}{star})", fontsize=8, wrap=True)
-    right.set_xlabel("weights at deployed precision [MB] (INT8 weights 1 B, the rest their float size)")
+    right.set_xlabel("weights at deployed precision [MB] (INT8: 1 B each)")
     right.set_xlim(0, 1.1 * max(xs))
     for ax in (left, right):
         _padded(ax, ys, bounded=metric in SHARES)

@@ -6,20 +6,10 @@ import json
 
 import pytest
 from helpers_budget import SENSITIVE, outlier_checkpoint, sensitive_model
+from helpers_recipes import recipe_text
 
 import compress
 
-RECIPE = """\
-name: sens
-model:
-  checkpoint: {checkpoint}
-data:
-  train: {{source: digits, split: train, batch_size: 64}}
-{val}  calibration: {{source: digits, split: train, limit: 256}}
-  eval: {{source: digits, split: test, batch_size: 256}}
-stages:
-{stages}
-"""
 PTQ = "  - ptq: {calibrator: max, target: tensorrt}\n"
 
 
@@ -29,7 +19,7 @@ def checkpoint(digits_cnn_checkpoint, tmp_path_factory):
 
 
 def _recipe(write_recipe, checkpoint, val="  val: {holdout: 0.2}\n", stages=PTQ):
-    return write_recipe(RECIPE.format(checkpoint=checkpoint, val=val, stages=stages))
+    return write_recipe(recipe_text(checkpoint, stages, val=val, name="sens"))
 
 
 def test_sensitivity_prints_the_table_and_writes_nothing(cli, write_recipe, checkpoint, tmp_path, snapshot_tree):

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import pytest
 from helpers_budget import SENSITIVE, outlier_checkpoint
-from helpers_recipes import read_report
+from helpers_recipes import read_report, recipe_text
 
 import compress
 from compress import quant
 from compress.export.coverage import locate
 from compress.export.qdq import WEIGHTED_OPS, Graph
 
-RECIPE = """\
-name: budget
-model:
-  checkpoint: {checkpoint}
-data:
-  train: {{source: digits, split: train, batch_size: 64}}
-{val}  calibration: {{source: digits, split: train, limit: 256}}
-  eval: {{source: digits, split: test, batch_size: 256}}
-metric: {metric}
-stages:
+BUDGET = """\
   - ptq: {{calibrator: max, budget: {budget}}}
   - export:
       onnx: {{target: {target}}}
@@ -40,7 +31,8 @@ def checkpoint(digits_cnn_checkpoint, tmp_path_factory):
 
 
 def _recipe(write_recipe, checkpoint, budget="{max_drop: 0.3}", val=VAL, target="onnxruntime", metric="top1"):
-    return write_recipe(RECIPE.format(checkpoint=checkpoint, val=val, budget=budget, target=target, metric=metric))
+    return write_recipe(recipe_text(checkpoint, BUDGET.format(budget=budget, target=target), val=val, metric=metric,
+                                             name="budget"))
 
 
 def _dq_inputs(onnx_path, model, layer: str) -> list[bool]:

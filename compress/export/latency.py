@@ -21,7 +21,7 @@ import torch
 from compress.errors import CompressError, first_line
 from compress.export.bench import round_robin_ms
 from compress.export.onnx import export_onnx
-from compress.export.onnxruntime import Optimization, session_feeds
+from compress.export.onnxruntime import Optimization, session_feeds, session_options
 from compress.inputs import Inputs, repeat_first, take
 
 LEVEL = Optimization.all  # ONNX Runtime's own default, what users deploy with
@@ -55,13 +55,8 @@ class EngineLatency:
 def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # LEVEL
-    so.log_severity_level = 3
-    # two sessions take turns: a spinning idle pool would steal the cores of the one being timed
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    # sessions take turns: a spinning idle pool would steal the cores of the one being timed
+    so = session_options(threads, LEVEL, spinning=False)
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
@@ -74,6 +69,15 @@ def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path) -> Pa
     return path
 
 
+def _round_robin(sessions: Sequence[Any], paths: Sequence[Path], example: Inputs, batch_size: int, *,
+                 seconds: float | None = None, iters: int | None = None) -> list[list[float]]:
+    """ms per run of each session, taking turns (:func:`compress.export.bench.round_robin_ms`), on the example's
+    first sample repeated ``batch_size`` times: its dtype (token ids stay int64) and a value range the model takes."""
+    feeds = [session_feeds(s, repeat_first(example, batch_size), p.name) for s, p in zip(sessions, paths, strict=True)]
+    runs = [lambda s=s, feed=feed: s.run(None, feed) for s, feed in zip(sessions, feeds, strict=True)]
+    return round_robin_ms(runs, warmup=3, seconds=seconds, iters=iters)
+
+
 def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[int], *,
             threads: int | None = None, seconds: float = 1.0) -> list[EngineLatency]:
     """Median latency of the ``before`` and ``after`` ONNX files, interleaved, at each batch size.
@@ -83,11 +87,7 @@ def measure(before: Path, after: Path, example: Inputs, batch_sizes: Sequence[in
     sessions = [_session(before, threads), _session(after, threads)]
     figures = []
     for bs in batch_sizes:
-        # the example's first sample repeated: its dtype (token ids stay int64) and a value range the model accepts
-        feeds = [session_feeds(s, repeat_first(example, bs), path.name) for s, path in zip(sessions, (before, after),
-                                                                                           strict=True)]
-        runs = [lambda s=s, feed=feed: s.run(None, feed) for s, feed in zip(sessions, feeds, strict=True)]
-        ms = round_robin_ms(runs, warmup=3, seconds=seconds / len(batch_sizes))
+        ms = _round_robin(sessions, [before, after], example, bs, seconds=seconds / len(batch_sizes))
         ratios = [b / a for b, a in zip(ms[0], ms[1], strict=True) if a > 0]
         slower = round(sum(a > b for b, a in zip(ms[0], ms[1], strict=True)) / len(ms[0]), 3)
         figures.append(EngineLatency(bs, statistics.median(ms[0]), statistics.median(ms[1]), len(ms[0]), threads,
@@ -149,10 +149,8 @@ def compare_deployed(baseline: torch.nn.Module, model: torch.nn.Module, engine: 
         if quantized:
             paths["float"] = export_for_timing(float_copy(model), example, Path(tmp) / "float.onnx")
         paths["engine"] = engine
-        sessions = {k: _session(p, threads) for k, p in paths.items()}
-        feeds = {k: session_feeds(s, repeat_first(example, batch_size), paths[k].name) for k, s in sessions.items()}
-        runs = [lambda s=s, feed=feeds[k]: s.run(None, feed) for k, s in sessions.items()]
-        ms = round_robin_ms(runs, warmup=3, iters=iters)
+        ms = _round_robin([_session(p, threads) for p in paths.values()], list(paths.values()), example, batch_size,
+                          iters=iters)
         sizes = {k: p.stat().st_size for k, p in paths.items()}
     return DeployedComparison(batch_size, {k: statistics.median(t) for k, t in zip(paths, ms, strict=True)}, sizes,
                               len(ms[0]), threads)

@@ -23,7 +23,7 @@ def portable(level: Optimization) -> Optimization:
     return min(level, Optimization.extended, key=_ORDER.index)
 
 
-def _session_options(threads: int | None, level: Optimization, spinning: bool = True):  # noqa: ANN202 - ort type
+def session_options(threads: int | None, level: Optimization, spinning: bool = True):  # noqa: ANN202 - ort type
     import onnxruntime as ort
 
     levels = {
@@ -88,7 +88,7 @@ class OrtEngine:
             raise CompressError(f"engine {self.path}: file not found")
         try:
             self.session = ort.InferenceSession(
-                str(self.path), _session_options(threads, level, spinning), providers=["CPUExecutionProvider"]
+                str(self.path), session_options(threads, level, spinning), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own exception types for corrupt models
             raise CompressError(f"engine {self.path}: ONNX Runtime cannot load it: {first_line(exc)}") from None
@@ -132,7 +132,7 @@ def build_engine(
     return it in a session at the same level (open it at another level with :class:`OrtEngine`)."""
     import onnxruntime as ort
 
-    so = _session_options(threads, level)
+    so = session_options(threads, level)
     with io.atomic_path(engine_path) as tmp:
         so.optimized_model_filepath = str(tmp)
         try:

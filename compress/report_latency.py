@@ -45,6 +45,11 @@ def latency_section(stages: list[dict[str, Any]]) -> list[str]:
                          f"{c['macs_reduction']:.2f}x | {c['latency_ratio']:.3f} | {c['spread'][0]:.3f}-"
                          f"{c['spread'][1]:.3f} | {c['iqr'][0]:.3f}-{c['iqr'][1]:.3f} | {c['ms']:.3f} | "
                          f"{c['unpruned_ms']:.3f} |")
+        final = search.get("final")
+        if final is not None:
+            lines += ["", f"The model left after the stage's steps, timed again: MACs / {final['macs_reduction']:.2f}, "
+                          f"latency x{final['latency_ratio']:.3f} (runs {final['spread'][0]:.3f}-"
+                          f"{final['spread'][1]:.3f}): {'meets' if final['met'] else '**does not meet**'} the target."]
         lines += ["", f"![latency vs MACs]({LATENCY_PLOT})", ""]
     return ["", "## Latency target", "", *lines] if lines else []
 

@@ -63,9 +63,9 @@ def _session(path: Path, threads: int | None):  # noqa: ANN202 - ort type
         raise CompressError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
 
 
-def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path) -> Path:
+def export_for_timing(model: torch.nn.Module, example: Inputs, path: Path, opset: int = 13) -> Path:
     """``model`` as a dynamic-batch FP32 ONNX file at ``path`` (the model is left as it was)."""
-    export_onnx(model, take(example, slice(0, 1)), path, opset=13)
+    export_onnx(model, take(example, slice(0, 1)), path, opset=opset)
     return path
 
 

@@ -64,6 +64,7 @@ class Engine:
     precision: Precision = Precision.fp32
     keep_fp32: tuple[str, ...] = ()  # with fp16: op types or node names left in float32
     int8: Int8 | None = None
+    opset: int = 13  # the export stage's: the engine runs what that opset exports (e.g. LayerNormalization at 17)
 
     def describe(self) -> dict[str, Any]:
         """The settings as report.json names them next to every figure."""
@@ -71,7 +72,7 @@ class Engine:
         return {"backend": self.backend.value, "optimization": self.optimization.value if ort else None,
                 "threads": self.threads if ort else None, "precision": "int8" if self.int8 else self.precision.value,
                 "int8_target": self.int8.target.value if self.int8 else None,
-                "int8_calibration": f"max, {self.int8.samples} samples" if self.int8 else None}
+                "int8_calibration": f"max, {self.int8.samples} samples" if self.int8 else None, "opset": self.opset}
 
 
 class EngineTimer:
@@ -124,9 +125,10 @@ class EngineTimer:
     def _export(self, model: nn.Module, name: str) -> Path:
         path = self.folder / f"{name}.onnx"
         if self.engine.int8 is not None:
-            export_onnx(_calibrated_copy(model, self.example, self.engine.int8), take(self.example, slice(0, 1)), path)
+            export_onnx(_calibrated_copy(model, self.example, self.engine.int8), take(self.example, slice(0, 1)), path,
+                        opset=self.engine.opset)
         else:
-            export_for_timing(model, self.example, path)
+            export_for_timing(model, self.example, path, opset=self.engine.opset)
         if self.engine.precision is Precision.fp16:
             proto, _ = to_fp16(onnx.load(str(path)), keep_fp32=self.engine.keep_fp32)
             onnx.save(proto, str(path))

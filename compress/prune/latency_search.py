@@ -106,6 +106,9 @@ class LatencySearch:
     seconds: float = 0.0
     engine: dict[str, Any] = field(default_factory=dict)  # how the engines were built and timed
     model: nn.Module | None = field(default=None, repr=False)  # the pruned model (the API's result)
+    # the model the stage left, timed again when it was pruned in several steps: with fine-tuning between
+    # steps (and scope global) its channel counts may differ from the candidate the search timed
+    final: Candidate | None = None
 
     @property
     def chosen(self) -> Candidate | None:
@@ -133,7 +136,7 @@ class LatencySearch:
             "macs_before": self.macs_before, "params_before": self.params_before,
             "seconds": round(self.seconds, 2), "engine": self.engine,
             "path": [c.to_report() for c in self.candidates],
-        }
+        } | ({"final": self.final.to_report()} if self.final is not None else {})
 
     def summary(self) -> str:
         """One line: target, outcome, the chosen candidate's measured ratio with its spread and MACs."""
@@ -142,9 +145,14 @@ class LatencySearch:
             return f"latency target {self.target:g}: no candidate timed ({self.stopped})"
         t = c.timing
         outcome = "met" if self.met else f"NOT met (closest {t.ratio:.3f}, {t.ratio - self.target:+.3f})"
-        return (f"latency target {self.target:g}: {outcome}; candidate {c.index} of {len(self.candidates)}: ratio "
+        line = (f"latency target {self.target:g}: {outcome}; candidate {c.index} of {len(self.candidates)}: ratio "
                 f"{c.ratio:.3f}, engine x{t.ratio:.3f} (runs {t.low:.3f}-{t.high:.3f}, IQR {t.q1:.3f}-{t.q3:.3f}), "
                 f"MACs / {c.macs_reduction:.2f}, {t.ms:.3f} ms vs {t.unpruned_ms:.3f} ms")
+        if self.final is not None:
+            f = self.final.timing
+            line += (f"; the model left after the steps: engine x{f.ratio:.3f} (runs {f.low:.3f}-{f.high:.3f}), "
+                     f"MACs / {self.final.macs_reduction:.2f}, {'met' if self.final.met else 'NOT met'}")
+        return line
 
 
 def _u(ratio: float) -> float:

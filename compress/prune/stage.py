@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.config import Strict
 from compress.errors import CompressError
-from compress.export.options import BACKENDS, OnnxRuntimeEngine, TensorRTEngine
+from compress.export.options import BACKENDS, OnnxOptions, OnnxRuntimeEngine, TensorRTEngine
 from compress.inputs import move_inputs
 from compress.models import count_params
 from compress.profile import count_macs
@@ -27,12 +27,12 @@ from compress.prune.channel import (
     has_attention,
     overshoot,
 )
-from compress.prune.engine_timer import Int8
+from compress.prune.engine_timer import Engine, Int8
 from compress.prune.heads import HeadOptions
-from compress.prune.latency_search import LatencySearch, first_ratio
+from compress.prune.latency_search import first_ratio
 from compress.prune.latency_target import LatencyTarget
 from compress.prune.schedule import Curve, Schedule
-from compress.prune.to_latency import default_round_to, resolve_engine, search_latency
+from compress.prune.to_latency import default_round_to, resolve_engine, search_latency, time_final
 from compress.prune.unstructured import MagnitudePruner, Scope, weighted_layers
 from compress.quant.spec import Target
 from compress.select import select_names
@@ -147,6 +147,16 @@ def _deployed(ctx: StageContext) -> tuple[OnnxRuntimeEngine | TensorRTEngine | N
         if registry[spec.type].deploy_target is not None and isinstance(engine, BACKENDS):
             return engine, ctx.recipe.locate("stages", spec.index, spec.type, "engine")  # type: ignore[return-value]
     return None, ""
+
+
+def _deployed_opset(ctx: StageContext) -> int:
+    """The ONNX opset the first later deploying stage exports at (13 when none does)."""
+    registry = stage_types()
+    for spec in ctx.recipe.stages[ctx.spec.index + 1:]:
+        onnx_options = getattr(spec.config, "onnx", None)
+        if registry[spec.type].deploy_target is not None and isinstance(onnx_options, OnnxOptions):
+            return onnx_options.opset
+    return 13
 
 
 def _quantized_later(ctx: StageContext) -> QuantOptions | bool:
@@ -264,7 +274,14 @@ def _warnings(info: dict[str, Any], config: PruneConfig, figures: list[latency.E
 
 
 def _latency_warnings(search: dict[str, Any], config: PruneConfig) -> list[str]:
-    """A target not met (how close it came), or met far past the target because channel steps are coarse."""
+    """A target not met (how close it came), or met far past the target because channel steps are coarse; the
+    model left after several steps no longer meeting it."""
+    final = search.get("final")
+    if final is not None and search["met"] and not final["met"]:
+        return [f"latency target {search['target']:g}: the candidate timed met it, but the model left after "
+                f"{config.steps} steps runs at x{final['latency_ratio']:.3f} (runs {final['spread'][0]:.3f}-"
+                f"{final['spread'][1]:.3f}, MACs / {final['macs_reduction']:.2f}): fine-tuning between steps moved "
+                "channels between layers; use steps: 1 or scope: local"]
     if not search["met"]:
         return [f"latency target {search['target']:g} not met: the closest candidate ({search['chosen']}) runs at "
                 f"x{search['latency_ratio']:.3f} of the unpruned engine (runs {search['spread'][0]:.3f}-"
@@ -291,24 +308,29 @@ def _run_l1(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[st
     return info
 
 
-def _search(pruner: ChannelPruner, lat: LatencyTarget, ctx: StageContext) -> LatencySearch:
-    """Time candidates of ``pruner``'s model on the deployed engine (the model stays unpruned).
+def _engine(lat: LatencyTarget, ctx: StageContext) -> Engine:
+    """The deployed engine to time on.
 
     Raises:
-        CompressError: under torchrun (one process must time), the backend cannot run here, export fails.
+        CompressError: under torchrun (one process must time), the backend cannot run here.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise CompressError(f"{ctx.where}.latency: the latency search times engines in one process; run this "
                             "stage without torchrun (or prune with the ratio it found)")
-    engine = resolve_engine(lat, _deployed(ctx)[0], _int8(ctx), ctx.where, _engine_where(ctx))
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    return search_latency(pruner, lat, engine, ctx.stage_dir, pruner.options.round_to)
+    return resolve_engine(lat, _deployed(ctx)[0], _int8(ctx), ctx.where, _engine_where(ctx), _deployed_opset(ctx))
 
 
 def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
     pruner = ChannelPruner(model, ctx.example_input, _options(config, ctx), where=ctx.where)
     example = pruner.example  # on the model's device
-    found = _search(pruner, config.latency, ctx) if config.latency is not None else None
+    lat = config.latency
+    engine = _engine(lat, ctx) if lat is not None else None
+    if lat is not None and engine is not None:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    found = search_latency(pruner, lat, engine, ctx.stage_dir, pruner.options.round_to) \
+        if lat is not None and engine is not None else None
+    # several steps (fine-tuned between) may leave other channel counts than the timed candidate: time the result
+    unpruned = copy.deepcopy(model) if found is not None and config.steps > 1 else None
     total = found.chosen.ratio if found is not None and found.chosen is not None else config.ratio
     steps = []
     for k in range(1, config.steps + 1):
@@ -324,6 +346,8 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
             entry["finetune"] = stage_finetune(model, config.finetune, ctx)
         steps.append(entry)
     resized = pruner.finish()
+    if found is not None and unpruned is not None and lat is not None and engine is not None:
+        time_final(found, unpruned, model, example, lat, engine, ctx.stage_dir)
     return {"prune": {
         "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
         "round_to": _round_to(config, ctx), "round_to_default": config.round_to is None,

@@ -18,7 +18,7 @@ from compress.errors import CompressError
 from compress.export.options import OnnxRuntimeEngine, TensorRTEngine
 from compress.profile import count_macs, count_params
 from compress.prune.engine_timer import Engine, EngineTimer, Int8
-from compress.prune.latency_search import LatencySearch, Probe, search
+from compress.prune.latency_search import Candidate, LatencySearch, Probe, search
 from compress.prune.latency_target import Backend, LatencyTarget, engine_multiple, unavailable
 
 
@@ -43,8 +43,9 @@ def default_round_to(latency: LatencyTarget, deployed: OnnxRuntimeEngine | Tenso
 
 
 def resolve_engine(latency: LatencyTarget, deployed: OnnxRuntimeEngine | TensorRTEngine | None, int8: Int8 | None,
-                   where: str, deployed_at: str = "the export stage's engine") -> Engine:
-    """The engine to time candidates on: the deployed engine's settings, with ``latency``'s backend/threads.
+                   where: str, deployed_at: str = "the export stage's engine", opset: int = 13) -> Engine:
+    """The engine to time candidates on: the deployed engine's settings (and the export's ``opset``), with
+    ``latency``'s backend/threads.
 
     Raises:
         CompressError: ``latency.backend`` differs from the deployed engine's, or cannot run here (naming
@@ -58,7 +59,7 @@ def resolve_engine(latency: LatencyTarget, deployed: OnnxRuntimeEngine | TensorR
     if why is not None:
         raise CompressError(f"{where}.latency.backend: {backend.value} cannot run here: {why}; use backend: onnxruntime")
     ort = deployed if isinstance(deployed, OnnxRuntimeEngine) else None
-    settings: dict[str, Any] = {"backend": backend, "int8": int8,
+    settings: dict[str, Any] = {"backend": backend, "int8": int8, "opset": opset,
                                 "threads": latency.threads or (ort.threads if ort is not None else None)}
     if ort is not None:
         settings["optimization"] = ort.optimization
@@ -107,3 +108,19 @@ def search_latency(pruner: Pruner, latency: LatencyTarget, engine: Engine, workd
                     "rounds": latency.rounds, "round_to": round_to,
                     "met_rule": "median ratio <= target + half the interquartile range of the repeated runs"}
     return found
+
+
+def time_final(found: LatencySearch, unpruned: nn.Module, model: nn.Module, example: Any, latency: LatencyTarget,
+               engine: Engine, workdir: Path) -> Candidate:
+    """``model`` (what several pruning steps left) timed against ``unpruned`` the way the search timed its
+    candidates; recorded as ``found.final`` and counted in ``found.seconds``."""
+    start = time.perf_counter()
+    with torch.no_grad(), EngineTimer(unpruned, example, engine, latency.batch_size, workdir=workdir,
+                                      repeats=latency.repeats, rounds=latency.rounds) as timer:
+        timing = timer(model)
+    macs = count_macs(model, example)
+    found.final = Candidate(len(found.candidates), found.chosen.ratio if found.chosen else 0.0, macs,
+                            count_params(model), found.macs_before / max(macs, 1), timing,
+                            met=timing.ratio <= latency.target + timing.noise)
+    found.seconds += time.perf_counter() - start
+    return found.final

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers_recipes import read_report, stage_recipe
+from helpers_recipes import read_report, recipe_text, stage_recipe
 from torch import nn
 
 import compress
@@ -256,3 +256,30 @@ def test_a_recipe_prunes_resnet18_to_a_latency_target_on_int8_engines_and_report
     assert "## Latency target" in md and "| candidate | ratio | MACs |" in md
     assert (out / "report_latency.png").stat().st_size > 1000
     assert not list((out / "stages" / "01-prune").glob("latency-search-*"))  # the candidates' files are gone
+
+
+STEPS_STAGES = """\
+  - prune: {method: channel, scope: global, steps: 2, finetune: {epochs: 1},
+            latency: {target: 0.6, candidates: 2, repeats: 2, rounds: 2}}
+  - export:
+      onnx: {target: onnxruntime, opset: 17}
+      engine: {batch_sizes: [1], bench_iters: 2}
+      check: {max_drop: 100, min_agreement: 0}
+"""
+
+
+@pytest.mark.slow
+def test_a_latency_target_in_steps_times_the_model_it_leaves_at_the_export_opset(write_recipe, cli, tmp_path,
+                                                                                digits_cnn_checkpoint) -> None:
+    """Fine-tuning between global-scope steps may move channels between layers: the model left is timed again."""
+    out = tmp_path / "run"
+    result = cli("run", write_recipe(recipe_text(digits_cnn_checkpoint, STEPS_STAGES)), "--out", out, "--quiet")
+    assert result.code == 0, result.err
+    entry = read_report(out)["stages"][0]
+    search = entry["prune"]["latency"]
+    assert search["engine"]["opset"] == 17  # candidates exported as the export stage will export the model
+    final = search["final"]
+    assert final["macs"] == entry["macs"]  # the model the stage left, not a candidate
+    assert len(final["runs"]) == 2 and final["spread"][0] <= final["latency_ratio"] <= final["spread"][1]
+    assert final["met"] == (final["latency_ratio"] <= 0.6 + (final["iqr"][1] - final["iqr"][0]) / 2)
+    assert "The model left after the stage's steps, timed again: MACs / " in (out / "report.md").read_text()

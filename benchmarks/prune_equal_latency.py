@@ -141,7 +141,8 @@ class Flow:
     test: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     finetuned: nn.Module | None = None  # the first seed's
-    final: Timing | None = None
+    paired: Timing | None = None  # timed alone against the unpruned engine (its search's figure)
+    final: Timing | None = None  # timed with every other flow's engine in the same runs
 
 
 def ours_macs(base: nn.Module, example: torch.Tensor, reduction: float) -> nn.Module | None:
@@ -180,7 +181,7 @@ def searched(label: str, knob: str, round_to: int, build: Callable[[float], nn.M
     model = build(chosen.ratio)
     assert model is not None
     return Flow(label, knob.format(r=chosen.ratio, R=1 / (1 - chosen.ratio) ** 2), round_to, model,
-                time.perf_counter() - start, len(found.candidates)), found
+                time.perf_counter() - start, len(found.candidates), paired=chosen.timing), found
 
 
 def finetune(flow: Flow, base: nn.Module, data: Data, epochs: int, seed: int) -> None:
@@ -222,7 +223,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                                     workdir=workdir)
     chosen = found.chosen
     flows.append(Flow("(a) ours latency", f"ratio {chosen.ratio:.3f}", multiple, found.model,
-                      time.perf_counter() - start, len(found.candidates)))
+                      time.perf_counter() - start, len(found.candidates), paired=chosen.timing))
     searches[flows[-1].label] = found
     print(f"  {flows[-1].label}: {found.summary()} ({flows[-1].search_s:.0f} s)", flush=True)
 
@@ -243,7 +244,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             print(f"  {label}: {found.summary()} ({flow.search_s:.0f} s)", flush=True)
         naive = ours_macs(base, example, 2.0)
         assert naive is not None
-        flows.append(Flow("(b0) ours MACs /2", "MACs /2 asked", 1, naive, 0.0, 0, searched=False))
+        with torch.no_grad():
+            flows.append(Flow("(b0) ours MACs /2", "MACs /2 asked", 1, naive, 0.0, 0, searched=False, paired=timer(naive)))
 
         for flow in flows:
             flow.macs, flow.params = count_macs(flow.model, example), count_params(flow.model)
@@ -264,6 +266,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             "flows": [{"label": f.label, "knob": f.knob, "round_to": f.round_to, "searched": f.searched,
                        "latency_ratio": round(f.final.ratio, 4), "spread": [round(f.final.low, 4), round(f.final.high, 4)],  # type: ignore[union-attr]
                        "noise": round(f.final.noise, 4), "ms": round(f.final.ms, 4),  # type: ignore[union-attr]
+                       "paired_ratio": round(f.paired.ratio, 4),  # type: ignore[union-attr]
+                       "paired_spread": [round(f.paired.low, 4), round(f.paired.high, 4)],  # type: ignore[union-attr]
                        "unpruned_ms": round(f.final.unpruned_ms, 4), "macs": f.macs, "params": f.params,  # type: ignore[union-attr]
                        "val": f.val, "test": f.test, "search_s": round(f.search_s, 1), "timed": f.timed,
                        "notes": f.notes} for f in flows],
@@ -275,15 +279,15 @@ def print_table(name: str, flows: list[Flow], macs0: int, params0: int, base_val
     print(f"\n{name}: all final engines timed together (ONNX Runtime CPU, level all, FP32, batch {args.batch_size}; "
           f"{args.repeats} runs x {args.final_rounds} rounds), fine-tune {args.epochs} epochs + KD, seeds {args.seeds}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'flow':24s} {'knob':20s} {'rnd':>3s} {'lat ratio':>9s} {'runs min-max':>13s} {'met':>3s} {'MACs/':>6s} "
+    print(f"{'flow':24s} {'knob':20s} {'rnd':>3s} {'paired':>6s} {'lat ratio':>9s} {'runs min-max':>13s} {'met':>3s} {'MACs/':>6s} "
           f"{'params':>10s} {'val':>6s} {'test':>6s} {'search s':>8s} {'timed':>5s}")
-    print(f"{'unpruned':24s} {'-':20s} {'-':>3s} {1.0:9.3f} {'':>13s} {'':>3s} {1.0:6.2f} {params0:10,d} "
+    print(f"{'unpruned':24s} {'-':20s} {'-':>3s} {1.0:6.3f} {1.0:9.3f} {'':>13s} {'':>3s} {1.0:6.2f} {params0:10,d} "
           f"{base_val:6.4f} {base_test:6.4f}")
     for f in flows:
         t = f.final
-        assert t is not None
+        assert t is not None and f.paired is not None
         met = t.ratio <= args.target + t.noise
-        print(f"{f.label:24s} {f.knob:20s} {f.round_to:>3d} {t.ratio:9.3f} {t.low:6.3f}-{t.high:<6.3f} "
+        print(f"{f.label:24s} {f.knob:20s} {f.round_to:>3d} {f.paired.ratio:6.3f} {t.ratio:9.3f} {t.low:6.3f}-{t.high:<6.3f} "
               f"{'yes' if met else 'no':>3s} {macs0 / f.macs:6.2f} {f.params:10,d} {statistics.mean(f.val):6.4f} "
               f"{statistics.mean(f.test):6.4f} {f.search_s:8.0f} {f.timed:>5d}")
     ours = flows[0]

@@ -45,7 +45,29 @@ timing) and candidates timed. Verdicts: (a)'s mean test top-1 >= that of (1) eac
 target in the final timing (median <= target + half its runs' IQR: "equal latency"), (2) each searched flow whose
 final ratio is <= (a)'s plus the larger noise of the two (strictly at most (a)'s latency).
 
-Measured (see the end of this docstring; filled in after the run).
+The "paired" column is each flow's chosen candidate as its search timed it (alone with the unpruned engine);
+the final column times all engines together, where the unpruned one runs on caches the others evicted and slows
+most (see ``EngineTimer.together``): compare final ratios with one another, paired ratios with the target.
+
+Measured (2 shared cores, Xeon with AVX-512 so round_to 16; other workers running beside: load average 3-7):
+``--models mobilenet_v2 --seeds 0 1 2 --epochs 6 --threads 1`` (base: 15 epochs, val 97.56, test 98.61; 24.5
+MMACs; 1188 s in all, load 4.8 at start, 3.4 at end):
+
+    flow                 knob              rnd paired final (runs)        MACs/  params   val    test   search
+    (a) ours latency     ratio 0.477        16  0.497 0.344 (0.315-0.427)  2.22  757,322 98.49  97.59  6 s, 5
+    (b) ours MACs        MACs /32.17 asked   1  0.478 0.411 (0.319-0.445) 37.04   46,455 92.68  90.56 31 s, 10
+    (c) Torch-Pruning    ratio 0.883         1  0.409 0.369 (0.224-0.562) 46.24   41,029 91.06  90.09  9 s, 10
+    (c') TP round_to 16  ratio 0.384        16  0.493 0.387 (0.306-0.606)  2.57  805,258 98.26  98.15  8 s, 7
+    (b0) ours MACs /2    MACs /2 asked       1  ~1.25 1.180 (1.096-1.287)  2.01 1,081,433 98.61 97.59  -
+
+All four searched flows meet 0.5. (a) - (b) = +7.04 pt test, (a) - (c) = +7.50 pt: unrounded channels leave
+MLAS's NCHWc kernels, so MACs /2 runs x1.18-1.25 *slower* than unpruned, and the unrounded flows reach half the
+latency only at MACs /37-/46, which six epochs do not recover from. (a) - (c') = -0.56 pt test (per seed
+-1.39, +0.83, -1.11; 2 of 360 images), +0.23 pt val: ours is NOT at least as accurate on test as Torch-Pruning
+with our round_to, though within the noise of 360 test images. Why, we think: both keep multiples of 16, but we
+round the kept channels up and Torch-Pruning rounds them down, so at equal latency ours keeps the stem and the
+32-channel residual stream whole and cuts the wide expansion layers further (960 -> 512 vs 576; 1280 -> 672 vs
+784), Torch-Pruning the reverse (MACs /2.57 vs /2.22 at the same latency).
 """
 
 from __future__ import annotations

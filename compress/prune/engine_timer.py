@@ -111,9 +111,10 @@ class EngineTimer:
 
         For comparing finished models (pruned by different methods) at once: a burst of load elsewhere
         hits every engine of a round alike, so their ratios stay comparable with one another. Compare ratios
-        within one call only: among more engines each runs on caches the others evicted, which slows the
-        largest (the unpruned) most, so the ratios come out lower than paired ones (a MobileNetV2 at 64x64,
-        batch 8: unpruned 4.8 ms paired, 10.3 ms among six engines; a pruned copy x0.50 paired, x0.34 there).
+        within one call only: among more engines each runs on caches the others evicted, which slows each by
+        its own share, so the ratios differ from paired ones (batch 8 at 64x64 among six engines: MobileNetV2's
+        unpruned engine 4.8 -> 10.3 ms and a pruned copy x0.50 -> x0.34; ResNet-18's pruned copies x0.45-0.47
+        -> x0.47-0.65). A target is checked on paired ratios (:meth:`__call__`), as the search does.
         """
         paths, runs = [], []
         for model in models:

@@ -1,7 +1,7 @@
 """Accuracy at equal measured engine latency: latency-targeted vs MACs-targeted vs Torch-Pruning pruning.
 
 usage: cd SCRATCH && PYTHONPATH=REPO python REPO/benchmarks/prune_equal_latency.py
-           [--models mobilenet_v2 resnet18] [--size 64] [--base-epochs 15] [--epochs 6] [--seeds 0 1]
+           [--models mobilenet_v2 resnet18] [--size 64] [--base-epochs 15] [--epochs 6] [--seeds 0 1 2]
            [--target 0.5] [--batch-size 8] [--candidates 6] [--others-candidates 10] [--repeats 5]
            [--rounds 5] [--final-rounds 10]
            [--threads 2] [--json OUT.json]
@@ -366,7 +366,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--base-epochs", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=6, help="fine-tune (+KD) epochs of every pruned model")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=6, help="(a)'s search budget (its default)")

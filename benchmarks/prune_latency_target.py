@@ -16,7 +16,7 @@ and timed in ``repeats`` interleaved runs of ``rounds`` paired rounds. ``int8``:
 pruning. Columns: the chosen candidate's measured latency ratio (median of the runs; min-max of the runs),
 met (median <= target + half the runs' IQR), MACs reduction, candidates timed, wall time of the search
 (exports, calibration, sessions and timing). No accuracy here: equal-latency accuracy against MACs-targeted
-and Torch-Pruning pruning is not measured yet.
+and Torch-Pruning pruning is ``benchmarks/prune_equal_latency.py``.
 """
 
 from __future__ import annotations

@@ -207,8 +207,19 @@ def engine_builder(example: torch.Tensor, folder: Path, threads: int):  # noqa: 
     return build
 
 
+def val_figures(found: ptq.Fallback) -> str:
+    """The kept step's drops on val: the search part, the confirm part, the engine over the confirm part."""
+    s = found.step
+    parts = [f"val drop: search {s.drop:+.2f} ({found.sensitivity.samples} samples)"]
+    if s.confirm_drop is not None:
+        parts.append(f"confirm {s.confirm_drop:+.2f} ({found.confirm_samples} samples, 1 = {found.sample_pt:.2f} pt)")
+    if s.engine_drop is not None:
+        parts.append(f"engine on {'confirm' if s.confirm_drop is not None else 'val'} {s.engine_drop:+.2f}")
+    return ", ".join(parts)
+
+
 def ours(name: str, model: nn.Module, data: Splits, build: Engines, max_drop: float,
-         search_from: tuple[str, ...]) -> tuple[Result, dict]:
+         search_from: tuple[str, ...], confirm: float) -> tuple[Result, dict]:
     result = Result(name)
     fp32_path = build.build(copy.deepcopy(model), data.example, f"{name}_fp32")
     result.rows.append(Row("FP32", top1(model, data.test), top1(build.session(fp32_path), data.test), path=fp32_path))
@@ -229,13 +240,13 @@ def ours(name: str, model: nn.Module, data: Splits, build: Engines, max_drop: fl
     for method in search_from:
         qmodel = copy.deepcopy(calibrated[method])
         with tempfile.TemporaryDirectory(dir=build.folder) as tmp:
-            found = ptq.fallback(qmodel, data.val, max_drop, "top1",
+            found = ptq.fallback(qmodel, data.val, max_drop, "top1", confirm=confirm,
                                  engine=engine_builder(data.example, Path(tmp), build.threads))
         step = found.step
         path = build.build(qmodel, data.example, f"{name}_budget_{method}", TARGET)
         floated = ", ".join(step.float_units) if len(step.float_units) <= 4 else \
             ", ".join(step.float_units[:4]) + f", +{len(step.float_units) - 4}"
-        note = (f"val drop {step.decisive_drop:+.2f} ({'met' if found.met else 'NOT met'}), "
+        note = (f"{val_figures(found)} ({'met' if found.met else 'NOT met'}), "
                 f"{len(step.float_units)}/{len(found.sensitivity.rows)} units float: {floated or 'none'}; "
                 f"{found.passes} passes")
         result.rows.append(Row(f"budget {max_drop} from {method}", top1(qmodel, data.test),
@@ -302,7 +313,8 @@ def modelopt(mtq: object, model: nn.Module, data: Splits, target_top1: float, fo
 # report
 
 
-def print_result(result: Result, size: int, max_drop: float, search_from: tuple[str, ...]) -> None:
+def print_result(result: Result, size: int, max_drop: float, search_from: tuple[str, ...],
+                 searches: dict[str, ptq.Fallback]) -> None:
     fp32 = result.row("FP32")
     print(f"\n{result.name}: top-1 on {size} hard-digits test images (1 sample = {100 / size:.2f} pt); "
           f"target {TARGET}, ORT level all, batch 8 p50")
@@ -327,7 +339,8 @@ def print_result(result: Result, size: int, max_drop: float, search_from: tuple[
         drop = fp32.engine - r.engine
         lat = result.latency
         print(f"VERDICT {result.name} budget from {method}: test engine drop {drop:+.2f} pt "
-              f"(all-INT8 {fp32.engine - base.engine:+.2f}) -> {'met' if drop <= max_drop + 1e-9 else 'NOT met'}; "
+              f"(all-INT8 {fp32.engine - base.engine:+.2f}; {val_figures(searches[method])}) -> "
+              f"{'met' if drop <= max_drop + 1e-9 else 'NOT met'} on test; "
               f"{r.int8_share:.1%} of MACs INT8; latency {lat[r.label] / lat['FP32']:.3f}x FP32, "
               f"{lat[r.label] / lat['INT8 max']:.3f}x all-INT8(max)")
     singles = [result.row(f"INT8 {m}") for m in METHODS if m != "auto"]
@@ -343,7 +356,7 @@ def run_model(name: str, data: Splits, args: argparse.Namespace, mtq: object, fo
     start = time.perf_counter()
     build = Engines(folder, args.threads)
     search_from = tuple(args.search_from.split(","))
-    result, _ = ours(name, model, data, build, args.max_drop, search_from)
+    result, searches = ours(name, model, data, build, args.max_drop, search_from, args.confirm)
     measure_latency(result, build, data.example, args.iters)
     if mtq is not None:
         try:
@@ -352,7 +365,7 @@ def run_model(name: str, data: Splits, args: argparse.Namespace, mtq: object, fo
             result.modelopt = [f"ModelOpt AutoQuantize rows left out: {type(exc).__name__}: {str(exc)[:300]}"]
     else:
         result.modelopt = ["ModelOpt AutoQuantize rows left out: nvidia-modelopt not installed (or --skip-modelopt)"]
-    print_result(result, len(data.test.dataset), args.max_drop, search_from)
+    print_result(result, len(data.test.dataset), args.max_drop, search_from, searches)
     print(f"({name}: trained/loaded in {seconds:.0f} s, measured in {time.perf_counter() - start:.0f} s)", flush=True)
 
 
@@ -363,6 +376,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--max-drop", type=float, default=0.3)
     parser.add_argument("--skip-modelopt", action="store_true")
+    parser.add_argument("--confirm", type=float, default=0.5,
+                        help="share of val held out to confirm each step (ptq.fallback confirm; 0: none)")
     parser.add_argument("--search-from", default="max",
                         help="calibrators whose all-INT8 model the budget search starts from (max,auto)")
     args = parser.parse_args()

@@ -231,7 +231,8 @@ def _budget(stages: list[dict[str, Any]], most: int = 10) -> list[str]:
         lines += ["", "| unit | kind | MACs | share of MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         if sens.get("measured", True):
-            ranked = sorted(sens["layers"], key=lambda r: (-r["recovery_alone"], r["macs"]))[:most]
+            # the order the search floats them in (compress.ptq.sensitivity.harm)
+            ranked = sorted(sens["layers"], key=lambda r: (-max(r["recovery_alone"], r["drop_alone"]), r["macs"]))[:most]
             lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['macs'] / total:.1%} | "
                       f"{r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | {r['fidelity_alone']:.4f} |" for r in ranked]
         else:  # the largest units: where float would cost most, had the budget needed any

@@ -6,7 +6,8 @@ part, the only data that chooses anything, and a *confirm* part that only says w
 1. The all-INT8 model is measured on both parts (and, with ``engine``, on the engine): when it meets the budget
    the search stops there, and no per-unit table is measured (4 passes, 5 with the engine).
 2. Otherwise the :mod:`compress.ptq.sensitivity` table on the search part ranks the units, and greedily the units
-   in order of recovery (most first; the fewest MACs first among equals) go float one more at a time, each step
+   in order of harm (:func:`compress.ptq.sensitivity.harm`, the larger of recovery alone and drop alone, most
+   first; the fewest MACs first among equals) go float one more at a time, each step
    measured on both parts (2 passes), until a step meets the budget.
 
 A step *meets* the budget when its drop (points below the float model, each part against the float model on

@@ -89,12 +89,14 @@ def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(d
 
 def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn_checkpoint, val):
     qmodel = sensitive_model(digits_cnn_checkpoint)
-    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers (input range x300): one float unit cannot fix three
-        (unit,) = [u for u in quant.units(qmodel) if u.name == name]
-        qmodel.get_submodule(unit.quantizers[0]).amax *= 300
+    # a second, milder fault (input range x64: a dozen of the 360 digits flip): one float unit cannot fix both
+    (unit,) = [u for u in quant.units(qmodel) if u.name == "layer1.conv1"]
+    qmodel.get_submodule(unit.quantizers[0]).amax *= 64
     result = ptq.fallback(qmodel, val, max_drop=0.0, max_units=1)
-    assert not result.met and result.gap == result.step.drop > 1
-    assert len(result.steps) == 2 and result.kept == 1  # one unit in float is closer than none
+    assert not result.met and result.gap == result.step.decisive_drop > 1
+    assert result.step.decisive_drop == max(result.step.drop, result.step.confirm_drop)  # the worse part counts
+    assert len(result.steps) == 2 and result.kept == 1  # the planted layer float is closer than none
+    assert result.step.float_units == [SENSITIVE]
     assert quant.float_units(qmodel) == result.step.float_units
     assert "not met (closest:" in result.summary()
 
@@ -138,6 +140,19 @@ def test_fallback_with_no_drop_changes_nothing_and_measures_no_table(digits_cnn_
     assert report.plot_budget(doc, tmp_path / "budget.png")
     png = (tmp_path / "budget.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 550  # one panel: 5.5 in at 100 dpi
+
+
+def test_two_faults_that_each_break_the_model_alone_are_floated_first(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    second = "layer1.conv1"
+    (unit,) = [u for u in quant.units(qmodel) if u.name == second]
+    qmodel.get_submodule(unit.quantizers[0]).amax *= 300  # its input rounds to a few levels: the model breaks
+    result = ptq.fallback(qmodel, val, max_drop=0.3)
+    rows = {r.name: r for r in result.sensitivity.rows}
+    for name in (SENSITIVE, second):  # either float alone leaves the other fault: recovery alone cannot see them
+        assert rows[name].drop_alone > 50 and rows[name].recovery_alone < 10
+    assert set(result.steps[2].float_units) == {SENSITIVE, second}  # harm (drop alone here) ranks them first
+    assert result.met and result.kept == 2 and set(quant.float_units(qmodel)) == {SENSITIVE, second}
 
 
 @pytest.mark.parametrize("kwargs, message", [({"max_drop": -0.1}, "max_drop must be at least 0"),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import RandomSampler
 
 from compress.data import split_batch
 from compress.errors import CompressError
@@ -98,11 +99,14 @@ def split(data: Iterable[Any], share: float) -> Split:
     """``data`` as a search part and a confirm part holding ``share`` of the samples out (0: no confirm part).
 
     Raises:
-        CompressError: ``share`` outside [0, 1).
+        CompressError: ``share`` outside [0, 1); ``data`` a shuffling DataLoader (the parts are by position).
         SplitTooSmall: ``share`` > 0 and the data too small for both parts to hold a sample.
     """
     if not 0 <= share < 1:
         raise CompressError(f"confirm must be a share in [0, 1), not {share}")
+    if share > 0 and isinstance(getattr(data, "sampler", None), RandomSampler):
+        raise CompressError(f"confirm={share}: the data is shuffled (a DataLoader with shuffle=True), so the parts "
+                            "would change from pass to pass; pass an unshuffled loader")
     n = count(data)
     if share == 0:
         return Split(data, None, n, 0, 0.0)

@@ -206,7 +206,8 @@ def fallback(
     parts of ``data`` (see the module docstring).
 
     Args:
-        data: validation batches (a DataLoader or a list), never the split the model is reported on.
+        data: validation batches (a DataLoader or a list, yielding the same samples in the same order each pass:
+            the parts are by position), never the split the model is reported on.
         max_drop: the budget, in points (0.3 = 0.3 percentage points of top-1).
         metric: as for :func:`compress.ptq.sensitivity.sensitivity`.
         max_units: at most this many units go float (default: no limit, so a budget is always met, at worst

@@ -49,7 +49,7 @@ class Budget(Strict):
     # confirm on an ONNX Runtime engine (over the confirm part) the steps the fake-quant model says meet the budget,
     # and time every step's engine against the float model's (batch 8)
     engine: bool = False
-    # share of data.val held out (every 1/confirm-th sample) to confirm each step; the search never sees it.
+    # share of data.val held out (interleaved by position) to confirm each step; the search never sees it.
     # 0: none (the budget is then checked on the very samples that chose the units: optimistic on unseen data)
     confirm: Annotated[float, Field(ge=0, lt=1)] = SHARE
 

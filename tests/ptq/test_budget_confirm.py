@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers_budget import SENSITIVE, sensitive_model
 from helpers_quant import digits
+from torch.utils.data import DataLoader, TensorDataset
 
 from compress import ptq, quant
 from compress.errors import CompressError
@@ -50,7 +51,7 @@ def test_data_sorted_by_class_gives_both_parts_the_same_class_mix():
         assert counts.tolist() == [18] * 10
 
 
-def test_data_too_small_to_split_is_refused_in_one_line_and_zero_holds_nothing_out():
+def test_data_too_small_or_shuffled_is_refused_in_one_line_and_zero_holds_nothing_out():
     with pytest.raises(SplitTooSmall, match=r"^confirm=0.5: the data has 1 sample\(s\), too few .* \(at least 2 needed\)"):
         split(_indexed(1, 1), 0.5)
     with pytest.raises(SplitTooSmall, match="at least 4 needed"):
@@ -58,6 +59,9 @@ def test_data_too_small_to_split_is_refused_in_one_line_and_zero_holds_nothing_o
     assert split(_indexed(4, 4), 0.25).confirm_samples == 1
     with pytest.raises(CompressError, match=r"confirm must be a share in \[0, 1\), not 1"):
         split(_indexed(4, 4), 1.0)
+    x, y = _indexed(8, 8)[0]
+    with pytest.raises(CompressError, match="the data is shuffled"):
+        split(DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), 0.5)
     data = _indexed(5, 2)
     whole = split(data, 0)
     assert whole.confirm is None and whole.search is data and whole.search_samples == 5

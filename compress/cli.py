@@ -281,7 +281,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _sensitivity_text(table: Any, what: str) -> str:
-    """The table as ``compress sensitivity`` prints it: most recovery first."""
+    """The table as ``compress sensitivity`` prints it: most harm first (what a budget floats first)."""
     lines = [what,
              f"{table.metric}: float {table.float_score:.4f}, all INT8 {table.int8_score:.4f} (drop {table.drop} pt); "
              f"{table.passes} forward passes, {table.seconds:.1f} s",

@@ -174,40 +174,71 @@ def _calibration(stages: list[dict[str, Any]], most: int = 3) -> list[str]:
     return ["", "## Calibration", "", *lines] if lines else []
 
 
+NOT_MEASURED = "not measured (all-INT8 meets the budget)"
+
+
+def _fmt_drop(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def _budget(stages: list[dict[str, Any]], most: int = 10) -> list[str]:
-    """Per stage with an accuracy budget: the outcome, the search path and the most sensitive units."""
+    """Per stage with an accuracy budget: the outcome on each part, the resolution, the search path and the most
+    sensitive units (the largest, when the table was not needed)."""
     lines: list[str] = []
     for i, s in enumerate(stages):
         b = s.get("budget")
         if not b:
             continue
-        sens = b["sensitivity"]
+        sens, confirm = b["sensitivity"], b.get("confirm") or {}
         outcome = "met" if b["met"] else f"**not met** ({b['gap']} pt over; the closest step kept)"
+        drops = f"drop {b['drop']:.2f} pt on the search part"
+        if b.get("confirm_drop") is not None:
+            drops += f", {b['confirm_drop']:.2f} pt on the confirm part"
+        if b.get("engine_drop") is not None:
+            drops += f", {b['engine_drop']:.2f} pt on the engine"
         lines += [f"### {i + 1}. {s['type']}: {b['metric']} within {b['max_drop']} pt of float on data.{b['split']}: "
                   f"{outcome}", "",
-                  f"{len(b['float_units'])} unit(s) float, {b['int8_macs_share']:.1%} of MACs INT8; {b['passes']} "
-                  f"forward passes, {b['seconds']:.1f} s", "",
-                  "| step | units float | metric | drop (pt) | engine drop (pt) | MACs INT8 | engine ms (x float) |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+                  f"{len(b['float_units'])} unit(s) float, {b['int8_macs_share']:.1%} of MACs INT8; {drops}; "
+                  f"{b['passes']} forward passes, {b['seconds']:.1f} s", ""]
+        if confirm.get("samples"):
+            lines += [f"data.{b['split']} split: {sens['samples']} samples to search (the sensitivity table and the "
+                      f"order), {confirm['samples']} held out to confirm ({confirm['share']:g} of the samples, interleaved "
+                      f"by position; they chose nothing, a step counts as met only when it meets the budget too"
+                      f"{', and the engine on it' if b.get('engine') else ''}). "
+                      f"confirm: {confirm['samples']} samples, 1 sample = {confirm['sample_pt']:g} pt.", ""]
+        else:
+            lines += ["confirm: none (confirm 0): the budget was checked on the samples that chose the units; expect a "
+                      "larger drop on unseen data.", ""]
+        if confirm.get("warning"):
+            lines += [f"WARNING {confirm['warning']}", ""]
+        lines += ["| step | units float | metric (search) | drop search (pt) | drop confirm (pt) | engine drop (pt) | "
+                  "MACs INT8 | engine ms (x float) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
         timed = {t["step"]: t for t in b.get("latency", [])}
         for k, p in enumerate(b["path"]):
-            engine = "" if p.get("engine_drop") is None else f"{p['engine_drop']:.2f}"
             mark = " (kept)" if k == b["kept_step"] else ""
             units = ", ".join(f"`{n}`" for n in p["float_units"][-3:]) or "none"
             more = f"{len(p['float_units']) - 3} more, " if len(p["float_units"]) > 3 else ""
             ms = f"{timed[k]['ms']:.3f} ({timed[k]['speedup']:.2f}x faster)" if k in timed else ""
-            lines.append(f"| {k}{mark} | {more}{units} | {p['score']:.4f} | {p['drop']:.2f} | {engine} | "
+            lines.append(f"| {k}{mark} | {more}{units} | {p['score']:.4f} | {p['drop']:.2f} | "
+                         f"{_fmt_drop(p.get('confirm_drop'))} | {_fmt_drop(p.get('engine_drop'))} | "
                          f"{p['int8_macs_share']:.1%} | {ms} |")
         if timed:
             lines += ["", f"Engine latency: ONNX Runtime (level all), batch {next(iter(timed.values()))['batch_size']}, "
                           "each step timed against the float model's engine, interleaved; \"x float\": the median "
                           "ratio of paired runs."]
         lines += ["", f"![accuracy budget]({BUDGET_PLOT})"]
-        ranked = sorted(sens["layers"], key=lambda r: (-r["recovery_alone"], r["macs"]))[:most]
-        lines += ["", "| unit | kind | MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
-                  "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | "
-                  f"{r['fidelity_alone']:.4f} |" for r in ranked]
+        total = max(sens["macs"], 1)
+        lines += ["", "| unit | kind | MACs | share of MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        if sens.get("measured", True):
+            # the order the search floats them in (compress.ptq.sensitivity.harm)
+            ranked = sorted(sens["layers"], key=lambda r: (-max(r["recovery_alone"], r["drop_alone"]), r["macs"]))[:most]
+            lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['macs'] / total:.1%} | "
+                      f"{r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | {r['fidelity_alone']:.4f} |" for r in ranked]
+        else:  # the largest units: where float would cost most, had the budget needed any
+            largest = sorted(sens["layers"], key=lambda r: -r["macs"])[:most]
+            lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['macs'] / total:.1%} | {NOT_MEASURED} | "
+                      f"{NOT_MEASURED} | |" for r in largest]
         lines.append("")
     return ["", "## Accuracy budget", "", *lines] if lines else []
 
@@ -464,9 +495,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def plot_budget(doc: dict[str, Any], path: Path) -> bool:
-    """For the first stage with an accuracy budget: each unit's recovery alone against its share of the MACs, and
-    the search path (drop against engine latency where timed, else against the share of MACs still INT8).
-    Returns whether there was one to draw."""
+    """For the first stage with an accuracy budget: each unit's recovery alone against its share of the MACs (only
+    when the table was measured: an all-INT8 model that met the budget needs none, and the figure then has the path
+    panel alone), and the search path (the drop on each part, and the engine's, against engine latency where timed,
+    else against the share of MACs still INT8). Returns whether there was one to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -474,22 +506,16 @@ def plot_budget(doc: dict[str, Any], path: Path) -> bool:
     if budget is None:
         return False
     sens, path_steps = budget["sensitivity"], budget["path"]
-    fig = Figure(figsize=(10, 4), dpi=100)
+    measured = sens.get("measured", True)
+    fig = Figure(figsize=(10 if measured else 5.5, 4), dpi=100)
     FigureCanvasAgg(fig)
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    rows = sens["layers"]
-    total = max(sens["macs"], 1)
-    xs, ys = [100 * r["macs"] / total for r in rows], [r["recovery_alone"] for r in rows]
-    left.scatter(xs, ys, s=14, color="tab:blue")
-    top = max((r["recovery_alone"] for r in rows), default=0.0)
-    # names only for the units that matter (a quarter of the largest recovery or more): labels of the many units
-    # near zero would print over each other
-    for r in [r for r in sorted(rows, key=lambda r: -r["recovery_alone"]) if top > 0 and r["recovery_alone"] >= top / 4][:5]:
-        left.annotate(r["name"], (100 * r["macs"] / total, r["recovery_alone"]), textcoords="offset points",
-                      xytext=(3, 3), fontsize=7)
-    left.set_xlabel("share of the model's MACs (%)")
-    left.set_ylabel(f"{sens['metric']} recovered when alone float (pt)")
-    left.set_title("sensitivity per unit")
+    if measured:
+        left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        _sensitivity_panel(left, sens)
+        axes = (left, right)
+    else:
+        right = fig.add_subplot(1, 1, 1)
+        axes = (right,)
     timed = {t["step"]: t for t in budget.get("latency", [])}
     if timed:
         xs = [timed[k]["ms"] for k in range(len(path_steps))]
@@ -498,23 +524,43 @@ def plot_budget(doc: dict[str, Any], path: Path) -> bool:
     else:
         xs = [100 * p["int8_macs_share"] for p in path_steps]
         right.set_xlabel("MACs still INT8 (%)")
-    right.plot(xs, [p["drop"] for p in path_steps], "o-", color="tab:blue", label="fake-quant drop")
+    right.plot(xs, [p["drop"] for p in path_steps], "o-", color="tab:blue", label="fake-quant drop, search part")
+    confirm = [(x, p["confirm_drop"]) for x, p in zip(xs, path_steps, strict=True) if p.get("confirm_drop") is not None]
+    if confirm:
+        right.plot(*zip(*confirm, strict=True), "^--", color="tab:orange", label="fake-quant drop, confirm part")
     engine = [(x, p["engine_drop"]) for x, p in zip(xs, path_steps, strict=True) if p.get("engine_drop") is not None]
     if engine:
-        right.plot(*zip(*engine, strict=True), "s", color="tab:green", label="engine drop")
+        right.plot(*zip(*engine, strict=True), "s", color="tab:green", label="engine drop (confirm part)")
     for k, x in enumerate(xs):
         right.annotate(f"{k}{' kept' if k == budget['kept_step'] else ''}", (x, path_steps[k]["drop"]),
                        textcoords="offset points", xytext=(3, 3), fontsize=7)
     right.axhline(budget["max_drop"], color="tab:red", ls="--", lw=1, label=f"budget {budget['max_drop']} pt")
     right.set_ylabel(f"{budget['metric']} drop vs float (pt)")
-    right.set_title("search path (step: units float)")
+    right.set_title("search path (step: units float)" if measured else
+                    "all-INT8 meets the budget: no sensitivity table needed")
     right.legend(fontsize=7)
-    for ax in (left, right):
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return True
+
+
+def _sensitivity_panel(ax: Any, sens: dict[str, Any]) -> None:
+    """Each unit's recovery alone against its share of the MACs, the units that matter named."""
+    rows = sens["layers"]
+    total = max(sens["macs"], 1)
+    ax.scatter([100 * r["macs"] / total for r in rows], [r["recovery_alone"] for r in rows], s=14, color="tab:blue")
+    top = max((r["recovery_alone"] for r in rows), default=0.0)
+    # names only for the units that matter (a quarter of the largest recovery or more): labels of the many units
+    # near zero would print over each other
+    for r in [r for r in sorted(rows, key=lambda r: -r["recovery_alone"]) if top > 0 and r["recovery_alone"] >= top / 4][:5]:
+        ax.annotate(r["name"], (100 * r["macs"] / total, r["recovery_alone"]), textcoords="offset points",
+                    xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("share of the model's MACs (%)")
+    ax.set_ylabel(f"{sens['metric']} recovered when alone float (pt)")
+    ax.set_title("sensitivity per unit")
 
 
 def _have_matplotlib() -> bool:

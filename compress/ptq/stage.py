@@ -28,6 +28,7 @@ from compress.data import split_batch
 from compress.errors import CompressError
 from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import OrtEngine
+from compress.ptq.confirm import SHARE, SplitTooSmall, split
 from compress.ptq.fallback import Fallback, fallback
 from compress.ptq.step_latency import BATCH_SIZE, step_latency
 from compress.quant import quantizable_layers
@@ -45,9 +46,12 @@ class Budget(Strict):
     max_drop: Annotated[float, Field(ge=0, le=100)]
     metric: str | None = None  # default: the recipe's metric
     max_units: Annotated[int, Field(gt=0)] | None = None  # at most this many units in float (default: no limit)
-    # confirm on an ONNX Runtime engine the steps the fake-quant model says meet the budget, and time every step's
-    # engine against the float model's (batch 8)
+    # confirm on an ONNX Runtime engine (over the confirm part) the steps the fake-quant model says meet the budget,
+    # and time every step's engine against the float model's (batch 8)
     engine: bool = False
+    # share of data.val held out (interleaved by position) to confirm each step; the search never sees it.
+    # 0: none (the budget is then checked on the very samples that chose the units: optimistic on unseen data)
+    confirm: Annotated[float, Field(ge=0, lt=1)] = SHARE
 
     @field_validator("metric")
     @classmethod
@@ -70,15 +74,29 @@ def check_budget(model: nn.Module, budget: Budget, ctx: StageContext) -> str:
         raise CompressError(f"{where}: needs data.val (a split, or {{holdout: F}} of data.train) to measure on; "
                             "a budget is never measured on data.eval")
     metric = budget.metric or ctx.metric
+    loader = ctx.splits.loader("val", needed_by=where)
+    _held_out(loader, budget.confirm, where)
     if metric in metrics.TASK:
-        loader = ctx.splits.loader("val", needed_by=where)
         _, labels = split_batch(next(iter(loader)))
         if labels is None:
             field = "metric" if budget.metric else "metric (the recipe's)"
             raise CompressError(f"{where}.{field}: {metric} needs labels but data.val has none; "
                                 "use metric: agreement (label-free, against the float model)")
-    return f"budget: 2 passes over data.val per quantized unit + 2, then 1 per unit put in float " \
-           f"(~{len(quantizable_layers(model))} quantizable layers)"
+    held = f"{budget.confirm:g} of data.val held out to confirm" if budget.confirm else "no confirm part"
+    return f"budget ({held}): all-INT8 first (4 passes); if it misses, 2 passes over the search part per " \
+           f"quantized unit, then 2 per unit put in float (~{len(quantizable_layers(model))} quantizable layers)"
+
+
+def _held_out(loader: Any, share: float, where: str) -> None:
+    """Raises:
+        CompressError: data.val too small to hold ``share`` out, naming ``budget.confirm``.
+    """
+    try:
+        split(loader, share)
+    except SplitTooSmall as exc:
+        raise CompressError(f"{where}.confirm: data.val has {exc.samples} sample(s), too few to hold {share} of "
+                            f"them out to confirm the budget on (at least {exc.needed} needed); give data.val more "
+                            "samples, or set confirm: 0 to check it on the samples the search chose on") from None
 
 
 def check_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> str | None:
@@ -142,7 +160,8 @@ def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResu
         with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
             result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
                               budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
-                              announce=announce, engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
+                              confirm=budget.confirm, announce=announce,
+                              engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
                               on_step=saved.write, resume=saved.read())
             info["budget"] = {**result.to_dict(), "split": "val"}
             if budget.engine:  # the price of each step: engine latency against the float model

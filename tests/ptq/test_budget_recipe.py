@@ -58,12 +58,19 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     budget = report["stages"][0]["budget"]
     assert budget["split"] == "val" and budget["met"] and budget["float_units"] == [SENSITIVE]
     assert [s["float_units"] for s in budget["path"]] == [[], [SENSITIVE]]
-    assert budget["path"][0]["drop"] > 50 and budget["drop"] <= 0.3  # on the 287 held-out train digits
-    # confirmed on the ONNX Runtime engine: only the step the fake-quant model said meets the budget
+    # the 287 held-out train digits: 144 to search, 143 (every other one) to confirm
+    assert budget["path"][0]["drop"] > 50 and budget["drop"] <= 0.3 and budget["confirm_drop"] <= 0.3
+    assert budget["search"] == {"samples": 144, "float": budget["sensitivity"]["float"], "drop": budget["drop"]}
+    confirm = budget["confirm"]
+    assert (confirm["share"], confirm["samples"], confirm["sample_pt"]) == (0.5, 143, round(100 / 143, 4))
+    assert confirm["drop"] == budget["confirm_drop"] and confirm["engine_drop"] == budget["engine_drop"]
+    assert "max_drop 0.3 pt is below one sample of the confirm part (0.6993 pt of 143 samples)" in confirm["warning"]
+    # confirmed on the ONNX Runtime engine: only the step both parts said meets the budget
     assert budget["path"][0]["engine_drop"] is None and budget["engine_drop"] == budget["path"][1]["engine_drop"]
     units = len(budget["sensitivity"]["layers"])  # 14 for onnxruntime: 7 layers, 7 shared tensors
-    assert budget["engine_drop"] <= 0.3 and budget["passes"] == 2 * units + 2 + 1 + 1  # table, 1 step, 1 engine
-    assert budget["sensitivity"]["layers"] and budget["sensitivity"]["samples"] == 287
+    # all-INT8 on both parts (4), the rest of the table on the search part, step 1 on both parts, 1 engine
+    assert budget["engine_drop"] <= 0.3 and budget["passes"] == 4 + 2 * units + 2 + 1
+    assert budget["sensitivity"]["measured"] and budget["sensitivity"]["samples"] == 144
     assert max(budget["sensitivity"]["layers"], key=lambda r: r["recovery_alone"])["name"] == SENSITIVE
     assert 0.5 < budget["int8_macs_share"] < 1  # layer1.conv2 is 28% of the MACs
     assert report["check"]["passed"]
@@ -78,6 +85,7 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
 
     md = (out / "report.md").read_text()
     assert "### 1. ptq: top1 within 0.3 pt of float on data.val: met" in md
+    assert "confirm: 143 samples, 1 sample = 0.6993 pt." in md and "WARNING max_drop 0.3 pt is below one sample" in md
     assert f"| 1 (kept) | `{SENSITIVE}` |" in md and "x faster) |" in md
     assert "![accuracy budget](report_budget.png)" in md
     assert (out / "report_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,6 +110,9 @@ def test_budget_keeps_the_sensitive_layer_float_through_export(cli, write_recipe
     ("{max_drop: 0.3, metric: top5}", VAL, "stages.0.ptq.budget.metric"),
     ("{max_drop: 0.3, bogus: 1}", VAL, "stages.0.ptq.budget.bogus: unknown key 'bogus'"),
     ("{max_drop: 0.3}", "", "stages.0.ptq.budget: needs data.val"),
+    ("{max_drop: 0.3, confirm: 1}", VAL, "stages.0.ptq.budget.confirm"),
+    ("{max_drop: 0.3}", "  val: {holdout: 0.0005}\n",
+     "stages.0.ptq.budget.confirm: data.val has 1 sample(s), too few to hold 0.5 of them out"),
 ])
 def test_bad_budgets_are_refused_by_validate_in_one_line(cli, write_recipe, checkpoint, budget, val, message):
     recipe = _recipe(write_recipe, checkpoint, budget=budget, val=val)

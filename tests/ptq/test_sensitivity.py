@@ -11,7 +11,7 @@ import torch
 from helpers_budget import SENSITIVE, sensitive_model
 from helpers_quant import digits, top1
 
-from compress import ptq, quant
+from compress import ptq, quant, report
 from compress.errors import CompressError, DataError
 
 SAMPLE = 100 / 360  # one sample of the digits test split, in points
@@ -73,9 +73,14 @@ def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(d
     assert result.met and result.gap == 0
     assert result.step.float_units == [SENSITIVE] and quant.float_units(qmodel) == [SENSITIVE]
     assert [s.float_units for s in result.steps] == [[], [SENSITIVE]]
-    assert [s.step for s in saved] == result.steps and saved[-1].steps == result.steps  # the search so far, each step
-    assert result.steps[0].drop > 50 and result.step.drop <= 0.3
-    assert result.passes == 20 + 1  # the table, then one step
+    # the search so far: after step 0, after the table (still step 0), after step 1
+    assert [s.step for s in saved] == [result.steps[0], result.steps[0], result.steps[1]]
+    assert not saved[0].sensitivity.measured and saved[1].sensitivity.measured and saved[-1].steps == result.steps
+    assert result.steps[0].drop > 50 and result.step.drop <= 0.3 and result.step.confirm_drop <= 0.3
+    assert result.confirm_samples == 180 and result.sensitivity.samples == 180  # half of the 360 held out
+    # all-INT8 on both parts (float and INT8 each: 4), the rest of the table on the search part (2 per unit), then
+    # step 1 on both parts
+    assert result.passes == 4 + 2 * 9 + 2 and result.sensitivity.passes == 20
     macs = {r.name: r.macs for r in result.sensitivity.rows}
     assert result.step.int8_macs_share == pytest.approx(1 - macs[SENSITIVE] / result.sensitivity.macs, abs=1e-4)
     assert 100 * (result.sensitivity.float_score - top1(qmodel, val)) <= 0.3  # the model is left as measured
@@ -84,21 +89,70 @@ def test_fallback_puts_exactly_the_planted_layer_in_float_and_meets_the_budget(d
 
 def test_fallback_that_cannot_meet_the_budget_keeps_the_closest_model(digits_cnn_checkpoint, val):
     qmodel = sensitive_model(digits_cnn_checkpoint)
-    for name in ("layer1.conv1", "layer2.conv1"):  # two more broken layers (input range x300): one float unit cannot fix three
-        (unit,) = [u for u in quant.units(qmodel) if u.name == name]
-        qmodel.get_submodule(unit.quantizers[0]).amax *= 300
+    # a second, milder fault (input range x64: a dozen of the 360 digits flip): one float unit cannot fix both
+    (unit,) = [u for u in quant.units(qmodel) if u.name == "layer1.conv1"]
+    qmodel.get_submodule(unit.quantizers[0]).amax *= 64
     result = ptq.fallback(qmodel, val, max_drop=0.0, max_units=1)
-    assert not result.met and result.gap == result.step.drop > 1
-    assert len(result.steps) == 2 and result.kept == 1  # one unit in float is closer than none
+    assert not result.met and result.gap == result.step.decisive_drop > 1
+    assert result.step.decisive_drop == max(result.step.drop, result.step.confirm_drop)  # the worse part counts
+    assert len(result.steps) == 2 and result.kept == 1  # the planted layer float is closer than none
+    assert result.step.float_units == [SENSITIVE]
     assert quant.float_units(qmodel) == result.step.float_units
     assert "not met (closest:" in result.summary()
 
 
-def test_fallback_with_no_drop_changes_nothing(digits_cnn_checkpoint, val):
+def test_fallback_with_no_drop_changes_nothing_and_measures_no_table(digits_cnn_checkpoint, val, tmp_path):
     qmodel = sensitive_model(digits_cnn_checkpoint, outlier=1.0)
-    result = ptq.fallback(qmodel, val, max_drop=5.0)
+    lines: list[str] = []
+    result = ptq.fallback(qmodel, val, max_drop=5.0, announce=lines.append)
     assert result.met and result.steps[0].float_units == [] and len(result.steps) == 1
     assert quant.float_units(qmodel) == [] and all(q.quant_enabled for _, q in quant.quantizers(qmodel))
+    # the all-INT8 model met the budget on both parts: float and INT8 on each, and no per-unit pass
+    assert result.passes == 4 and result.sensitivity.passes == 2 and not result.sensitivity.measured
+    assert "the all-INT8 model first (4 passes)" in lines[0]
+    units = quant.units(qmodel)
+    rows = result.sensitivity.rows
+    assert [r.name for r in rows] == [u.name for u in units]
+    assert all(r.drop_alone is None and r.recovery_alone is None for r in rows)
+    assert {r.name: r.macs for r in rows}[SENSITIVE] == 32 * 32 * 9 * 8 * 8  # MACs are known without the table
+    assert result.step.int8_macs_share == pytest.approx(sum(r.macs for r in rows) / result.sensitivity.macs, abs=1e-4)
+
+    # with an engine: one more pass, the engine over the confirm part
+    from compress.export.onnx import export_onnx
+    from compress.export.onnxruntime import OrtEngine
+
+    def engine(model):
+        export_onnx(model, next(iter(val))[0][:1], tmp_path / "all_int8.onnx")
+        return OrtEngine(tmp_path / "all_int8.onnx")
+
+    confirmed = ptq.fallback(sensitive_model(digits_cnn_checkpoint, "onnxruntime", outlier=1.0), val, max_drop=5.0,
+                             engine=engine)
+    assert confirmed.met and confirmed.passes == 5 and not confirmed.sensitivity.measured
+    assert confirmed.step.engine_drop is not None and confirmed.step.engine_drop <= 5.0
+
+    # the report: units with their MACs, the per-unit figures said to be not measured, the path panel alone
+    entry = {"type": "ptq", "metrics": {"top1": 0.99}, "params": 1, "macs": 1, "budget": {**result.to_dict(), "split": "val"}}
+    doc = {"recipe": "r", "metric": "top1", "passed": True, "baseline": {"metrics": {"top1": 0.99}, "params": 1, "macs": 1},
+           "stages": [entry]}
+    md = report.markdown(doc)
+    assert f"| `{SENSITIVE}` | layer | {32 * 32 * 9 * 8 * 8:,} |" in md
+    assert md.count(report.NOT_MEASURED) == 2 * len(units) and "confirm: 180 samples, 1 sample = 0.5556 pt." in md
+    assert report.plot_budget(doc, tmp_path / "budget.png")
+    png = (tmp_path / "budget.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 550  # one panel: 5.5 in at 100 dpi
+
+
+def test_two_faults_that_each_break_the_model_alone_are_floated_first(digits_cnn_checkpoint, val):
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    second = "layer1.conv1"
+    (unit,) = [u for u in quant.units(qmodel) if u.name == second]
+    qmodel.get_submodule(unit.quantizers[0]).amax *= 300  # its input rounds to a few levels: the model breaks
+    result = ptq.fallback(qmodel, val, max_drop=0.3)
+    rows = {r.name: r for r in result.sensitivity.rows}
+    for name in (SENSITIVE, second):  # either float alone leaves the other fault: recovery alone cannot see them
+        assert rows[name].drop_alone > 50 and rows[name].recovery_alone < 10
+    assert set(result.steps[2].float_units) == {SENSITIVE, second}  # harm (drop alone here) ranks them first
+    assert result.met and result.kept == 2 and set(quant.float_units(qmodel)) == {SENSITIVE, second}
 
 
 @pytest.mark.parametrize("kwargs, message", [({"max_drop": -0.1}, "max_drop must be at least 0"),
@@ -136,16 +190,23 @@ def test_an_interrupted_fallback_resumes_from_its_saved_search(digits_cnn_checkp
     saved: list[dict] = []
     first = ptq.fallback(sensitive_model(digits_cnn_checkpoint), val, max_drop=0.3,
                          on_step=lambda search: saved.append(search.to_dict()))
-    interrupted = ptq.Fallback.from_dict(saved[0])  # saved after the table and step 0, before step 1
-    assert [s.float_units for s in interrupted.steps] == [[]]
+    interrupted = ptq.Fallback.from_dict(saved[1])  # saved after step 0 and the table, before step 1
+    assert [s.float_units for s in interrupted.steps] == [[]] and interrupted.sensitivity.measured
     qmodel = sensitive_model(digits_cnn_checkpoint)
     resumed = ptq.fallback(qmodel, val, max_drop=0.3, resume=interrupted)
-    assert resumed.resumed and resumed.passes == 2  # the float outputs once, then step 1; no table passes
+    # the float outputs of each part once, then step 1 on each; no table passes
+    assert resumed.resumed and resumed.passes == 4
     assert resumed.steps == first.steps and quant.float_units(qmodel) == [SENSITIVE]
-    # a search of another model (other units) is not reused
+    # interrupted before the table was done: step 0 is reused, the table measured (the float outputs, 2 per unit)
+    early = ptq.fallback(sensitive_model(digits_cnn_checkpoint), val, max_drop=0.3,
+                         resume=ptq.Fallback.from_dict(saved[0]))
+    assert early.resumed and early.passes == 1 + 2 * 9 + 1 + 2 and early.steps == first.steps
+    # a search of another model (other units), or of another split of the data, is not reused
     other = sensitive_model(digits_cnn_checkpoint, "onnxruntime")
     fresh = ptq.fallback(other, val, max_drop=0.3, resume=interrupted)
-    assert not fresh.resumed and fresh.passes == 2 * len(fresh.sensitivity.rows) + 2 + 1
+    assert not fresh.resumed and fresh.passes == 4 + 2 * len(fresh.sensitivity.rows) + 2
+    resplit = ptq.fallback(sensitive_model(digits_cnn_checkpoint), val, max_drop=0.3, confirm=0.25, resume=interrupted)
+    assert not resplit.resumed and resplit.confirm_samples == 90
 
 
 def test_an_attentions_matmul_quantizers_are_one_unit_and_rank_first_when_they_break_it():

@@ -18,8 +18,9 @@ too close to the noise of 360 samples to budget. Train split (1437) -> a fixed p
 out as ``val`` (the search's data; never the test split); calibration: the first 256 of the 1077. Test: the
 360-image test split (1 sample = 0.28 pt, so the 0.3 pt budget allows one sample), which the search never sees.
 Models (num_classes 10, trained on the 1077 once with a cosine schedule, last epoch kept, cached under
-runs/bench/budget_*.pt): torchvision MobileNetV2 width 0.5 (SGD 0.05, 6 epochs), EfficientNet-B0 (AdamW 2e-3,
-6 epochs), ``compress.zoo:vit_tiny`` (AdamW 1e-3, 20 epochs). Short schedules on 1077 images (a few minutes
+runs/bench/budget_*.pt): torchvision MobileNetV2 width 0.5 (SGD 0.05, 6 epochs), EfficientNet-B0 (SGD 0.05,
+25 epochs, stochastic depth off: AdamW 2e-3 for 6 epochs left it at 17.5 %, near chance), ``compress.zoo:vit_tiny``
+(AdamW 1e-3, 20 epochs). Short schedules on 1077 images (a few minutes
 each on 2 shared cores), so FP32 top-1 is well below what these models reach on clean digits.
 
 Rows per model (target ``onnxruntime``, INT8 attention for the ViT):
@@ -39,7 +40,8 @@ Rows per model (target ``onnxruntime``, INT8 attention for the ViT):
   quantization; gradient scores with cross-entropy) on the same FP32 checkpoint, calibrated and scored on the
   same 256 calibration images; ``effective_bits`` (ModelOpt's weight bits: 8 all INT8, 16 none) swept from 8 up,
   the scores computed once (its ``checkpoint`` file reused by the later points), and the point reported whose
-  test top-1 is the first to reach our budget(max) model's fake-quant test top-1 (else the closest): its
+  test top-1 is the first to reach our budget(max) model's fake-quant test top-1, capped at FP32 - max_drop
+  (ours may land above FP32 by noise), else the closest: its
   quantized layers, their MAC share, its fake-quant test top-1 in PyTorch and the first (scoring) call's time.
   The sweep looks at the test split to pick a point (what "a budget that lands at the same accuracy" needs);
   ours never does. ModelOpt's model is not exported, so it has no engine latency here.
@@ -69,6 +71,17 @@ Measured (2 shared cores at load 4-10, so times are loose; test top-1 of the eng
   (with 180 of them a 0.3 pt budget means no sample lost net, and it is warned about). ModelOpt (its 8 weighted
   layers; it puts no quantizer on the attention MatMuls or residual adds, so its all-INT8 point is 41.67, not 9)
   reaches 87.22 with 6/8 layers, 50.3 % of MACs INT8, 6 s (effective_bits 10).
+- EfficientNet-B0 (confirm 0.5, harm ranking; load 2-6): FP32 64.72, all-INT8 max 7.50 (-57.22: the hot pixels
+  ride every SiLU unsaturated; percentile 19.44 is the best single calibrator, auto 13.61, -5.83 pt, 93 s vs 64 s);
+  budget from max: **met on test (66.67, +1.94, within noise of FP32)**, val drop search -0.56 / confirm 0.00 /
+  engine on confirm 0.00, but with 116 of 119 units float: **0.3 % of MACs INT8**; p50 6.77 ms vs FP32 5.82 and
+  all-INT8 20.95 (ORT runs this INT8 graph 3.6x slower than FP32: the Q/DQ around SiLU/SE multiplies are not
+  fused); search 1116 s, 476 passes. ModelOpt (the torchvision in-place SiLU turned off for its gradient hooks) at
+  effective_bits 12: 27/82 layers INT8, **23.6 % of MACs INT8 at 64.44 (-0.28)**, 14.6 s: ModelOpt keeps far
+  more INT8 at the budget here. Why we lose: our units include the activation quantizers of every residual add and
+  SE multiply (ModelOpt puts none there), so the outlier reaches INT8 tensors ModelOpt leaves float, and no single
+  unit floated recovers accuracy until nearly all are (the greedy walks one unit a step). (The sweep's
+  printed target in that run was ours 66.67, before the cap at FP32 - 0.3; 12 bits is its first point >= 64.42.)
 """
 
 from __future__ import annotations
@@ -114,7 +127,9 @@ VAL, CALIB = 360, 256
 EVAL_BATCH = 360  # val and test in one batch each: a search pass is one forward (the fake-quant cost is per call)
 MODELS: dict[str, tuple[str, dict, int, float, str]] = {  # factory, kwargs, epochs, lr, optimizer
     "mobilenet_v2": ("torchvision.models:mobilenet_v2", {"num_classes": 10, "width_mult": 0.5}, 6, 0.05, "sgd"),
-    "efficientnet_b0": ("torchvision.models:efficientnet_b0", {"num_classes": 10}, 6, 2e-3, "adamw"),
+    # SGD, no stochastic depth, 25 epochs: AdamW 2e-3 for 6 epochs left it at 17.5 % (barely above chance)
+    "efficientnet_b0": ("torchvision.models:efficientnet_b0", {"num_classes": 10, "stochastic_depth_prob": 0.0}, 25,
+                        0.05, "sgd"),
     "vit_tiny": ("compress.zoo:vit_tiny", {"num_classes": 10}, 20, 1e-3, "adamw"),
 }
 BITS = (8.0, 8.02, 8.05, 8.1, 8.15, 8.2, 8.25, 8.5, 9.0, 10.0, 12.0, 14.0)  # later points reuse the scores: cheap
@@ -293,6 +308,9 @@ def modelopt(mtq: object, model: nn.Module, data: Splits, target_top1: float, fo
     half = 50.0 / len(data.test.dataset)  # half a test sample in points: top-1s from different runs differ in float noise
     for bits in BITS:
         work = copy.deepcopy(model).eval()
+        for module in work.modules():  # its gradient scores hook every layer's output: torchvision's in-place
+            if getattr(module, "inplace", False):  # activations (EfficientNet's SiLU) then fail autograd's
+                module.inplace = False  # view check; out of place computes the same values
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -375,7 +393,11 @@ def run_model(name: str, data: Splits, args: argparse.Namespace, mtq: object, fo
     measure_latency(result, build, data.example, args.iters)
     if mtq is not None:
         try:
-            result.modelopt = modelopt(mtq, model, data, result.row(f"budget {args.max_drop} from max").torch, folder)
+            # the accuracy ModelOpt must land at: ours, but no higher than the budget's floor (ours can land above
+            # FP32 by a sample or two of noise, which no budget asks of ModelOpt)
+            floor = result.row("FP32").torch - args.max_drop
+            ours_top1 = result.row(f"budget {args.max_drop} from max").torch
+            result.modelopt = modelopt(mtq, model, data, min(ours_top1, floor), folder)
         except Exception as exc:  # a benchmark reports a foreign library's failure and goes on
             result.modelopt = [f"ModelOpt AutoQuantize rows left out: {type(exc).__name__}: {str(exc)[:300]}"]
     else:

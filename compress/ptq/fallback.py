@@ -201,6 +201,7 @@ def fallback(
     on_step: Callable[[Fallback], None] | None = None,
     engine: Callable[[nn.Module], Runner] | None = None,
     resume: Fallback | None = None,
+    reference: nn.Module | None = None,
 ) -> Fallback:
     """Keep units float (in place) until the metric is within ``max_drop`` points of the float model's on both
     parts of ``data`` (see the module docstring).
@@ -224,6 +225,9 @@ def fallback(
             pass each) and must meet it too.
         resume: a search saved by ``on_step`` (:meth:`Fallback.from_dict`): its table and steps are reused
             where they fit this model (the same units, metric and split), so only the rest is measured.
+        reference: the float model the drop is measured against. Default: ``qmodel`` with every unit float,
+            right after PTQ. After QAT pass the model before it: the fine-tuned weights co-adapted with their
+            quantizers, and in float they may score far below it.
 
     Returns:
         The table, the search path and the step the model is left at; ``met`` False and ``gap`` say how far
@@ -254,8 +258,8 @@ def fallback(
     warning = too_fine(max_drop, parts.confirm_samples)
     if warning is not None:  # once, before the first pass
         log.warning("fallback: %s", warning)
-    search = Scorer(qmodel, parts.search, metric, found, output)
-    check = Scorer(qmodel, parts.confirm, metric, found, output) if parts.confirm is not None else None
+    search = Scorer(qmodel, parts.search, metric, found, output, reference)
+    check = Scorer(qmodel, parts.confirm, metric, found, output, reference) if parts.confirm is not None else None
     judge = check or search  # the data the engine is measured on
     reused = _reusable(resume, found, metric, parts)
     sens = reused.sensitivity if reused is not None else ends(search)

@@ -127,8 +127,10 @@ class Scorer:
     """Runs the model over the data with a set of units INT8 and scores it against the float outputs
     (collected once, on the first call of :meth:`float_reference`)."""
 
-    def __init__(self, qmodel: nn.Module, data: Iterable[Any], metric: str, found: list[Unit], output: str | None) -> None:
+    def __init__(self, qmodel: nn.Module, data: Iterable[Any], metric: str, found: list[Unit], output: str | None,
+                 reference_model: nn.Module | None = None) -> None:
         self.qmodel, self.data, self.metric, self.units, self.output = qmodel, data, metric, found, output
+        self.reference_model = reference_model  # None: the model itself with every unit float
         self.passes = 0
         self.reference: metrics.Outputs | None = None
 
@@ -145,7 +147,12 @@ class Scorer:
             DataError: the metric needs labels and the data has none.
         """
         if self.reference is None:
-            self.reference = self.collect(())
+            if self.reference_model is None:
+                self.reference = self.collect(())
+            else:
+                self.reference = metrics.collect(self.reference_model, self.data, name="the float model",
+                                                 output=self.output)
+                self.passes += 1
             if self.metric in metrics.TASK and self.reference.labels is None:
                 raise DataError(f"metric {self.metric} needs labels and the data has none; use metric: agreement")
         return self.reference
@@ -183,6 +190,7 @@ def sensitivity(
     *,
     output: str | None = None,
     announce: Callable[[str], None] | None = None,
+    reference: nn.Module | None = None,
 ) -> Sensitivity:
     """Per-unit sensitivity of a calibrated quantized model (see the module docstring).
 
@@ -195,6 +203,8 @@ def sensitivity(
             float model) or ``module:callable``.
         output: the model output the metric applies to (several outputs).
         announce: called with one line stating the cost (units, passes) before the first pass.
+        reference: the float model to measure drops against (after QAT: the model before it); default the
+            quantized model with every unit float.
 
     Returns:
         The float and all-INT8 scores and a row per unit, in module order (:meth:`Sensitivity.ranked` sorts).
@@ -209,7 +219,7 @@ def sensitivity(
     if announce is not None:
         announce(f"sensitivity: {len(found)} quantized units, {passes} forward passes over the data "
                  "(2 per unit, 1 float, 1 all-INT8)")
-    return measure(Scorer(qmodel, data, metric, found, output))
+    return measure(Scorer(qmodel, data, metric, found, output, reference))
 
 
 def quantized_units(qmodel: nn.Module, where: str) -> list[Unit]:

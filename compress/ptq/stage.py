@@ -143,35 +143,44 @@ def _engine_builder(ctx: StageContext, folder: Path) -> Callable[[nn.Module], An
     return build
 
 
+def apply_budget(float_model: nn.Module, qmodel: nn.Module, budget: Budget, ctx: StageContext,
+                 info: dict[str, Any], target: str, reference: nn.Module | None = None) -> list[str]:
+    """Keep the most sensitive units of ``qmodel`` float until ``budget`` holds on data.val (in place); the search
+    goes into ``info["budget"]``. ``float_model``: what each step's engine is timed against; ``reference``: the
+    model the drop is measured against (default ``qmodel`` with every unit float). Returns warnings."""
+    check_budget(float_model, budget, ctx)
+    warnings: list[str] = []
+
+    def announce(line: str) -> None:
+        if ctx.progress:
+            print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
+
+    saved = SavedSearch(ctx.stage_dir / "budget.json", qmodel, ctx)
+    every_unit = quant_units(qmodel)  # before the search puts any float
+    with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
+        result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
+                          budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
+                          confirm=budget.confirm, announce=announce,
+                          engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
+                          on_step=saved.write, resume=saved.read(), reference=reference)
+        info["budget"] = {**result.to_dict(), "split": "val"}
+        if budget.engine:  # the price of each step: engine latency against the float model
+            announce(f"timing {len(result.steps)} step engine(s) against the float model, batch {BATCH_SIZE}")
+            info["budget"]["latency"] = step_latency(float_model, qmodel, every_unit, result.steps, ctx.example_input,
+                                                     Path(tmp))
+    announce(result.summary())
+    if not result.met:
+        warnings.append(f"{ctx.where}.budget: {result.summary()}")
+    if budget.engine and target == "tensorrt":
+        warnings.append(f"{ctx.where}.budget.engine: measured in ONNX Runtime, which runs a tensorrt-target graph "
+                        "with INT8 simulated in float; a TensorRT engine may round differently")
+    return warnings
+
+
 @register("ptq", PtqConfig, check=check_ptq, effects=Effect.QUANTIZES)
 def run_ptq(model: nn.Module, config: PtqConfig, ctx: StageContext) -> StageResult:
     qmodel, info = quantize(model, config, ctx)
     warnings = calibration_warnings(info)
-    budget = config.budget
-    if budget is not None:
-        check_budget(model, budget, ctx)
-
-        def announce(line: str) -> None:
-            if ctx.progress:
-                print(f"{ctx.where}: {line}", file=sys.stderr, flush=True)
-
-        saved = SavedSearch(ctx.stage_dir / "budget.json", qmodel, ctx)
-        every_unit = quant_units(qmodel)  # before the search puts any float
-        with tempfile.TemporaryDirectory(prefix="compress-budget-") as tmp:
-            result = fallback(qmodel, ctx.splits.loader("val", needed_by=f"{ctx.where}.budget"), budget.max_drop,
-                              budget.metric or ctx.metric, output=ctx.metric_output, max_units=budget.max_units,
-                              confirm=budget.confirm, announce=announce,
-                              engine=_engine_builder(ctx, Path(tmp)) if budget.engine else None,
-                              on_step=saved.write, resume=saved.read())
-            info["budget"] = {**result.to_dict(), "split": "val"}
-            if budget.engine:  # the price of each step: engine latency against the float model
-                announce(f"timing {len(result.steps)} step engine(s) against the float model, batch {BATCH_SIZE}")
-                info["budget"]["latency"] = step_latency(model, qmodel, every_unit, result.steps, ctx.example_input,
-                                                         Path(tmp))
-        announce(result.summary())
-        if not result.met:
-            warnings.append(f"{ctx.where}.budget: {result.summary()}")
-        if budget.engine and info["target"] == "tensorrt":
-            warnings.append(f"{ctx.where}.budget.engine: measured in ONNX Runtime, which runs a tensorrt-target graph "
-                            "with INT8 simulated in float; a TensorRT engine may round differently")
+    if config.budget is not None:
+        warnings += apply_budget(model, qmodel, config.budget, ctx, info, info["target"])
     return StageResult(qmodel, info=info, warnings=warnings)

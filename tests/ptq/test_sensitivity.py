@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_budget import SENSITIVE, sensitive_model
+from helpers_budget import SENSITIVE, outlier_model, sensitive_model
 from helpers_quant import digits, top1
 
 from compress import ptq, quant, report
@@ -227,3 +227,16 @@ def test_an_attentions_matmul_quantizers_are_one_unit_and_rank_first_when_they_b
     assert rows[attention].macs == 2 * 17 * 17 * 64  # Q.K^T and A.V for 17 tokens of width 64
     assert table.ranked()[0].name == attention and rows[attention].recovery_alone > 30  # > 20 of 64 samples
     assert min(table.rows, key=lambda r: r.fidelity_alone).name == attention
+
+
+def test_fallback_measures_the_drop_against_the_reference_model_when_given(digits_cnn_checkpoint, val):
+    """After QAT the fine-tuned weights in float are not the model the user started from: ``reference`` is."""
+    qmodel = sensitive_model(digits_cnn_checkpoint)
+    weak = outlier_model(digits_cnn_checkpoint).eval()
+    with torch.no_grad():
+        weak.fc.weight.zero_()  # every logit its bias: one class for every digit, ~10 % top-1
+    result = ptq.fallback(qmodel, val, max_drop=0.3, reference=weak)
+    # the reference's score on the search part (one class for every digit: ~10 %), not the float model's ~99 %
+    assert result.sensitivity.float_score < 0.2 and top1(weak, val) < 0.2
+    # against that reference the all-INT8 model (~15 %) already meets the budget: nothing float, no table
+    assert result.met and result.step.float_units == [] and not result.sensitivity.measured

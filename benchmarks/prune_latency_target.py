@@ -3,6 +3,7 @@
 usage: python benchmarks/prune_latency_target.py [--models resnet18 mobilenet_v2 densenet121] [--size 224]
                                                  [--batch-sizes 1 8] [--precisions fp32 int8] [--target 0.5]
                                                  [--candidates 6] [--repeats 5] [--rounds 5] [--threads N]
+                                                 [--scope local|global]
                                                  [--json OUT.json]
 
 Models: torchvision ``resnet18`` (residual), ``mobilenet_v2`` (depthwise, inverted residual) and
@@ -46,10 +47,11 @@ def run(name: str, size: int, batch_size: int, precision: str, args: argparse.Na
     latency = LatencyTarget(target=args.target, batch_size=batch_size, threads=args.threads,
                             candidates=args.candidates, repeats=args.repeats, rounds=args.rounds)
     start = time.perf_counter()
-    found = compress.prune.channels(model, x, latency=latency, engine=Engine(int8=int8))
+    found = compress.prune.channels(model, x, latency=latency, engine=Engine(int8=int8), scope=args.scope)
     wall = time.perf_counter() - start
     report = found.to_report()
     return {"model": name, "size": size, "batch_size": batch_size, "precision": precision, "wall_s": round(wall, 1),
+            "scope": args.scope,
             **{k: report[k] for k in ("target", "met", "latency_ratio", "spread", "noise", "macs_reduction",
                                       "timed", "candidates", "stopped", "ratio")},
             "round_to": report["engine"]["round_to"], "path": report["path"]}
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--scope", choices=["local", "global"], default="local",
+                        help="channel ranking per group (local) or across groups (global: finer steps on DenseNet)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []

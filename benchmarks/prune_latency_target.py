@@ -17,7 +17,22 @@ and timed in ``repeats`` interleaved runs of ``rounds`` paired rounds. ``int8``:
 pruning. Columns: the chosen candidate's measured latency ratio (median of the runs; min-max of the runs),
 met (median <= target + half the runs' IQR), MACs reduction, candidates timed, wall time of the search
 (exports, calibration, sessions and timing). No accuracy here: equal-latency accuracy against MACs-targeted
-and Torch-Pruning pruning is ``benchmarks/prune_equal_latency.py``.
+and Torch-Pruning pruning is ``benchmarks/prune_equal_latency.py``. ``--scope global`` ranks channels across
+groups (finer steps where local scope moves a group only in large jumps, e.g. DenseNet's 32-channel growth convs).
+
+Measured at 224 (2 shared cores, AVX-512 so round_to 16, target 0.5, defaults; more rows in docs/benchmarks.md):
+
+    model         batch prec  scope   ratio  runs min-max  MACs/  wall s   load
+    densenet121       1 fp32  local   0.371  0.310-0.418   3.84    617     4-6
+    densenet121       1 int8  local   0.488  0.464-0.505   5.16    132     4-6
+    densenet121       8 fp32  local   0.342  0.335-0.391   3.84    540     4-6
+    densenet121       8 int8  local   0.449  0.448-0.449   3.84    535     2-4
+    densenet121       8 fp32  global  0.495  0.485-0.530   2.42    135     2-4
+    resnet18          1 int8  local   0.416  0.370-0.437   4.15     21     2-4
+    mobilenet_v2      1 int8  local   0.499  0.463-0.543   5.64     20     2-4
+
+All met. DenseNet with local scope lands well past the target (its growth convs keep 32 or 16 channels at
+round_to 16, nothing between: the stage warns and suggests scope global); global scope lands on it.
 """
 
 from __future__ import annotations

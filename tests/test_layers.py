@@ -32,7 +32,7 @@ LAYERS = ("base", "core", "stages", "recipe", "app")
 _BASE = {"errors", "config", "safe_yaml", "imports", "io", "select", "callbacks", "structure", "runlock", "distributed"}
 _APP = {"", "__main__", "cli", "pipeline", "report", "rundir"}
 # shared stage infrastructure under stages/: any stage may import it (every other module there is one stage type)
-_STAGE_INFRA = {"registry", "context", "builtin", "finetune", "order", "quantize", "teacher", "spec"}
+_STAGE_INFRA = {"registry", "context", "builtin", "finetune", "order", "quantize", "teacher", "spec", "budget"}
 
 
 def layer_of(module: str) -> str:

@@ -10,8 +10,8 @@ from torch import nn
 from compress import quant
 from compress.errors import CompressError
 from compress.export.latency import float_copy
-from compress.ptq.stage import Budget, apply_budget, check_budget
 from compress.qat.callback import QatCallback
+from compress.stages.budget import Budget, apply_budget, check_budget
 from compress.stages.context import StageContext, StageResult
 from compress.stages.finetune import StageFinetune, stage_finetune
 from compress.stages.order import quantized_before

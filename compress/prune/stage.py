@@ -323,12 +323,11 @@ def _engine(lat: LatencyTarget, ctx: StageContext) -> Engine:
 def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> dict[str, Any]:
     pruner = ChannelPruner(model, ctx.example_input, _options(config, ctx), where=ctx.where)
     example = pruner.example  # on the model's device
-    lat = config.latency
-    engine = _engine(lat, ctx) if lat is not None else None
-    if lat is not None and engine is not None:
+    timed = (config.latency, _engine(config.latency, ctx)) if config.latency is not None else None
+    found = None
+    if timed is not None:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    found = search_latency(pruner, lat, engine, ctx.stage_dir, pruner.options.round_to) \
-        if lat is not None and engine is not None else None
+        found = search_latency(pruner, *timed, ctx.stage_dir, pruner.options.round_to)
     # several steps (fine-tuned between) may leave other channel counts than the timed candidate: time the result
     unpruned = copy.deepcopy(model) if found is not None and config.steps > 1 else None
     total = found.chosen.ratio if found is not None and found.chosen is not None else config.ratio
@@ -346,8 +345,8 @@ def _run_channel(model: nn.Module, config: PruneConfig, ctx: StageContext) -> di
             entry["finetune"] = stage_finetune(model, config.finetune, ctx)
         steps.append(entry)
     resized = pruner.finish()
-    if found is not None and unpruned is not None and lat is not None and engine is not None:
-        time_final(found, unpruned, model, example, lat, engine, ctx.stage_dir)
+    if timed is not None and found is not None and unpruned is not None:
+        time_final(found, unpruned, model, example, *timed, ctx.stage_dir)
     return {"prune": {
         "method": config.method.value, "importance": config.importance.value, "scope": config.scope.value,
         "round_to": _round_to(config, ctx), "round_to_default": config.round_to is None,

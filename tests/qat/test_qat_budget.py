@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import pytest
 from helpers_budget import outlier_model
-from helpers_recipes import read_report, recipe_text
+from helpers_recipes import EXPORT, read_report, recipe_text
 
 import compress
 
-QAT = """\
-  - qat: {calibrator: max, finetune: {epochs: 1, lr: 0.0001}, freeze_bn_after: 0, budget: {max_drop: 0.5}}
-  - export:
-      onnx: {target: onnxruntime}
-      engine: {batch_sizes: [1], bench_iters: 2}
-      check: {max_drop: 1.0, min_agreement: 0.98}
-"""
+QAT = ("  - qat: {calibrator: max, finetune: {epochs: 1, lr: 0.0001}, freeze_bn_after: 0, budget: {max_drop: 0.5}}\n"
+       + EXPORT.format(target="onnxruntime", min_agreement=0.98))
 
 
 @pytest.mark.slow

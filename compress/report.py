@@ -231,8 +231,10 @@ def _budget(stages: list[dict[str, Any]], most: int = 10) -> list[str]:
         lines += ["", "| unit | kind | MACs | share of MACs | drop alone (pt) | recovery alone (pt) | cosine alone |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         if sens.get("measured", True):
-            # the order the search floats them in (compress.ptq.sensitivity.harm)
-            ranked = sorted(sens["layers"], key=lambda r: (-max(r["recovery_alone"], r["drop_alone"]), r["macs"]))[:most]
+            from compress.ptq.sensitivity import Sensitivity  # torch: only for a report that has a budget
+
+            rows = {r["name"]: r for r in sens["layers"]}  # in the order the search floats them in
+            ranked = [rows[r.name] for r in Sensitivity.from_dict(sens).ranked()[:most]]
             lines += [f"| `{r['name']}` | {r['kind']} | {r['macs']:,} | {r['macs'] / total:.1%} | "
                       f"{r['drop_alone']:.2f} | {r['recovery_alone']:.2f} | {r['fidelity_alone']:.4f} |" for r in ranked]
         else:  # the largest units: where float would cost most, had the budget needed any

@@ -26,10 +26,9 @@ from compress.export import tensorrt
 from compress.export.bench import round_robin_ms
 from compress.export.fp16 import to_fp16
 from compress.export.latency import export_for_timing
-from compress.export.onnx import export_onnx
 from compress.export.onnxruntime import OrtEngine
 from compress.export.options import Precision
-from compress.inputs import Inputs, move_inputs, repeat_first, take
+from compress.inputs import Inputs, move_inputs, repeat_first
 from compress.optimization_level import Optimization
 from compress.prune.latency_search import Timing
 from compress.prune.latency_target import Backend
@@ -141,11 +140,8 @@ class EngineTimer:
 
     def _export(self, model: nn.Module, name: str) -> Path:
         path = self.folder / f"{name}.onnx"
-        if self.engine.int8 is not None:
-            export_onnx(_calibrated_copy(model, self.example, self.engine.int8), take(self.example, slice(0, 1)), path,
-                        opset=self.engine.opset)
-        else:
-            export_for_timing(model, self.example, path, opset=self.engine.opset)
+        shipped = model if self.engine.int8 is None else _calibrated_copy(model, self.example, self.engine.int8)
+        export_for_timing(shipped, self.example, path, opset=self.engine.opset)
         if self.engine.precision is Precision.fp16:
             proto, _ = to_fp16(onnx.load(str(path)), keep_fp32=self.engine.keep_fp32)
             onnx.save(proto, str(path))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from compress.data import split_batch
 from compress.errors import CompressError
@@ -84,14 +84,14 @@ class Split:
     confirm_samples: int
     share: float
 
-    @property
-    def sample_points(self) -> float | None:
-        """One confirm sample in points of a fraction metric (top-1): the finest drop the confirm part can show."""
-        return round(100.0 / self.confirm_samples, 4) if self.confirm_samples else None
-
 
 def count(data: Iterable[Any]) -> int:
-    """Samples in ``data`` (one read, no forward pass)."""
+    """Samples in ``data``: a DataLoader's dataset length where every sample is yielded, else one read (no forward)."""
+    if isinstance(data, DataLoader) and not data.drop_last:
+        try:
+            return len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset: no length
+            pass
     return sum(batch_size(split_batch(batch)[0]) for batch in data)
 
 

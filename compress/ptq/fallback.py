@@ -111,13 +111,6 @@ class Fallback:
         """Points by which the kept model misses the budget (0 when met)."""
         return round(max(0.0, self.step.decisive_drop - self.max_drop), 4)
 
-    def resolution(self) -> str:
-        """``confirm: 180 samples, 1 sample = 0.5556 pt`` (or that nothing was held out)."""
-        if not self.confirm_samples:
-            return ("confirm: none (confirm 0: the budget is checked on the data that chose the units, so expect "
-                    "a larger drop on unseen data)")
-        return f"confirm: {self.confirm_samples} samples, 1 sample = {self.sample_pt:g} pt"
-
     def too_fine(self) -> str | None:
         """A warning when ``max_drop`` is below one confirm sample (the budget then means: no sample lost)."""
         return too_fine(self.max_drop, self.confirm_samples)
@@ -279,8 +272,9 @@ def fallback(
         int8 = _int8(found, step.float_units)
         if check is not None and step.confirm_drop is None:
             score, _ = check.score(int8)
-            ref = check.float_reference()
-            confirm_float = metrics.score(metric, ref, ref)[metric]
+            if confirm_float is None:  # the float model's own score there: the same every step
+                ref = check.float_reference()
+                confirm_float = metrics.score(metric, ref, ref)[metric]
             step = replace(step, confirm_score=score, confirm_drop=points(confirm_float - score))
         if engine is not None and step.engine_drop is None and step.decisive_drop <= max_drop:
             with quantizing(qmodel, int8, found):
@@ -289,7 +283,8 @@ def fallback(
             scored = metrics.score(metric, metrics.collect(runner, judge.data, name="the engine", output=output),
                                    reference)
             engine_passes += 1
-            base = metrics.score(metric, reference, reference)[metric]
+            base = confirm_float if check is not None and confirm_float is not None else \
+                metrics.score(metric, reference, reference)[metric]
             step = replace(step, engine_score=scored[metric], engine_drop=points(base - scored[metric]))
         return step
 

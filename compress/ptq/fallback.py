@@ -111,6 +111,13 @@ class Fallback:
         """Points by which the kept model misses the budget (0 when met)."""
         return round(max(0.0, self.step.decisive_drop - self.max_drop), 4)
 
+    def resolution(self) -> str:
+        """``confirm: 180 samples, 1 sample = 0.5556 pt`` (or that nothing was held out)."""
+        if not self.confirm_samples:
+            return ("confirm: none (confirm 0: the budget is checked on the data that chose the units, so expect "
+                    "a larger drop on unseen data)")
+        return f"confirm: {self.confirm_samples} samples, 1 sample = {self.sample_pt:g} pt"
+
     def too_fine(self) -> str | None:
         """A warning when ``max_drop`` is below one confirm sample (the budget then means: no sample lost)."""
         return too_fine(self.max_drop, self.confirm_samples)
